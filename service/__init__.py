@@ -1,0 +1,1 @@
+"""Relay: Replicate webhooks, verified, logged forever in Postgres, and fanned out live."""

@@ -1,0 +1,107 @@
+"""The Starlette application: resources in one lifespan, routes gathered from their modules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import asyncpg
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import migrations, reading, sockets, webhooks
+from .errors import RelayError
+from .fanout import Hub
+from .ingest import GroupCommitter
+from .settings import Settings
+
+log = logging.getLogger("relay")
+
+POOL_SIZE = 10
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class Relay:
+    """What handlers share: settings and the per-process resources built in the lifespan."""
+
+    settings: Settings
+    dsn: str
+    pool: asyncpg.Pool = field(init=False)
+    committer: GroupCommitter = field(init=False)
+    hub: Hub = field(init=False)
+    webhook_keys: tuple[bytes, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.webhook_keys = self.settings.webhook_keys
+
+    def connect(self) -> asyncpg.Connection:
+        return asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    relay: Relay = request.app.state.relay
+    try:
+        async with relay.pool.acquire(timeout=2) as conn:
+            missing = await asyncio.wait_for(migrations.pending(conn), 2)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not ready"
+        return JSONResponse(
+            {"status": "unavailable", "reason": f"database unreachable ({type(exc).__name__})"},
+            status_code=503,
+        )
+    if missing:
+        names = ", ".join(p.stem for p in missing)
+        return JSONResponse(
+            {"status": "unavailable", "reason": f"migrations not applied: {names}; run relay migrate"},
+            status_code=503,
+        )
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def relay_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, RelayError)
+    return error.response()
+
+
+def create_app(settings: Settings, dsn: str) -> Starlette:
+    relay = Relay(settings, dsn)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        relay.pool = await asyncpg.create_pool(dsn, min_size=2, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT)
+        relay.committer = GroupCommitter(relay.pool)
+        relay.committer.start()
+        relay.hub = Hub(relay.pool, relay.connect)
+        await relay.hub.start()
+        try:
+            yield
+        finally:
+            await relay.hub.stop()
+            await relay.committer.stop()
+            await relay.pool.close()
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        *webhooks.routes,
+        *reading.routes,
+        *sockets.routes,
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RelayError: relay_error})
+    app.state.relay = relay
+    return app

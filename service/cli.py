@@ -1,0 +1,107 @@
+"""The `relay` command. Each subcommand is a small function; user mistakes exit 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+
+from . import database
+from .auth import DEFAULT_TTL, mint_token
+from .errors import ConfigError
+from .settings import load_settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    overrides = {"RELAY_HOST": args.host, "RELAY_PORT": None if args.port is None else str(args.port)}
+    serve(load_settings(overrides=overrides))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = load_settings(generate_missing=False)
+    with database.database_dsn(settings) as dsn:
+        applied = asyncio.run(database.migrate(dsn))
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if args.ttl <= 0:
+        raise ConfigError("--ttl must be a positive number of seconds")
+    print(mint_token(settings.subscribe_key, args.prediction, args.ttl))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import run_simulation
+
+    return run_simulation(args, load_settings())
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="webhook URL (default: this instance's)")
+    parser.add_argument("--predictions", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="deliveries per second (0: as fast as possible)"
+    )
+    parser.add_argument("--duplicates", type=float, default=0.0, help="share of deliveries sent twice")
+    parser.add_argument("--reorder", type=float, default=0.0, help="share of lifecycles sent out of order")
+    parser.add_argument(
+        "--failures", type=float, default=0.0, help="share of predictions that fail or cancel"
+    )
+    parser.add_argument("--secret", help="whsec_… to sign with (default: the configured or dev secret)")
+    parser.add_argument("--seed", type=int, help="random seed, for a repeatable run")
+    parser.add_argument("--report", help="write acknowledged webhook-ids and outcomes to this JSON file")
+
+
+COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
+    (
+        "serve",
+        "run the HTTP/WebSocket service",
+        cmd_serve,
+        lambda p: (p.add_argument("--host"), p.add_argument("--port", type=int)),
+    ),
+    ("migrate", "apply database migrations", cmd_migrate, None),
+    (
+        "token",
+        "mint a subscriber token",
+        cmd_token,
+        lambda p: (
+            p.add_argument("prediction", help="a prediction id, or * for all"),
+            p.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="lifetime in seconds"),
+        ),
+    ),
+    ("simulate", "send realistic signed Replicate lifecycles", cmd_simulate, add_simulate_arguments),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, func, add_arguments in COMMANDS:
+        command = sub.add_parser(name, help=help_text)
+        if add_arguments is not None:
+            add_arguments(command)
+        command.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"relay: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Reaching the database: DATABASE_URL, or the embedded server in the data dir."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import asyncpg
+
+from . import embedded, migrations
+from .errors import ConfigError
+from .settings import Settings
+
+CONNECT_TIMEOUT = 5.0
+
+
+@contextlib.contextmanager
+def database_dsn(settings: Settings) -> Iterator[str]:
+    """The DSN to use; starts (or joins) the embedded server when DATABASE_URL is unset."""
+    if settings.database_url is not None:
+        yield str(settings.database_url)
+        return
+    server = embedded.start(settings.data_dir)
+    yield embedded.dsn(server)
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """A connection, or a one-line ConfigError that names the problem without the DSN."""
+    try:
+        return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+    except asyncpg.InvalidPasswordError:
+        raise ConfigError("the database refused the credentials in DATABASE_URL") from None
+    except asyncpg.InvalidCatalogNameError:
+        raise ConfigError("the database named in DATABASE_URL does not exist; create it") from None
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot connect to the database ({type(exc).__name__}); "
+            "is the server in DATABASE_URL running and reachable?"
+        ) from None
+
+
+async def migrate(dsn: str) -> list[str]:
+    conn = await connect(dsn)
+    try:
+        return await migrations.migrate(conn)
+    finally:
+        await conn.close()

@@ -1,0 +1,182 @@
+"""Per-process fan-out: one LISTEN connection, one reader of the log, bounded subscriber queues.
+
+The writer `pg_notify`s a seq inside its transaction; the hub wakes, reads rows with
+`seq > cursor` from the log (seq order is visibility order, so nothing is skipped), and offers
+each event's message, serialised once, to every interested subscriber. A subscriber whose queue
+is full is marked overflowed and its socket is closed with 1013; it resumes with `after=`.
+If the LISTEN connection drops, the hub reconnects and catches up from its cursor; a periodic
+poll covers a connection that dies silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import asyncpg
+
+from . import store
+from .events import dumps, event_message
+from .metrics import SLOW_CLIENT_CLOSES, SUBSCRIBERS
+from .statuses import is_terminal
+
+log = logging.getLogger("relay.fanout")
+
+READ_PAGE = 1000
+POLL_INTERVAL = 1.0
+LISTEN_CHECK_INTERVAL = 5.0
+RECONNECT_DELAY = 0.5
+
+
+@dataclass(frozen=True)
+class Message:
+    seq: int
+    text: str
+    terminal: bool = False
+    replayed: bool = False
+
+
+class Subscriber:
+    """One socket's view of the hub: a bounded queue and the reason it must stop, if any."""
+
+    def __init__(self, prediction_id: str | None, queue_size: int):
+        self.prediction_id = prediction_id
+        self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
+        self.live_from = 0
+        self.stop_code: int | None = None
+        self.stopped = asyncio.Event()
+
+    def offer(self, message: Message) -> None:
+        if self.stop_code is not None:
+            return
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            SLOW_CLIENT_CLOSES.inc()
+            self.stop(1013)
+
+    def stop(self, code: int) -> None:
+        if self.stop_code is None:
+            self.stop_code = code
+            self.stopped.set()
+
+
+class Hub:
+    def __init__(self, pool: asyncpg.Pool, connect: Callable[[], asyncpg.Connection]):
+        self._pool = pool
+        self._connect = connect
+        self.cursor = 0
+        self._subscribers: dict[str | None, set[Subscriber]] = defaultdict(set)
+        self._nudge = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.listening = asyncio.Event()
+
+    async def start(self) -> None:
+        async with self._pool.acquire() as conn:
+            self.cursor = await store.max_seq(conn)
+        self._tasks = [
+            asyncio.create_task(self._listen_forever(), name="relay-hub-listen"),
+            asyncio.create_task(self._read_forever(), name="relay-hub-read"),
+        ]
+
+    async def stop(self, code: int = 1001) -> None:
+        for subscriber in self.all_subscribers():
+            subscriber.stop(code)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def all_subscribers(self) -> list[Subscriber]:
+        return [s for group in self._subscribers.values() for s in group]
+
+    def subscribe(self, subscriber: Subscriber) -> int:
+        """Start live delivery after the current cursor, which is returned: the caller sends the
+        backlog up to it from the log. No await here, so nothing slips between the two."""
+        subscriber.live_from = self.cursor
+        self._subscribers[subscriber.prediction_id].add(subscriber)
+        SUBSCRIBERS.inc()
+        return self.cursor
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        group = self._subscribers.get(subscriber.prediction_id)
+        if group is not None and subscriber in group:
+            group.discard(subscriber)
+            SUBSCRIBERS.dec()
+            if not group:
+                del self._subscribers[subscriber.prediction_id]
+
+    def dispatch(self, rows: Iterable[asyncpg.Record], *, replayed: bool = False) -> None:
+        for row in rows:
+            targets = self._targets(row["prediction_id"])
+            if targets:
+                message = Message(
+                    row["seq"],
+                    dumps(event_message(row, replayed=replayed)),
+                    terminal=is_terminal(row["status"]) and not replayed,
+                    replayed=replayed,
+                )
+                for subscriber in targets:
+                    if replayed or message.seq > subscriber.live_from:
+                        subscriber.offer(message)
+            if not replayed:
+                self.cursor = max(self.cursor, row["seq"])
+
+    def _targets(self, prediction_id: str) -> list[Subscriber]:
+        return [*self._subscribers.get(prediction_id, ()), *self._subscribers.get(None, ())]
+
+    async def _read_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._nudge.wait(), POLL_INTERVAL)
+            self._nudge.clear()
+            try:
+                await self._read_new()
+            except Exception as exc:  # noqa: BLE001 - the database may be restarting
+                log.warning("fan-out could not read the log (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(RECONNECT_DELAY)
+
+    async def _read_new(self) -> None:
+        while True:
+            async with self._pool.acquire(timeout=5) as conn:
+                rows = await store.fetch_events(conn, after=self.cursor, limit=READ_PAGE)
+            self.dispatch(rows)
+            if len(rows) < READ_PAGE:
+                return
+
+    def _on_notify(self, *_: object) -> None:
+        self._nudge.set()
+
+    async def _listen_forever(self) -> None:
+        while True:
+            conn = None
+            try:
+                conn = await self._connect()
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(store.NOTIFY_CHANNEL, self._on_notify)
+                self.listening.set()
+                self._nudge.set()  # catch up on whatever was committed while we were away
+                await self._watch(conn, lost)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                log.warning("LISTEN connection lost (%s); reconnecting", type(exc).__name__)
+            finally:
+                self.listening.clear()
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(RECONNECT_DELAY)
+
+    @staticmethod
+    async def _watch(conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        """Return when the connection is gone, noticing one that died without a FIN."""
+        while not lost.is_set():
+            try:
+                await asyncio.wait_for(lost.wait(), LISTEN_CHECK_INTERVAL)
+            except TimeoutError:
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), LISTEN_CHECK_INTERVAL)

@@ -1,0 +1,165 @@
+"""From verified bytes to a durable row: parsing a delivery and group-committing batches.
+
+Concurrent deliveries wait on one writer task that appends them in one transaction and resolves
+each caller's future only after COMMIT returns, so a 2xx always means "durable in Postgres".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from . import store
+from .errors import DatabaseUnavailable, InvalidPayload
+from .statuses import is_terminal
+from .store import Appended, Delivery
+
+log = logging.getLogger("relay.ingest")
+
+MAX_BATCH = 1000
+ACQUIRE_TIMEOUT = 5.0
+# Errors caused by one row's content rather than by the database being unavailable.
+ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+def _string_field(prediction: dict, name: str) -> str:
+    value = prediction.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidPayload(f"the body's {name!r} must be a non-empty string")
+    if "\x00" in value:
+        raise InvalidPayload(f"the body's {name!r} must not contain NUL characters")
+    return value
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value and "\x00" not in value else None
+
+
+def prediction_model(prediction: dict) -> str | None:
+    return _text_or_none(prediction.get("model")) or _text_or_none(prediction.get("version"))
+
+
+def predict_time(prediction: dict) -> float | None:
+    metrics = prediction.get("metrics")
+    value = metrics.get("predict_time") if isinstance(metrics, dict) else None
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if is_number and value >= 0 else None
+
+
+def parse_prediction(body: bytes) -> dict:
+    """The delivered prediction object; 400 unless it is a JSON object with string id/status."""
+    try:
+        prediction = json.loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidPayload("the body is not valid JSON") from None
+    if not isinstance(prediction, dict):
+        raise InvalidPayload("the body must be a JSON object (a Replicate prediction)")
+    return prediction
+
+
+def delivery_from(
+    prediction: dict,
+    body: bytes,
+    *,
+    webhook_id: str,
+    source: str,
+    webhook_timestamp: datetime | None = None,
+    received_at: datetime | None = None,
+) -> Delivery:
+    status = _string_field(prediction, "status")
+    return Delivery(
+        webhook_id=webhook_id,
+        prediction_id=_string_field(prediction, "id"),
+        status=status,
+        source=source,
+        body=body,
+        received_at=received_at or datetime.now(UTC),
+        webhook_timestamp=webhook_timestamp,
+        model=prediction_model(prediction),
+        predict_time=predict_time(prediction) if is_terminal(status) else None,
+    )
+
+
+def webhook_delivery(body: bytes, webhook_id: str, timestamp: int) -> Delivery:
+    return delivery_from(
+        parse_prediction(body),
+        body,
+        webhook_id=webhook_id,
+        source="webhook",
+        webhook_timestamp=datetime.fromtimestamp(timestamp, UTC),
+    )
+
+
+class GroupCommitter:
+    """Coalesces concurrent appends into one transaction per batch."""
+
+    def __init__(self, pool: asyncpg.Pool, max_batch: int = MAX_BATCH):
+        self._pool = pool
+        self._max_batch = max_batch
+        self._pending: deque[tuple[Delivery, asyncio.Future[Appended]]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.batches = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="relay-group-commit")
+
+    async def stop(self) -> None:
+        """Commit what is queued, then stop."""
+        if self._task is None:
+            return
+        while self._pending:
+            await asyncio.sleep(0.01)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def submit(self, delivery: Delivery) -> Appended:
+        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        self._pending.append((delivery, future))
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                count = min(len(self._pending), self._max_batch)
+                batch = [self._pending.popleft() for _ in range(count)]
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Delivery, asyncio.Future[Appended]]]) -> None:
+        try:
+            results = await self._append([d for d, _ in batch])
+        except ROW_ERRORS:
+            if len(batch) > 1:
+                for item in batch:  # isolate the row that the database refuses
+                    await self._commit([item])
+                return
+            log.warning("a delivery was refused by the database", exc_info=True)
+            self._fail(batch, InvalidPayload("the database refused this delivery's content"))
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure means "not durable": 503
+            log.warning("append failed, answering 503: %s", type(exc).__name__)
+            self._fail(batch, DatabaseUnavailable())
+            return
+        self.batches += 1
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _append(self, deliveries: list[Delivery]) -> list[Appended]:
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
+            return await store.append(conn, deliveries)
+
+    @staticmethod
+    def _fail(batch: list[tuple[Delivery, asyncio.Future[Appended]]], error: Exception) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)

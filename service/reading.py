@@ -1,0 +1,59 @@
+"""Reading the log over HTTP: a prediction's state and its events, behind a token."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from . import store
+from .auth import require_reader, token_from
+from .errors import InvalidRequest, NotFound
+from .events import event_message, prediction_state
+
+MAX_PAGE = 1000
+
+
+def int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit():
+        raise InvalidRequest(f"{name} must be a non-negative integer, got {raw[:40]!r}")
+    value = int(raw)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise InvalidRequest(f"{name} must be between {minimum} and {maximum}")
+    return value
+
+
+def authorize(request: Request, prediction_id: str | None) -> None:
+    settings = request.app.state.relay.settings
+    token = token_from(request.headers, request.query_params)
+    require_reader(token, prediction_id, settings.admin_token, settings.subscribe_key)
+
+
+async def get_prediction(request: Request) -> JSONResponse:
+    prediction_id = request.path_params["prediction_id"]
+    authorize(request, prediction_id)
+    async with request.app.state.relay.pool.acquire() as conn:
+        row = await store.fetch_prediction(conn, prediction_id)
+    if row is None:
+        raise NotFound(f"no events stored for prediction {prediction_id!r}")
+    return JSONResponse(prediction_state(row))
+
+
+async def list_prediction_events(request: Request) -> JSONResponse:
+    prediction_id = request.path_params["prediction_id"]
+    authorize(request, prediction_id)
+    after = int_param(request, "after", 0)
+    limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
+    async with request.app.state.relay.pool.acquire() as conn:
+        rows = await store.fetch_events(conn, prediction_id=prediction_id, after=after, limit=limit)
+    events = [event_message(row) for row in rows]
+    return JSONResponse({"events": events, "next_after": rows[-1]["seq"] if rows else after})
+
+
+routes = [
+    Route("/predictions/{prediction_id}", get_prediction),
+    Route("/predictions/{prediction_id}/events", list_prediction_events),
+]

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from .support import Postgres, RelayProcess, admin_headers, relay_env
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Postgres:
+    return Postgres(tmp_path_factory.mktemp("postgres"))
+
+
+@pytest.fixture
+def dsn(postgres: Postgres) -> str:
+    """A fresh migrated database for one test."""
+    return postgres.new_database()
+
+
+@pytest.fixture(scope="module")
+def relay(postgres: Postgres) -> Iterator[RelayProcess]:
+    """One `relay serve` process (and database) shared by a test module."""
+    with RelayProcess(relay_env(postgres.new_database())) as process:
+        yield process
+
+
+@pytest.fixture
+def client(relay: RelayProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=relay.url, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture
+def admin(relay: RelayProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=relay.url, timeout=30, headers=admin_headers()) as http:
+        yield http

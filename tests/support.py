@@ -1,0 +1,201 @@
+"""Test support: a Postgres for the suite, fresh databases, and real `relay serve` processes."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+
+from service import embedded
+from service.signatures import signed_headers
+from service.simulate import lifecycle
+
+ROOT = Path(__file__).resolve().parent.parent
+WEBHOOK_KEY = b"relay-test-webhook-key-0123456789"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(WEBHOOK_KEY).decode()
+ADMIN_TOKEN = "test-admin-token-" + "x" * 20
+SUBSCRIBE_KEY = "test-subscribe-key-" + "y" * 20
+_names = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+class Postgres:
+    """The suite's server: DATABASE_URL if set, else a throwaway embedded cluster."""
+
+    def __init__(self, tmp: Path):
+        self.server = None
+        if os.environ.get("DATABASE_URL"):
+            self.admin_dsn = os.environ["DATABASE_URL"]
+        else:
+            self.server = embedded.start(tmp, delete_on_exit=True)
+            self.admin_dsn = embedded.dsn(self.server)
+
+    async def _admin(self, sql: str) -> None:
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    def new_database(self, migrate: bool = True) -> str:
+        """A fresh, empty database (migrated unless told otherwise) for one test or module."""
+        import asyncio
+
+        from service import database
+
+        name = f"relay_test_{os.getpid()}_{next(_names)}"
+        asyncio.run(self._admin(f'CREATE DATABASE "{name}"'))
+        dsn = with_database(self.admin_dsn, name)
+        if migrate:
+            asyncio.run(database.migrate(dsn))
+        return dsn
+
+    def pg_ctl(self, *args: str) -> None:
+        assert self.server is not None, "restarting Postgres needs the embedded server"
+        embedded.pg_ctl(self.server, *args)
+
+
+def relay_env(dsn: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_"))}
+    env.update(
+        DATABASE_URL=dsn,
+        REPLICATE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        RELAY_ADMIN_TOKEN=ADMIN_TOKEN,
+        RELAY_SUBSCRIBE_KEY=SUBSCRIBE_KEY,
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class RelayProcess:
+    """A real `relay serve` process on its own port."""
+
+    def __init__(self, env: dict[str, str], port: int | None = None, args: tuple[str, ...] = ()):
+        self.port = port or free_port()
+        self.env = env
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.output = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> RelayProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--port", str(self.port), *self.args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay serve exited {self.proc.returncode}:\n{self.read_output()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"relay serve did not become ready:\n{self.read_output()}")
+
+    def read_output(self) -> str:
+        stdout = self.proc.stdout if self.proc is not None else None
+        if stdout is not None and not stdout.closed and self.proc.poll() is not None:
+            self.output += stdout.read()
+            stdout.close()
+        return self.output
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.read_output()
+
+    def __enter__(self) -> RelayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def new_prediction_id() -> str:
+    return "p" + uuid.uuid4().hex[:25]
+
+
+def new_webhook_id() -> str:
+    return "msg_" + uuid.uuid4().hex
+
+
+def body_of(prediction: dict | bytes) -> bytes:
+    return prediction if isinstance(prediction, bytes) else json.dumps(prediction).encode()
+
+
+def post_webhook(
+    client: httpx.Client,
+    prediction: dict | bytes,
+    *,
+    webhook_id: str | None = None,
+    key: bytes = WEBHOOK_KEY,
+    timestamp: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    body = body_of(prediction)
+    signed = signed_headers(key, webhook_id or new_webhook_id(), body, timestamp)
+    return client.post("/webhooks/replicate", content=body, headers={**signed, **(headers or {})})
+
+
+def deliver_lifecycle(client: httpx.Client, prediction_id: str, outcome: str = "succeeded") -> list[int]:
+    seqs = []
+    for body in lifecycle(prediction_id, outcome):
+        response = post_webhook(client, body)
+        assert response.status_code == 200, response.text
+        seqs.append(response.json()["seq"])
+    return seqs
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@contextlib.contextmanager
+def running_relay(dsn: str, **extra: str) -> Iterator[RelayProcess]:
+    with RelayProcess(relay_env(dsn, **extra)) as relay:
+        yield relay

@@ -15,11 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import migrations, reading, sockets, webhooks
+from . import migrations, privacy, reading, sockets, webhooks
 from .errors import RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
 from .settings import Settings
+from .vault import Vault
 
 log = logging.getLogger("relay")
 
@@ -37,9 +38,11 @@ class Relay:
     committer: GroupCommitter = field(init=False)
     hub: Hub = field(init=False)
     webhook_keys: tuple[bytes, ...] = field(init=False)
+    vault: Vault = field(init=False)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys
+        self.vault = Vault(self.settings.key_encryption_keys)
 
     def connect(self) -> asyncpg.Connection:
         return asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
@@ -83,9 +86,9 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         relay.pool = await asyncpg.create_pool(dsn, min_size=2, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT)
-        relay.committer = GroupCommitter(relay.pool)
+        relay.committer = GroupCommitter(relay.pool, relay.vault.seal)
         relay.committer.start()
-        relay.hub = Hub(relay.pool, relay.connect)
+        relay.hub = Hub(relay.pool, relay.connect, relay.vault)
         await relay.hub.start()
         try:
             yield
@@ -101,6 +104,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *webhooks.routes,
         *reading.routes,
         *sockets.routes,
+        *privacy.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RelayError: relay_error})
     app.state.relay = relay

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from . import database
 from .auth import DEFAULT_TTL, mint_token
 from .errors import ConfigError
+from .privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
 from .settings import load_settings
 
 
@@ -78,6 +79,8 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
         ),
     ),
     ("simulate", "send realistic signed Replicate lifecycles", cmd_simulate, add_simulate_arguments),
+    ("forget", "erase predictions' content by destroying their data keys", cmd_forget, add_forget_arguments),
+    ("rotate-keys", "re-wrap every data key under the current RELAY_ENCRYPTION_KEY", cmd_rotate_keys, None),
 ]
 
 

@@ -1,21 +1,50 @@
-"""The one shape an event has for readers: HTTP pages, WebSocket messages, replays."""
+"""The one shape an event has for readers: HTTP pages, WebSocket messages, replays.
+
+`body_bytes` is the one place where stored bodies are decrypted: every reader goes through it
+(or `open_body`), with rows read with `store.EVENT_COLUMNS` and the process's `Vault`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import asyncpg
 
+from .crypto import Unreadable
 from .store import iso
+from .vault import ERASED_BODY, Vault
+
+log = logging.getLogger("relay.events")
+
+UNREADABLE_BODY = b'{"unreadable":true}'
 
 
-def open_body(row: asyncpg.Record | dict) -> Any:
-    """The delivered prediction object of a stored row."""
-    return json.loads(row["body"])
+def body_bytes(row: asyncpg.Record | dict, vault: Vault) -> bytes:
+    """The exact bytes delivered; `{"erased":true}` once the prediction is forgotten, and
+    `{"unreadable":true}` (logged) when the ciphertext fails authentication."""
+    if not row["encrypted"]:
+        return row["body"]
+    try:
+        plaintext = vault.plaintext(row)
+    except Unreadable:
+        log.error(
+            "event seq %s of prediction %s fails authentication (altered or moved ciphertext, "
+            "or a wrong key); its content is withheld",
+            row["seq"],
+            row["prediction_id"],
+        )
+        return UNREADABLE_BODY
+    return ERASED_BODY if plaintext is None else plaintext
 
 
-def event_message(row: asyncpg.Record | dict, *, replayed: bool = False) -> dict[str, Any]:
+def open_body(row: asyncpg.Record | dict, vault: Vault) -> Any:
+    """The delivered prediction object of a stored row (see `body_bytes`)."""
+    return json.loads(body_bytes(row, vault))
+
+
+def event_message(row: asyncpg.Record | dict, vault: Vault, *, replayed: bool = False) -> dict[str, Any]:
     return {
         "type": "event",
         "seq": row["seq"],
@@ -25,7 +54,7 @@ def event_message(row: asyncpg.Record | dict, *, replayed: bool = False) -> dict
         "source": row["source"],
         "received_at": iso(row["received_at"]),
         "replayed": replayed,
-        "prediction": open_body(row),
+        "prediction": open_body(row, vault),
     }
 
 
@@ -36,9 +65,10 @@ def dumps(message: dict[str, Any]) -> str:
 PREDICTION_FIELDS = ("output", "error", "logs", "metrics", "created_at", "started_at", "completed_at")
 
 
-def prediction_state(row: asyncpg.Record) -> dict[str, Any]:
-    """`GET /predictions/{id}`: the projection plus the latest fields of the state event."""
-    body = open_body(row)
+def prediction_state(row: asyncpg.Record, vault: Vault) -> dict[str, Any]:
+    """`GET /predictions/{id}`: the projection plus the latest fields of the state event
+    (and `"erased": true` once the prediction is forgotten)."""
+    body = open_body(row, vault)
     state = {
         "id": row["prediction_id"],
         "status": row["status"],
@@ -46,4 +76,6 @@ def prediction_state(row: asyncpg.Record) -> dict[str, Any]:
         "event_count": row["event_count"],
     }
     state.update({name: body.get(name) if isinstance(body, dict) else None for name in PREDICTION_FIELDS})
+    if body == {"erased": True}:
+        state["erased"] = True
     return state

@@ -23,6 +23,7 @@ from . import store
 from .events import dumps, event_message
 from .metrics import SLOW_CLIENT_CLOSES, SUBSCRIBERS
 from .statuses import is_terminal
+from .vault import Vault
 
 log = logging.getLogger("relay.fanout")
 
@@ -66,9 +67,10 @@ class Subscriber:
 
 
 class Hub:
-    def __init__(self, pool: asyncpg.Pool, connect: Callable[[], asyncpg.Connection]):
+    def __init__(self, pool: asyncpg.Pool, connect: Callable[[], asyncpg.Connection], vault: Vault):
         self._pool = pool
         self._connect = connect
+        self._vault = vault
         self.cursor = 0
         self._subscribers: dict[str | None, set[Subscriber]] = defaultdict(set)
         self._nudge = asyncio.Event()
@@ -116,7 +118,7 @@ class Hub:
             if targets:
                 message = Message(
                     row["seq"],
-                    dumps(event_message(row, replayed=replayed)),
+                    dumps(event_message(row, self._vault, replayed=replayed)),
                     terminal=is_terminal(row["status"]) and not replayed,
                     replayed=replayed,
                 )

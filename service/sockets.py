@@ -57,7 +57,7 @@ async def stream(websocket: WebSocket, prediction_id: str | None, after: int) ->
     subscriber = Subscriber(prediction_id, relay.settings.ws_queue_size)
     horizon = relay.hub.subscribe(subscriber)
     try:
-        last, ended = await send_backlog(websocket, relay.pool, prediction_id, after, horizon)
+        last, ended = await send_backlog(websocket, relay, prediction_id, after, horizon)
         caught_up = max(last, horizon)
         await websocket.send_text(json.dumps({"type": "caught_up", "seq": caught_up}))
         code = 1000 if ended else await pump(websocket, subscriber, prediction_id is not None)
@@ -70,18 +70,18 @@ async def stream(websocket: WebSocket, prediction_id: str | None, after: int) ->
 
 
 async def send_backlog(
-    websocket: WebSocket, pool, prediction_id: str | None, after: int, horizon: int
+    websocket: WebSocket, relay, prediction_id: str | None, after: int, horizon: int
 ) -> tuple[int, bool]:
     """Send stored events in (after, horizon]; return the last seq sent and whether the
     prediction had already ended by the horizon (so the stream ends after `caught_up`)."""
-    last = after
+    pool, last = relay.pool, after
     while True:
         async with pool.acquire() as conn:
             rows = await store.fetch_events(
                 conn, prediction_id=prediction_id, after=last, up_to=horizon, limit=BACKLOG_PAGE
             )
         for row in rows:
-            await websocket.send_text(dumps(event_message(row)))
+            await websocket.send_text(dumps(event_message(row, relay.vault)))
             MESSAGES_SENT.inc()
             last = row["seq"]
         if len(rows) < BACKLOG_PAGE:

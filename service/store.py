@@ -7,7 +7,7 @@ made visible in the same order: a reader that has seen seq N never later finds a
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,8 +19,15 @@ from .statuses import Rank, rank, supersedes
 SEQ_LOCK = 0x52454C4153  # serialises the commits that assign seq
 NOTIFY_CHANNEL = "relay_events"
 
+# The wrapped data key of an encrypted row's prediction (null once it is forgotten), so that
+# `events.open_body` can decrypt any row read with these columns from `events`.
+DATA_KEY_COLUMN = (
+    "CASE WHEN events.encrypted THEN (SELECT k.wrapped FROM data_keys k"
+    " WHERE k.prediction_id = events.prediction_id) END AS data_key"
+)
 EVENT_COLUMNS = (
-    "seq, webhook_id, prediction_id, status, source, body, encrypted, webhook_timestamp, received_at"
+    "seq, webhook_id, prediction_id, status, source, body, encrypted, webhook_timestamp, received_at, "
+    + DATA_KEY_COLUMN
 )
 
 INSERT_EVENTS = """
@@ -127,17 +134,25 @@ async def _upsert_projection(conn: asyncpg.Connection, changes: list[_Projection
     )
 
 
-async def append(conn: asyncpg.Connection, deliveries: Sequence[Delivery]) -> list[Appended]:
+Prepare = Callable[[asyncpg.Connection, list[Delivery]], Awaitable[list[Delivery]]]
+
+
+async def append(
+    conn: asyncpg.Connection, deliveries: Sequence[Delivery], prepare: Prepare | None = None
+) -> list[Appended]:
     """Append a batch in one transaction; the caller commits. Results follow input order.
 
     A `webhook_id` already in the log (or earlier in the batch) adds no row and reports the
-    first row's seq with `duplicate=True`.
+    first row's seq with `duplicate=True`. `prepare` (the vault's `seal`) turns the batch into
+    the rows to store, inside the transaction and under the seq lock.
     """
     await conn.execute("SELECT pg_advisory_xact_lock($1)", SEQ_LOCK)
     unique: dict[str, Delivery] = {}
     for delivery in deliveries:
         unique.setdefault(delivery.webhook_id, delivery)
     batch = list(unique.values())
+    if prepare is not None:
+        batch = await prepare(conn, batch)
     inserted = await conn.fetch(
         INSERT_EVENTS,
         [d.webhook_id for d in batch],
@@ -210,8 +225,8 @@ async def fetch_prediction(conn: asyncpg.Connection, prediction_id: str) -> asyn
     """The projection row plus the body of the event that defines the current state."""
     return await conn.fetchrow(
         "SELECT p.prediction_id, p.status, p.last_seq, p.event_count, p.state_seq AS seq,"
-        " e.webhook_id, e.body, e.encrypted"
-        " FROM predictions p JOIN events e ON e.seq = p.state_seq"
+        f" events.webhook_id, events.body, events.encrypted, {DATA_KEY_COLUMN}"
+        " FROM predictions p JOIN events ON events.seq = p.state_seq"
         " WHERE p.prediction_id = $1",
         prediction_id,
     )

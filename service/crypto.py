@@ -1,0 +1,68 @@
+"""AES-256-GCM for payloads at rest: per-prediction data keys wrapped by a key-encryption key.
+
+Associated data binds every ciphertext to its place: a wrapped data key to its prediction, an
+event's body to its prediction and webhook id. A ciphertext copied or swapped into another row
+fails authentication (`Unreadable`) instead of decrypting as the wrong content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+FORMAT = b"\x01"  # first byte of a sealed body, so a later format can be told apart
+
+
+class Unreadable(Exception):
+    """A ciphertext failed authentication: wrong key, or moved to a row it does not belong to."""
+
+
+def key_id(kek: bytes) -> str:
+    """A short public name for a key-encryption key, derived from it (so a wrong key is noticed)."""
+    return hmac.new(kek, b"relay key-encryption key id", hashlib.sha256).hexdigest()[:16]
+
+
+def _aad(purpose: bytes, *parts: str) -> bytes:
+    # Length prefixes keep ("ab", "c") and ("a", "bc") apart.
+    encoded = [part.encode() for part in parts]
+    return purpose + b"".join(len(p).to_bytes(4, "big") + p for p in encoded)
+
+
+def _encrypt(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def _decrypt(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+    try:
+        return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+    except (InvalidTag, ValueError):
+        raise Unreadable("authentication failed") from None
+
+
+def new_data_key() -> bytes:
+    return AESGCM.generate_key(bit_length=8 * KEY_BYTES)
+
+
+def wrap(kek: bytes, data_key: bytes, prediction_id: str) -> bytes:
+    return _encrypt(kek, data_key, _aad(b"relay data key", prediction_id))
+
+
+def unwrap(kek: bytes, wrapped: bytes, prediction_id: str) -> bytes:
+    return _decrypt(kek, wrapped, _aad(b"relay data key", prediction_id))
+
+
+def seal(data_key: bytes, body: bytes, prediction_id: str, webhook_id: str) -> bytes:
+    return FORMAT + _encrypt(data_key, body, _aad(b"relay event", prediction_id, webhook_id))
+
+
+def open_sealed(data_key: bytes, sealed: bytes, prediction_id: str, webhook_id: str) -> bytes:
+    if sealed[:1] != FORMAT:
+        raise Unreadable("unknown ciphertext format")
+    return _decrypt(data_key, sealed[1:], _aad(b"relay event", prediction_id, webhook_id))

@@ -86,7 +86,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         relay.pool = await asyncpg.create_pool(dsn, min_size=2, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT)
-        relay.committer = GroupCommitter(relay.pool, relay.vault.seal)
+        relay.committer = GroupCommitter(relay.pool, prepare=relay.vault.seal)
         relay.committer.start()
         relay.hub = Hub(relay.pool, relay.connect, relay.vault)
         await relay.hub.start()

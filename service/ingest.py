@@ -99,7 +99,9 @@ def webhook_delivery(body: bytes, webhook_id: str, timestamp: int) -> Delivery:
 class GroupCommitter:
     """Coalesces concurrent appends into one transaction per batch."""
 
-    def __init__(self, pool: asyncpg.Pool, prepare: store.Prepare | None = None, max_batch: int = MAX_BATCH):
+    def __init__(
+        self, pool: asyncpg.Pool, max_batch: int = MAX_BATCH, *, prepare: store.Prepare | None = None
+    ):
         self._pool = pool
         self._prepare = prepare
         self._max_batch = max_batch

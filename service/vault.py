@@ -166,8 +166,8 @@ class Vault:
             ids = [r["prediction_id"] for r in rows]
             try:
                 new = [
-                    crypto.wrap(current, self.data_key(r["prediction_id"], r["wrapped"]), p)
-                    for r, p in zip(rows, ids, strict=True)
+                    crypto.wrap(current, self.data_key(p, r["wrapped"]), p)
+                    for p, r in zip(ids, rows, strict=True)
                 ]
             except crypto.Unreadable:
                 raise ConfigError(

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from .fake_replicate import FakeReplicate
 from .support import Postgres, RelayProcess, admin_headers, relay_env
 
 
@@ -36,3 +37,10 @@ def client(relay: RelayProcess) -> Iterator[httpx.Client]:
 def admin(relay: RelayProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=relay.url, timeout=30, headers=admin_headers()) as http:
         yield http
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeReplicate]:
+    """A fake Replicate API (a real HTTP server) shared by a test module."""
+    with FakeReplicate() as server:
+        yield server

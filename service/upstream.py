@@ -89,7 +89,9 @@ def error_for(response: httpx.Response, what: str) -> RelayError:
         return FileTooLarge(f"Replicate says the request or a file in it is too large{said}")
     if status == 429:
         wait = retry_after_seconds(response.headers.get("retry-after"))
-        return RateLimitError(f"Replicate's rate limit was hit{said}; retry later", wait or 1.0)
+        return RateLimitError(
+            f"Replicate's rate limit was hit{said}; retry later", 1.0 if wait is None else wait
+        )
     if status >= 500:
         return ProcessingError(f"Replicate failed with {status}{said}")
     return UnknownError(f"Replicate answered {status} unexpectedly{said}")

@@ -72,7 +72,7 @@ class FakeReplicate:
         self.requests: list[Seen] = []
         self.scripts: deque[tuple[str, re.Pattern[str], Answer]] = deque()
         self.lose: set[str] = set()  # webhook events never delivered ("logs", "completed", ...)
-        self.hold = False  # keep predictions running (after start) until hold is cleared or canceled
+        self.hold = False  # keep predictions running (before completing) until cleared or canceled
         self.tasks: set[asyncio.Future] = set()
         self.webhook_results: list[int] = []
         self._server: uvicorn.Server | None = None
@@ -95,7 +95,7 @@ class FakeReplicate:
     def reset(self) -> None:
         self.scripts.clear()
         self.requests.clear()
-        self.lose.clear()
+        self.lose = set()
         self.hold = False
 
     def calls(self, method: str, path_regex: str) -> list[Seen]:
@@ -212,10 +212,9 @@ class FakeReplicate:
         wanted = set(request.get("webhook_events_filter") or ["start", "output", "logs", "completed"])
         async with httpx.AsyncClient(timeout=10) as client:
             for index, body in enumerate(bodies):
-                if index and self.hold:
-                    while self.hold and self.predictions[prediction_id]["status"] != "canceled":
-                        await asyncio.sleep(WEBHOOK_GAP)
-                if self.predictions[prediction_id]["status"] == "canceled":
+                while index == len(bodies) - 1 and self.hold and not self._canceled(prediction_id):
+                    await asyncio.sleep(WEBHOOK_GAP)
+                if self._canceled(prediction_id):
                     body = self.predictions[prediction_id]
                     index = len(bodies) - 1
                 self.predictions[prediction_id] = body
@@ -225,6 +224,9 @@ class FakeReplicate:
                 if index == len(bodies) - 1:
                     return
                 await asyncio.sleep(WEBHOOK_GAP)
+
+    def _canceled(self, prediction_id: str) -> bool:
+        return self.predictions[prediction_id]["status"] == "canceled"
 
     @staticmethod
     def _event(index: int, count: int, body: dict) -> str:

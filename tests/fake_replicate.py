@@ -26,6 +26,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from service.signatures import signed_headers
 from service.simulate import lifecycle
@@ -35,6 +37,9 @@ from .support import WEBHOOK_KEY, RelayProcess, free_port, relay_env
 TOKEN = "r8_fake_replicate_token_0123456789"
 API_KEY = "relay-api-key-a-0123456789"
 OTHER_API_KEY = "relay-api-key-b-0123456789"
+QWEN = "qwen/qwen-image-edit-plus"
+QWEN_INPUT = {"image": ["https://example.com/cat.png"], "prompt": "make it blue"}
+CREATE = {"model": QWEN, "input": QWEN_INPUT}
 VERSION = "5a8b5e4bd4e1b1d3b9a8c9e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5"
 WEBHOOK_GAP = 0.03
 PAGE_SIZE = 2
@@ -291,3 +296,24 @@ def relay_for(dsn: str, fake: FakeReplicate, **extra: str) -> Iterator[RelayProc
 
 def api_client(relay: RelayProcess, key: str = API_KEY) -> httpx.Client:
     return httpx.Client(base_url=relay.url, timeout=30, headers={"Authorization": f"Bearer {key}"})
+
+
+def error_of(response: httpx.Response) -> tuple[int, str, str]:
+    """(status, code, message) of a Relay error answer."""
+    error = response.json()["error"]
+    return response.status_code, error["code"], error["message"]
+
+
+def watch(relay: RelayProcess, ws_url: str, token: str, timeout: float = 10) -> tuple[list[dict], int | None]:
+    """Every message of a prediction's stream until the server closes it, and the close code."""
+    assert ws_url.startswith(relay.ws_url)
+    messages = []
+    with connect(f"{ws_url}?token={token}", open_timeout=timeout, close_timeout=timeout) as socket:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                messages.append(json.loads(socket.recv(timeout=deadline - time.monotonic())))
+            except (ConnectionClosed, TimeoutError):
+                break
+        code = socket.close_code
+    return messages, code

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from websockets.sync.client import connect
 
-from .fake_replicate import API_KEY, OTHER_API_KEY, TOKEN, VERSION, FakeReplicate, api_client, relay_for
+from .fake_replicate import (
+    API_KEY,
+    OTHER_API_KEY,
+    QWEN,
+    QWEN_INPUT,
+    TOKEN,
+    VERSION,
+    FakeReplicate,
+    api_client,
+    error_of,
+    relay_for,
+    watch,
+)
 from .support import ADMIN_TOKEN, RelayProcess, free_port, relay_env
-
-QWEN = "qwen/qwen-image-edit-plus"
-GOOD_INPUT = {"image": ["https://example.com/cat.png"], "prompt": "make it blue"}
 
 
 @pytest.fixture(scope="module")
@@ -30,34 +36,14 @@ def api(api_relay: RelayProcess, fake: FakeReplicate) -> Iterator[httpx.Client]:
         yield client
 
 
-def error_of(response: httpx.Response) -> tuple[int, str, str]:
-    error = response.json()["error"]
-    return response.status_code, error["code"], error["message"]
-
-
-def watch(relay: RelayProcess, ws_url: str, token: str, timeout: float = 10) -> tuple[list[dict], int | None]:
-    """Every message of a prediction's stream until the server closes it."""
-    assert ws_url.startswith(relay.ws_url)
-    messages = []
-    with connect(f"{ws_url}?token={token}", open_timeout=timeout, close_timeout=timeout) as socket:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                messages.append(json.loads(socket.recv(timeout=deadline - time.monotonic())))
-            except Exception:  # noqa: BLE001 - the server closed the stream (or the deadline passed)
-                break
-        code = socket.close_code
-    return messages, code
-
-
 def test_create_by_version_posts_to_predictions_with_relays_webhook(api, api_relay, fake):
-    response = api.post("/api/predictions", json={"version": VERSION, "input": GOOD_INPUT})
+    response = api.post("/api/predictions", json={"version": VERSION, "input": QWEN_INPUT})
     assert response.status_code == 201, response.text
     prediction = response.json()
     assert prediction["status"] == "starting" and prediction["version"] == VERSION
     [call] = fake.calls("POST", "/predictions")
     assert call.authorization == f"Bearer {TOKEN}"
-    assert call.json["version"] == VERSION and call.json["input"] == GOOD_INPUT
+    assert call.json["version"] == VERSION and call.json["input"] == QWEN_INPUT
     assert call.json["webhook"] == f"{api_relay.url}/webhooks/replicate"
     assert call.json["webhook_events_filter"] == ["start", "output", "logs", "completed"]
     assert prediction["relay"]["ws"] == f"{api_relay.ws_url}/predictions/{prediction['id']}/ws"
@@ -65,15 +51,15 @@ def test_create_by_version_posts_to_predictions_with_relays_webhook(api, api_rel
 
 
 def test_create_by_model_posts_to_the_models_path_without_a_version(api, fake):
-    response = api.post("/api/predictions", json={"model": QWEN, "input": GOOD_INPUT})
+    response = api.post("/api/predictions", json={"model": QWEN, "input": QWEN_INPUT})
     assert response.status_code == 201, response.text
     [call] = fake.calls("POST", f"/models/{QWEN}/predictions")
-    assert "version" not in call.json and call.json["input"] == GOOD_INPUT
+    assert "version" not in call.json and call.json["input"] == QWEN_INPUT
     assert fake.calls("POST", "/predictions") == []
 
 
 def test_caller_may_narrow_the_webhook_filter(api, fake):
-    body = {"model": QWEN, "input": GOOD_INPUT, "webhook_events_filter": ["completed", "start"]}
+    body = {"model": QWEN, "input": QWEN_INPUT, "webhook_events_filter": ["completed", "start"]}
     assert api.post("/api/predictions", json=body).status_code == 201
     [call] = fake.calls("POST", f"/models/{QWEN}/predictions")
     assert call.json["webhook_events_filter"] == ["start", "completed"]
@@ -81,14 +67,14 @@ def test_caller_may_narrow_the_webhook_filter(api, fake):
 
 @pytest.mark.parametrize("events", [[], ["everything"], "completed", ["completed", 3]])
 def test_a_filter_outside_replicates_events_is_refused(api, fake, events):
-    body = {"model": QWEN, "input": GOOD_INPUT, "webhook_events_filter": events}
+    body = {"model": QWEN, "input": QWEN_INPUT, "webhook_events_filter": events}
     status, code, message = error_of(api.post("/api/predictions", json=body))
     assert (status, code) == (400, "INVALID_REQUEST") and "webhook_events_filter" in message
     assert fake.requests == []
 
 
 def test_the_webhook_cannot_be_redirected(api, fake):
-    body = {"model": QWEN, "input": GOOD_INPUT, "webhook": "https://attacker.example/hook"}
+    body = {"model": QWEN, "input": QWEN_INPUT, "webhook": "https://attacker.example/hook"}
     status, code, message = error_of(api.post("/api/predictions", json=body))
     assert (status, code) == (400, "INVALID_REQUEST") and "webhook" in message
     assert fake.requests == []
@@ -96,7 +82,7 @@ def test_the_webhook_cannot_be_redirected(api, fake):
 
 def test_created_prediction_is_watched_to_success_with_the_returned_token(api, api_relay, fake):
     """Create → Replicate's signed webhooks → the returned ws URL and token see it succeed."""
-    prediction = api.post("/api/predictions", json={"model": QWEN, "input": GOOD_INPUT}).json()
+    prediction = api.post("/api/predictions", json={"model": QWEN, "input": QWEN_INPUT}).json()
     messages, code = watch(api_relay, prediction["relay"]["ws"], prediction["relay"]["token"])
     events = [m for m in messages if m["type"] == "event"]
     assert code == 1000
@@ -111,33 +97,33 @@ def test_created_prediction_is_watched_to_success_with_the_returned_token(api, a
 LONG = "x" * 1001
 BAD_INPUTS = [
     ({"prompt": "p"}, "input.image is required"),
-    ({**GOOD_INPUT, "image": []}, "input.image must be a list of 1 to 4"),
-    ({**GOOD_INPUT, "image": ["https://e.com/a.png"] * 5}, "input.image must be a list of 1 to 4"),
-    ({**GOOD_INPUT, "image": "https://e.com/a.png"}, "input.image must be a list of 1 to 4"),
-    ({**GOOD_INPUT, "image": ["http://e.com/a.png"]}, "input.image must hold only https://"),
-    ({**GOOD_INPUT, "image": ["https:///a.png"]}, "input.image must hold only https://"),
-    ({**GOOD_INPUT, "image": [42]}, "input.image must hold only https://"),
-    ({"image": GOOD_INPUT["image"]}, "input.prompt is required"),
-    ({**GOOD_INPUT, "prompt": ""}, "input.prompt must be a string of 1 to 1000"),
-    ({**GOOD_INPUT, "prompt": LONG}, "input.prompt must be a string of 1 to 1000"),
-    ({**GOOD_INPUT, "prompt": 7}, "input.prompt must be a string of 1 to 1000"),
-    ({**GOOD_INPUT, "negative_prompt": LONG}, "input.negative_prompt must be a string of 0 to 1000"),
-    ({**GOOD_INPUT, "num_outputs": 0}, "input.num_outputs must be an integer from 1 to 4"),
-    ({**GOOD_INPUT, "num_outputs": 5}, "input.num_outputs must be an integer from 1 to 4"),
-    ({**GOOD_INPUT, "num_outputs": 1.5}, "input.num_outputs must be an integer from 1 to 4"),
-    ({**GOOD_INPUT, "num_outputs": True}, "input.num_outputs must be an integer from 1 to 4"),
-    ({**GOOD_INPUT, "guidance_scale": 0.09}, "input.guidance_scale must be a number from 0.1 to 20"),
-    ({**GOOD_INPUT, "guidance_scale": 20.01}, "input.guidance_scale must be a number from 0.1 to 20"),
-    ({**GOOD_INPUT, "guidance_scale": "7"}, "input.guidance_scale must be a number from 0.1 to 20"),
-    ({**GOOD_INPUT, "num_inference_steps": 0}, "input.num_inference_steps must be an integer from 1 to 500"),
+    ({**QWEN_INPUT, "image": []}, "input.image must be a list of 1 to 4"),
+    ({**QWEN_INPUT, "image": ["https://e.com/a.png"] * 5}, "input.image must be a list of 1 to 4"),
+    ({**QWEN_INPUT, "image": "https://e.com/a.png"}, "input.image must be a list of 1 to 4"),
+    ({**QWEN_INPUT, "image": ["http://e.com/a.png"]}, "input.image must hold only https://"),
+    ({**QWEN_INPUT, "image": ["https:///a.png"]}, "input.image must hold only https://"),
+    ({**QWEN_INPUT, "image": [42]}, "input.image must hold only https://"),
+    ({"image": QWEN_INPUT["image"]}, "input.prompt is required"),
+    ({**QWEN_INPUT, "prompt": ""}, "input.prompt must be a string of 1 to 1000"),
+    ({**QWEN_INPUT, "prompt": LONG}, "input.prompt must be a string of 1 to 1000"),
+    ({**QWEN_INPUT, "prompt": 7}, "input.prompt must be a string of 1 to 1000"),
+    ({**QWEN_INPUT, "negative_prompt": LONG}, "input.negative_prompt must be a string of 0 to 1000"),
+    ({**QWEN_INPUT, "num_outputs": 0}, "input.num_outputs must be an integer from 1 to 4"),
+    ({**QWEN_INPUT, "num_outputs": 5}, "input.num_outputs must be an integer from 1 to 4"),
+    ({**QWEN_INPUT, "num_outputs": 1.5}, "input.num_outputs must be an integer from 1 to 4"),
+    ({**QWEN_INPUT, "num_outputs": True}, "input.num_outputs must be an integer from 1 to 4"),
+    ({**QWEN_INPUT, "guidance_scale": 0.09}, "input.guidance_scale must be a number from 0.1 to 20"),
+    ({**QWEN_INPUT, "guidance_scale": 20.01}, "input.guidance_scale must be a number from 0.1 to 20"),
+    ({**QWEN_INPUT, "guidance_scale": "7"}, "input.guidance_scale must be a number from 0.1 to 20"),
+    ({**QWEN_INPUT, "num_inference_steps": 0}, "input.num_inference_steps must be an integer from 1 to 500"),
     (
-        {**GOOD_INPUT, "num_inference_steps": 501},
+        {**QWEN_INPUT, "num_inference_steps": 501},
         "input.num_inference_steps must be an integer from 1 to 500",
     ),
-    ({**GOOD_INPUT, "num_inference_steps": 10.0}, "input.num_inference_steps must be an integer"),
-    ({**GOOD_INPUT, "seed": 1.5}, "input.seed must be an integer"),
-    ({**GOOD_INPUT, "seed": "42"}, "input.seed must be an integer"),
-    ({**GOOD_INPUT, "seed": False}, "input.seed must be an integer"),
+    ({**QWEN_INPUT, "num_inference_steps": 10.0}, "input.num_inference_steps must be an integer"),
+    ({**QWEN_INPUT, "seed": 1.5}, "input.seed must be an integer"),
+    ({**QWEN_INPUT, "seed": "42"}, "input.seed must be an integer"),
+    ({**QWEN_INPUT, "seed": False}, "input.seed must be an integer"),
 ]
 
 
@@ -182,11 +168,11 @@ def test_other_models_pass_through_unvalidated(api, fake):
     [
         ({"model": "someone/other", "input": ["not", "an", "object"]}, "input must be a JSON object"),
         ({"version": VERSION}, "input must be a JSON object"),
-        ({"input": GOOD_INPUT}, "exactly one of version"),
-        ({"model": QWEN, "version": VERSION, "input": GOOD_INPUT}, "exactly one of version"),
-        ({"model": "no-slash", "input": GOOD_INPUT}, "model must be owner/name"),
-        ({"version": "", "input": GOOD_INPUT}, "version must be a non-empty string"),
-        ({"model": QWEN, "input": GOOD_INPUT, "stream": True}, "unknown field(s) ['stream']"),
+        ({"input": QWEN_INPUT}, "exactly one of version"),
+        ({"model": QWEN, "version": VERSION, "input": QWEN_INPUT}, "exactly one of version"),
+        ({"model": "no-slash", "input": QWEN_INPUT}, "model must be owner/name"),
+        ({"version": "", "input": QWEN_INPUT}, "version must be a non-empty string"),
+        ({"model": QWEN, "input": QWEN_INPUT, "stream": True}, "unknown field(s) ['stream']"),
         ([1, 2], "must be a JSON object"),
     ],
 )
@@ -230,7 +216,7 @@ def test_requests_without_a_valid_key_are_refused(api_relay, fake, headers, stat
 
 
 def test_a_subscriber_token_is_not_an_api_key(api, api_relay, fake):
-    prediction = api.post("/api/predictions", json={"model": QWEN, "input": GOOD_INPUT}).json()
+    prediction = api.post("/api/predictions", json={"model": QWEN, "input": QWEN_INPUT}).json()
     with api_client(api_relay, prediction["relay"]["token"]) as subscriber:
         assert error_of(subscriber.get(f"/api/predictions/{prediction['id']}"))[:2] == (403, "FORBIDDEN")
 
@@ -243,11 +229,11 @@ def test_any_configured_key_and_the_admin_token_are_accepted(api_relay, fake, ke
 
 
 def test_get_returns_replicates_prediction_with_a_relay_block(api, fake):
-    created = api.post("/api/predictions", json={"model": QWEN, "input": GOOD_INPUT}).json()
+    created = api.post("/api/predictions", json={"model": QWEN, "input": QWEN_INPUT}).json()
     response = api.get(f"/api/predictions/{created['id']}")
     assert response.status_code == 200
     got = response.json()
-    assert got["id"] == created["id"] and got["input"] == GOOD_INPUT
+    assert got["id"] == created["id"] and got["input"] == QWEN_INPUT
     assert got["relay"]["ws"] == created["relay"]["ws"] and got["relay"]["token"]
     assert int(response.headers["RateLimit-Remaining"]) > 0
 
@@ -265,7 +251,7 @@ def test_a_prediction_id_that_is_not_an_id_never_reaches_replicate(api, fake):
 
 def test_cancel_reaches_replicate_and_subscribers_see_canceled(api, api_relay, fake):
     fake.hold = True
-    prediction = api.post("/api/predictions", json={"model": QWEN, "input": GOOD_INPUT}).json()
+    prediction = api.post("/api/predictions", json={"model": QWEN, "input": QWEN_INPUT}).json()
     response = api.post(f"/api/predictions/{prediction['id']}/cancel")
     assert response.status_code == 200 and response.json()["status"] == "canceled"
     assert len(fake.calls("POST", f"/predictions/{prediction['id']}/cancel")) == 1
@@ -276,7 +262,7 @@ def test_cancel_reaches_replicate_and_subscribers_see_canceled(api, api_relay, f
 def test_list_passes_replicates_cursors_through_as_relay_urls(api, api_relay, fake):
     fake.predictions.clear()
     ids = [
-        api.post("/api/predictions", json={"model": QWEN, "input": GOOD_INPUT}).json()["id"] for _ in range(3)
+        api.post("/api/predictions", json={"model": QWEN, "input": QWEN_INPUT}).json()["id"] for _ in range(3)
     ]
     first = api.get("/api/predictions").json()
     assert [p["id"] for p in first["results"]] == ids[::-1][:2]

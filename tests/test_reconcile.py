@@ -10,12 +10,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from .fake_replicate import TOKEN, FakeReplicate, api_client, relay_for
+from .fake_replicate import CREATE, TOKEN, FakeReplicate, api_client, relay_for, watch
 from .support import ROOT, RelayProcess, admin_headers, relay_env
-from .test_predictions_api import watch
 
-QWEN = "qwen/qwen-image-edit-plus"
-CREATE = {"model": QWEN, "input": {"image": ["https://example.com/a.png"], "prompt": "p"}}
 ALL_EVENTS = frozenset({"start", "logs", "output", "completed"})
 
 

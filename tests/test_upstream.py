@@ -11,11 +11,9 @@ import pytest
 
 from service.upstream import retry_after_seconds
 
-from .fake_replicate import Answer, FakeReplicate, api_client, relay_for
+from .fake_replicate import CREATE, QWEN, Answer, FakeReplicate, api_client, error_of, relay_for
 from .support import free_port
 
-QWEN = "qwen/qwen-image-edit-plus"
-CREATE = {"model": QWEN, "input": {"image": ["https://example.com/a.png"], "prompt": "p"}}
 CREATE_PATH = f"/models/{QWEN}/predictions"
 
 
@@ -37,11 +35,6 @@ def prediction_id(api, fake: FakeReplicate) -> str:
     created = api.post("/api/predictions", json=CREATE).json()["id"]
     fake.reset()
     return created
-
-
-def error_of(response: httpx.Response) -> tuple[int, str, str]:
-    error = response.json()["error"]
-    return response.status_code, error["code"], error["message"]
 
 
 def gaps(calls) -> list[float]:

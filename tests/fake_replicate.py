@@ -283,6 +283,7 @@ def api_env(fake: FakeReplicate, port: int, **extra: str) -> dict[str, str]:
         "RELAY_UPSTREAM_TIMEOUT": "1",
         "RELAY_UPSTREAM_RETRIES": "2",
         "RELAY_API_RATE_LIMIT": "100000",
+        "RELAY_API_MAX_BODY": "65536",
         **extra,
     }
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 
@@ -14,26 +12,12 @@ from .fake_replicate import (
     QWEN_INPUT,
     TOKEN,
     VERSION,
-    FakeReplicate,
     api_client,
     error_of,
     relay_for,
     watch,
 )
 from .support import ADMIN_TOKEN, RelayProcess, free_port, relay_env
-
-
-@pytest.fixture(scope="module")
-def api_relay(postgres, fake: FakeReplicate) -> Iterator[RelayProcess]:
-    with relay_for(postgres.new_database(), fake, RELAY_API_MAX_BODY="65536") as relay:
-        yield relay
-
-
-@pytest.fixture
-def api(api_relay: RelayProcess, fake: FakeReplicate) -> Iterator[httpx.Client]:
-    fake.reset()
-    with api_client(api_relay) as client:
-        yield client
 
 
 def test_create_by_version_posts_to_predictions_with_relays_webhook(api, api_relay, fake):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -14,20 +13,6 @@ from .fake_replicate import CREATE, TOKEN, FakeReplicate, api_client, relay_for,
 from .support import ROOT, RelayProcess, admin_headers, relay_env
 
 ALL_EVENTS = frozenset({"start", "logs", "output", "completed"})
-
-
-@pytest.fixture(scope="module")
-def api_relay(postgres, fake: FakeReplicate) -> Iterator[RelayProcess]:
-    """A relay whose own periodic reconcile is far away, so only the CLI reconciles here."""
-    with relay_for(postgres.new_database(), fake) as relay:
-        yield relay
-
-
-@pytest.fixture
-def api(api_relay, fake: FakeReplicate) -> Iterator[httpx.Client]:
-    fake.reset()
-    with api_client(api_relay) as client:
-        yield client
 
 
 def create_and_finish(api: httpx.Client, fake: FakeReplicate, lose: set[str] = frozenset()) -> str:

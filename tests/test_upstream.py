@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from email.utils import formatdate
 
-import httpx
 import pytest
 
 from service.upstream import retry_after_seconds
@@ -15,19 +13,6 @@ from .fake_replicate import CREATE, QWEN, Answer, FakeReplicate, api_client, err
 from .support import free_port
 
 CREATE_PATH = f"/models/{QWEN}/predictions"
-
-
-@pytest.fixture(scope="module")
-def api_relay(postgres, fake: FakeReplicate):
-    with relay_for(postgres.new_database(), fake) as relay:
-        yield relay
-
-
-@pytest.fixture
-def api(api_relay, fake: FakeReplicate) -> Iterator[httpx.Client]:
-    fake.reset()
-    with api_client(api_relay) as client:
-        yield client
 
 
 @pytest.fixture

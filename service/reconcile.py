@@ -22,6 +22,7 @@ from . import database, store
 from .errors import ConfigError, RelayError
 from .events import PREDICTION_FIELDS, open_body
 from .ingest import GroupCommitter, delivery_from
+from .metrics import RECONCILED
 from .settings import Settings
 from .statuses import is_terminal, rank
 from .upstream import Upstream
@@ -88,6 +89,11 @@ class Reconciler:
         self.pool, self.committer, self.upstream = pool, committer, upstream
 
     async def one(self, prediction_id: str) -> Outcome:
+        outcome = await self._check(prediction_id)
+        RECONCILED.labels(outcome.result).inc()
+        return outcome
+
+    async def _check(self, prediction_id: str) -> Outcome:
         try:
             reply = await self.upstream.get(prediction_id)
             if reply.data.get("id") != prediction_id:

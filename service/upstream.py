@@ -15,9 +15,11 @@ from typing import Any
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.stop import stop_base
 from tenacity.wait import wait_exponential_jitter
 
 from .errors import NotFound, RelayError, error_class
+from .metrics import UPSTREAM_REQUESTS
 from .settings import Settings
 from .validation import check_prediction_id
 
@@ -104,9 +106,12 @@ def _wait(retry_state: RetryCallState) -> float:
     return max(asked, backoff(retry_state))
 
 
-def _retry_after_too_long(retry_state: RetryCallState) -> bool:
-    error = retry_state.outcome.exception() if retry_state.outcome else None
-    return isinstance(error, RateLimitError) and error.retry_after > RETRY_AFTER_MAX
+class StopOnLongRetryAfter(stop_base):
+    """Give up at once when Replicate asks for a wait longer than RETRY_AFTER_MAX."""
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        return isinstance(error, RateLimitError) and error.retry_after > RETRY_AFTER_MAX
 
 
 @dataclass(frozen=True)
@@ -151,13 +156,22 @@ class Upstream:
     async def _call(self, method: str, path: str, what: str, safe: bool = True, **kwargs: Any) -> Reply:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RETRYABLE_WHEN_SAFE if safe else RateLimitError),
-            stop=stop_after_attempt(self.retries + 1) | _retry_after_too_long,
+            stop=stop_after_attempt(self.retries + 1) | StopOnLongRetryAfter(),
             wait=_wait,
             reraise=True,
         )
         return await retrying(self._send, method, path, what, **kwargs)
 
     async def _send(self, method: str, path: str, what: str, **kwargs: Any) -> Reply:
+        try:
+            reply = await self._attempt(method, path, what, **kwargs)
+        except RelayError as error:
+            UPSTREAM_REQUESTS.labels(error.code).inc()
+            raise
+        UPSTREAM_REQUESTS.labels("ok").inc()
+        return reply
+
+    async def _attempt(self, method: str, path: str, what: str, **kwargs: Any) -> Reply:
         try:
             response = await self.client.request(method, path, **kwargs)
         except httpx.TimeoutException:

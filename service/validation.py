@@ -57,7 +57,7 @@ def _integer(minimum: int | None = None, maximum: int | None = None) -> Callable
     def check(value: Any) -> str | None:
         if minimum is None:
             return None if _is_int(value) else "must be an integer"
-        if not _is_int(value) or not minimum <= value <= maximum:  # type: ignore[operator]
+        if not _is_int(value) or not minimum <= value <= maximum:
             return f"must be an integer from {minimum} to {maximum}"
         return None
 

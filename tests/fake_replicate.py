@@ -318,3 +318,11 @@ def watch(relay: RelayProcess, ws_url: str, token: str, timeout: float = 10) -> 
                 break
         code = socket.close_code
     return messages, code
+
+
+def metric(relay: RelayProcess, name: str, label: str) -> float:
+    """The value of one labelled series on Relay's /metrics (0 when it has not appeared yet)."""
+    for line in httpx.get(relay.url + "/metrics").text.splitlines():
+        if line.startswith(f"{name}{{{label}}} "):
+            return float(line.split()[-1])
+    return 0.0

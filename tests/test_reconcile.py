@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from .fake_replicate import CREATE, TOKEN, FakeReplicate, api_client, relay_for, watch
+from .fake_replicate import CREATE, TOKEN, FakeReplicate, api_client, metric, relay_for, watch
 from .support import ROOT, RelayProcess, admin_headers, relay_env
 
 ALL_EVENTS = frozenset({"start", "logs", "output", "completed"})
@@ -135,7 +135,8 @@ def test_a_subscriber_sees_the_end_when_the_completed_webhook_never_arrived(post
         fake.lose = {"completed"}
         prediction = api.post("/api/predictions", json=CREATE).json()
         messages, code = watch(relay, prediction["relay"]["ws"], prediction["relay"]["token"], timeout=15)
+        appended = metric(relay, "relay_reconciled_total", 'result="appended"')
     events = [m for m in messages if m["type"] == "event"]
-    assert code == 1000
+    assert code == 1000 and appended == 1
     assert events[-1]["status"] == "succeeded" and events[-1]["source"] == "reconcile"
     assert [e["source"] for e in events[:-1]] == ["webhook"] * (len(events) - 1)

@@ -9,7 +9,7 @@ import pytest
 
 from service.upstream import retry_after_seconds
 
-from .fake_replicate import CREATE, QWEN, Answer, FakeReplicate, api_client, error_of, relay_for
+from .fake_replicate import CREATE, QWEN, Answer, FakeReplicate, api_client, error_of, metric, relay_for
 from .support import free_port
 
 CREATE_PATH = f"/models/{QWEN}/predictions"
@@ -93,11 +93,14 @@ def test_a_get_retries_5xx_with_growing_backoff_then_succeeds(api, fake, predict
     assert 0.2 <= first < 1.0 and 0.4 <= second < 1.5  # 0.2 s then 0.4 s, plus up to 0.2 s of jitter
 
 
-def test_a_get_gives_up_after_the_configured_retries(api, fake, prediction_id):
+def test_a_get_gives_up_after_the_configured_retries(api, api_relay, fake, prediction_id):
     path = f"/predictions/{prediction_id}"
+    series = ("relay_upstream_requests_total", 'outcome="PROCESSING_ERROR"')
+    before = metric(api_relay, *series)
     fake.script("GET", path, Answer(500), Answer(500), Answer(500), Answer(500))
     assert error_of(api.get(f"/api/predictions/{prediction_id}"))[:2] == (502, "PROCESSING_ERROR")
     assert len(fake.calls("GET", path)) == 3  # RELAY_UPSTREAM_RETRIES=2
+    assert metric(api_relay, *series) == before + 3
 
 
 def test_a_get_honours_retry_after_on_429(api, fake, prediction_id):

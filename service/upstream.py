@@ -99,11 +99,13 @@ def error_for(response: httpx.Response, what: str) -> RelayError:
     return UnknownError(f"Replicate answered {status} unexpectedly{said}")
 
 
+BACKOFF = wait_exponential_jitter(initial=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_INITIAL)
+
+
 def _wait(retry_state: RetryCallState) -> float:
-    backoff = wait_exponential_jitter(initial=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_INITIAL)
     error = retry_state.outcome.exception() if retry_state.outcome else None
     asked = error.retry_after if isinstance(error, RateLimitError) else 0.0
-    return max(asked, backoff(retry_state))
+    return max(asked, BACKOFF(retry_state))
 
 
 class StopOnLongRetryAfter(stop_base):

@@ -99,7 +99,7 @@ def error_for(response: httpx.Response, what: str) -> RelayError:
     return UnknownError(f"Replicate answered {status} unexpectedly{said}")
 
 
-BACKOFF = wait_exponential_jitter(initial=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_INITIAL)
+BACKOFF = wait_exponential_jitter(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_INITIAL)
 
 
 def _wait(retry_state: RetryCallState) -> float:

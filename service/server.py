@@ -11,7 +11,7 @@ import uvicorn
 from . import database
 from .app import create_app
 from .settings import Settings
-from .vault import Vault
+from .vault import Vault, check_keys
 
 log = logging.getLogger("relay")
 
@@ -53,14 +53,6 @@ def configure_logging(level: str) -> None:
     DEBUG some (websockets, asyncpg) print the frames and queries that carry users' data."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("relay").setLevel(level)
-
-
-async def check_keys(dsn: str, vault: Vault) -> None:
-    conn = await database.connect(dsn)
-    try:
-        await vault.check(conn)
-    finally:
-        await conn.close()
 
 
 def serve(settings: Settings) -> None:

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import asyncpg
 
-from . import crypto
+from . import crypto, database
 from .errors import ConfigError
 from .store import Delivery
 
@@ -178,6 +178,15 @@ class Vault:
             done, after = done + len(rows), ids[-1]
             progress(done, total)
         return done
+
+
+async def check_keys(dsn: str, vault: Vault) -> None:
+    """`Vault.check` on its own connection: a one-line ConfigError for a wrong or missing key."""
+    conn = await database.connect(dsn)
+    try:
+        await vault.check(conn)
+    finally:
+        await conn.close()
 
 
 async def wrapping_key_ids(conn: asyncpg.Connection) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Iterator
 
 import asyncpg
@@ -17,6 +18,7 @@ from service.events import body_bytes
 from service.simulate import lifecycle
 from service.vault import Vault
 
+from .fake_replicate import QWEN, api_client, relay_for
 from .support import (
     ADMIN_TOKEN,
     WEBHOOK_SECRET,
@@ -28,6 +30,7 @@ from .support import (
     relay_env,
 )
 from .test_cli import relay_cli
+from .test_reconcile import reconcile_cli
 
 KEK_A = bytes(range(32))
 KEK_B = bytes(range(100, 132))
@@ -35,6 +38,17 @@ KEY_A = base64.b64encode(KEK_A).decode()
 KEY_B = base64.b64encode(KEK_B).decode()
 PROMPT = "Paint my neighbour Zebulon Quackenbush as a pirate"
 IMAGE_URL = "https://example.com/private/zebulon-selfie-7f3a.png"
+
+
+def query(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
 
 
 class Sealed:
@@ -46,14 +60,7 @@ class Sealed:
         self.admin = httpx.Client(base_url=process.url, timeout=30, headers=admin_headers())
 
     def query(self, sql: str, *args: object) -> list[asyncpg.Record]:
-        async def run() -> list[asyncpg.Record]:
-            conn = await asyncpg.connect(self.dsn)
-            try:
-                return await conn.fetch(sql, *args)
-            finally:
-                await conn.close()
-
-        return asyncio.run(run())
+        return query(self.dsn, sql, *args)
 
     def events(self, prediction_id: str) -> list[dict]:
         response = self.admin.get(f"/predictions/{prediction_id}/events")
@@ -326,3 +333,30 @@ def test_relay_log_lines_carry_no_prompts_urls_or_input_values(postgres):
     assert f"prediction {prediction_id} status succeeded" in output, "DEBUG lines were expected"
     for personal in (PROMPT, "Zebulon", IMAGE_URL, "8675309", "replicate.delivery", "Remove the background"):
         assert personal not in output
+
+
+def test_predictions_created_and_reconciled_through_relay_are_sealed_and_never_logged(postgres, fake):
+    """The API proxy and `relay reconcile` (its own process) store ciphertext and log no input."""
+    dsn = postgres.new_database()
+    create = {"model": QWEN, "input": {"image": [IMAGE_URL], "prompt": PROMPT}}
+    fake.reset()
+    fake.lose = {"completed"}
+    with relay_for(dsn, fake, RELAY_ENCRYPTION_KEY=KEY_A, RELAY_LOG_LEVEL="DEBUG") as relay:
+        with api_client(relay) as api:
+            prediction_id = api.post("/api/predictions", json=create).json()["id"]
+        deadline = time.monotonic() + 10
+        while fake.predictions[prediction_id]["status"] != "succeeded" or fake.tasks:
+            assert time.monotonic() < deadline, "the fake never finished the prediction"
+            time.sleep(0.02)
+        result = reconcile_cli(relay, prediction_id, RELAY_ENCRYPTION_KEY=KEY_A)
+        assert result.returncode == 0 and "appended" in result.stdout, result.stderr
+        events = httpx.get(f"{relay.url}/predictions/{prediction_id}/events", headers=admin_headers()).json()
+    assert events["events"][-1]["source"] == "reconcile"
+    assert {e["prediction"]["input"]["prompt"] for e in events["events"]} == {PROMPT}
+    rows = query(dsn, "SELECT source, encrypted, body FROM events WHERE prediction_id = $1", prediction_id)
+    assert {row["source"] for row in rows} == {"webhook", "reconcile"} and all(
+        row["encrypted"] for row in rows
+    )
+    assert not any(PROMPT.encode() in row["body"] or b"zebulon" in row["body"] for row in rows)
+    for personal in (PROMPT, IMAGE_URL):
+        assert personal not in relay.read_output() and personal not in result.stdout + result.stderr

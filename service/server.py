@@ -18,7 +18,11 @@ SHUTDOWN_CLOSE_WAIT = 2.0
 
 
 class RelayServer(uvicorn.Server):
-    """uvicorn closes open sockets with 1012; Relay first closes them with 1001 (going away)."""
+    """uvicorn closes open sockets with 1012; Relay first closes them with 1001 (going away).
+
+    uvicorn also re-raises SIGTERM/SIGINT after a graceful shutdown, which would kill the process
+    before `atexit` stops the embedded Postgres; Relay exits normally (status 0) instead.
+    """
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         relay = self.config.app.state.relay  # type: ignore[union-attr]
@@ -28,6 +32,7 @@ class RelayServer(uvicorn.Server):
             while relay.hub.all_subscribers() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.02)
         await super().shutdown(sockets)
+        self._captured_signals.clear()
 
 
 def banner(settings: Settings) -> str:

@@ -78,6 +78,15 @@ class Postgres:
         assert self.server is not None, "restarting Postgres needs the embedded server"
         embedded.pg_ctl(self.server, *args)
 
+    def stop_server(self) -> None:
+        self.pg_ctl("-w", "-m", "fast", "stop")
+
+    def start_server(self) -> None:
+        """Start the stopped cluster again with the wheel's options (Unix socket in pgdata only)."""
+        assert self.server is not None
+        pgdata = self.server.pgdata
+        self.pg_ctl("-w", "-o", '-h ""', "-o", f"-k {pgdata}", "-l", str(pgdata / "log"), "start")
+
 
 def relay_env(dsn: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_"))}

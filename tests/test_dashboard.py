@@ -116,7 +116,8 @@ def test_simulated_run_reaches_final_statuses_and_survives_a_reload(page, served
     report = tmp_path / "report.json"
     command = [sys.executable, "-m", "service", "simulate", "--url", f"{served.url}/webhooks/replicate"]
     command += ["--secret", WEBHOOK_SECRET, "--predictions", "6", "--failures", "0.5", "--seed", "7"]
-    subprocess.run([*command, "--report", str(report)], cwd=ROOT, check=True, capture_output=True, timeout=60)
+    command += ["--report", str(report)]
+    subprocess.run(command, env=served.env, cwd=ROOT, check=True, capture_output=True, timeout=60)
     final = json.loads(report.read_text())["final_status"]
     assert len(final) == 6 and len(set(final.values())) > 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import asyncpg
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
@@ -46,7 +47,7 @@ async def relay_js(request: Request) -> FileResponse:
     return FileResponse(STATIC / "relay.js", media_type="text/javascript", headers=NO_CACHE)
 
 
-def timeline_entry(run) -> dict:
+def timeline_entry(run: asyncpg.Record) -> dict:
     return {
         "status": run["status"],
         "seq": run["seq"],

@@ -183,7 +183,8 @@ def load_settings(
         decode_webhook_secret(secret)
     for position, key in enumerate(values["encryption_keys"], 1):  # type: ignore[arg-type]
         decode_encryption_key(key, position)
-    values.update(_dev_secrets(values, data_dir, database_url is None and generate_missing))
+    if database_url is None:  # dev mode: never mix generated secrets into a real deployment
+        values.update(_dev_secrets(values, data_dir, generate_missing))
     settings = Settings(**values)  # type: ignore[arg-type]
     if database_url is not None:
         _require_secrets(settings)

@@ -302,6 +302,12 @@ def test_rotation_then_restart_with_only_the_new_key_reads_everything(postgres):
             events = admin.get(f"/predictions/{prediction_id}/events").json()["events"]
             assert [e["prediction"]["input"]["prompt"] for e in events] == [PROMPT] * 6
     assert "lacks key-encryption key" in one_line_refusal(dsn, RELAY_ENCRYPTION_KEY=KEY_A)
+    upstream = {"REPLICATE_API_TOKEN": "r8_test", "REPLICATE_API_BASE": "http://127.0.0.1:9"}
+    for command in ("reconcile", "forget"):
+        refused = relay_cli(
+            command, predictions[0], env=relay_env(dsn, RELAY_ENCRYPTION_KEY=KEY_A, **upstream)
+        )
+        assert refused.returncode == 2 and "lacks key-encryption key" in refused.stderr, refused.stderr
 
 
 def test_relay_log_lines_carry_no_prompts_urls_or_input_values(postgres):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 
 import uvicorn
@@ -61,4 +62,10 @@ def serve(settings: Settings) -> None:
             timeout_graceful_shutdown=10,
         )
         print(banner(settings), flush=True)
-        RelayServer(config).run()
+        # uvicorn re-raises SIGTERM once its graceful shutdown is done, which would kill the
+        # process before atexit handlers stop the embedded Postgres; return normally instead.
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        try:
+            RelayServer(config).run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -44,11 +45,14 @@ def with_database(dsn: str, name: str) -> str:
 
 
 class Postgres:
-    """The suite's server: DATABASE_URL if set, else a throwaway embedded cluster."""
+    """The suite's server: DATABASE_URL if set, else a throwaway embedded cluster.
 
-    def __init__(self, tmp: Path):
+    `own=True` always starts a throwaway embedded cluster (for tests that stop or restart it).
+    """
+
+    def __init__(self, tmp: Path, *, own: bool = False):
         self.server = None
-        if os.environ.get("DATABASE_URL"):
+        if os.environ.get("DATABASE_URL") and not own:
             self.admin_dsn = os.environ["DATABASE_URL"]
         else:
             self.server = embedded.start(tmp, delete_on_exit=True)
@@ -77,6 +81,12 @@ class Postgres:
     def pg_ctl(self, *args: str) -> None:
         assert self.server is not None, "restarting Postgres needs the embedded server"
         embedded.pg_ctl(self.server, *args)
+
+    def start_again(self) -> None:
+        """Start the stopped embedded cluster with the options it last ran with (its socket dir)."""
+        assert self.server is not None, "restarting Postgres needs the embedded server"
+        opts = shlex.split((self.server.pgdata / "postmaster.opts").read_text())[3:]
+        self.pg_ctl("-w", "-l", str(self.server.log), "-o", shlex.join(opts), "start")
 
 
 def relay_env(dsn: str, **extra: str) -> dict[str, str]:

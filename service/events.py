@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import asyncpg
+from starlette.responses import JSONResponse
 
 from .store import iso
 
@@ -31,6 +32,14 @@ def event_message(row: asyncpg.Record | dict, *, replayed: bool = False) -> dict
 
 def dumps(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"))
+
+
+class EventsResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a delivered string may hold a lone surrogate (a valid JSON
+    escape that UTF-8 cannot encode), which Starlette's JSONResponse would turn into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode()
 
 
 PREDICTION_FIELDS = ("output", "error", "logs", "metrics", "created_at", "started_at", "completed_at")

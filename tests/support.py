@@ -7,7 +7,6 @@ import contextlib
 import itertools
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -82,11 +81,14 @@ class Postgres:
         assert self.server is not None, "restarting Postgres needs the embedded server"
         embedded.pg_ctl(self.server, *args)
 
-    def start_again(self) -> None:
-        """Start the stopped embedded cluster with the options it last ran with (its socket dir)."""
-        assert self.server is not None, "restarting Postgres needs the embedded server"
-        opts = shlex.split((self.server.pgdata / "postmaster.opts").read_text())[3:]
-        self.pg_ctl("-w", "-l", str(self.server.log), "-o", shlex.join(opts), "start")
+    def stop_server(self) -> None:
+        self.pg_ctl("-w", "-m", "fast", "stop")
+
+    def start_server(self) -> None:
+        """Start the stopped cluster again with the wheel's options (Unix socket in pgdata only)."""
+        assert self.server is not None
+        pgdata = self.server.pgdata
+        self.pg_ctl("-w", "-o", '-h ""', "-o", f"-k {pgdata}", "-l", str(pgdata / "log"), "start")
 
 
 def relay_env(dsn: str, **extra: str) -> dict[str, str]:

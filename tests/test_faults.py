@@ -96,7 +96,7 @@ def test_postgres_restart_under_load(tmp_path):
             time.sleep(2)
             down_until = time.monotonic()
             restarted_at = datetime.now(UTC)
-            postgres.start_again()
+            postgres.start_server()
             load.wait_for_acks(len(load.acked) + 100)
         wait_for_listener(dsn, restarted_at)
         assert httpx.get(relay.url + "/readyz").status_code == 200

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import time
 
-import asyncio
 import asyncpg
 import httpx
 import pytest
@@ -19,11 +19,11 @@ from service.simulate import lifecycle
 from .support import (
     WEBHOOK_KEY,
     WEBHOOK_SECRET,
+    RelayProcess,
     new_prediction_id,
     new_webhook_id,
     post_webhook,
     relay_env,
-    RelayProcess,
 )
 
 
@@ -227,15 +227,16 @@ def test_signed_but_invalid_payload_is_400_and_not_stored(client, relay, body):
 def test_exact_bytes_are_stored_including_json_that_jsonb_refuses(client, relay):
     prediction_id = new_prediction_id()
     body = (
-        '{ "id" : "%s",\n "status":"processing",  "logs": "nul:\\u0000 and \\ud83d\\ude00 é",'
-        ' "output": null , "extra": 1.50e3 }' % prediction_id
+        f'{{ "id" : "{prediction_id}",\n "status":"processing",  "logs": "nul:\\u0000 and \\ud83d\\ude00 é",'
+        ' "output": null , "extra": 1.50e3 }'
     ).encode()
     response = post_webhook(client, body)
     assert response.status_code == 200
     rows = stored_rows(relay.env["DATABASE_URL"], prediction_id)
     assert rows[0]["body"] == body
     events = client.get(
-        f"/predictions/{prediction_id}/events", headers={"Authorization": "Bearer " + relay.env["RELAY_ADMIN_TOKEN"]}
+        f"/predictions/{prediction_id}/events",
+        headers={"Authorization": "Bearer " + relay.env["RELAY_ADMIN_TOKEN"]},
     ).json()["events"]
     assert events[0]["prediction"]["logs"] == "nul:\x00 and 😀 é"
 

@@ -1,0 +1,218 @@
+"""The `relay` command as a user meets it: dev mode, restarts, config errors, migrate, simulate."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import httpx
+import jwt
+import pytest
+
+from service.simulate import lifecycle
+
+from .support import (
+    ROOT,
+    SUBSCRIBE_KEY,
+    WEBHOOK_SECRET,
+    RelayProcess,
+    admin_headers,
+    free_port,
+    new_prediction_id,
+    post_webhook,
+    relay_env,
+)
+
+
+def relay_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def dev_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_", "DATABASE_"))}
+    return {**env, "RELAY_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def postmaster_running(pgdata: Path) -> bool:
+    pid_file = pgdata / "postmaster.pid"
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().split()[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_dev_mode_generates_secrets_keeps_data_across_restarts_and_stops_postgres(tmp_path):
+    data_dir = tmp_path / "relay-data"
+    port = free_port()
+    first = RelayProcess(dev_env(data_dir), port=port).start(timeout=60)
+    stored = json.loads((data_dir / "secrets.json").read_text())
+    key = base64.b64decode(stored["webhook_secrets"].removeprefix("whsec_"))
+    prediction = lifecycle(new_prediction_id())[-1]
+    with httpx.Client(base_url=first.url) as http:
+        assert post_webhook(http, prediction, key=key).status_code == 200
+    assert first.stop(signal.SIGTERM) == 0
+    banner = first.read_output()
+    assert f"webhook secret: {stored['webhook_secrets']}" in banner
+    assert f"#token={stored['admin_token']}" in banner
+    assert stored["subscribe_key"] not in banner
+    assert not postmaster_running(data_dir / "pg"), "embedded Postgres must stop with Relay"
+
+    second = RelayProcess(dev_env(data_dir), port=port).start(timeout=60)
+    try:
+        headers = {"Authorization": f"Bearer {stored['admin_token']}"}
+        state = httpx.get(f"{second.url}/predictions/{prediction['id']}", headers=headers).json()
+        assert state["status"] == "succeeded" and state["event_count"] == 1
+    finally:
+        second.stop()
+    assert (data_dir / "secrets.json").stat().st_mode & 0o077 == 0
+
+
+def test_a_secret_from_the_environment_is_never_printed(tmp_path):
+    env = dev_env(tmp_path, REPLICATE_WEBHOOK_SECRET=WEBHOOK_SECRET, RELAY_ADMIN_TOKEN="env-admin-token-123")
+    process = RelayProcess(env).start(timeout=60)
+    process.stop()
+    output = process.read_output()
+    assert WEBHOOK_SECRET not in output and "env-admin-token-123" not in output
+    assert "webhook URL:" in output and "#token=" not in output
+
+
+@pytest.mark.parametrize("missing", ["REPLICATE_WEBHOOK_SECRET", "RELAY_ADMIN_TOKEN", "RELAY_SUBSCRIBE_KEY"])
+def test_with_database_url_a_missing_secret_is_a_one_line_error(postgres, missing):
+    env = relay_env(postgres.admin_dsn)
+    del env[missing]
+    result = relay_cli("serve", "--port", str(free_port()), env=env)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and missing in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "name, value, mentions",
+    [
+        ("RELAY_PORT", "eighty", "RELAY_PORT"),
+        ("RELAY_WEBHOOK_TOLERANCE", "0", "RELAY_WEBHOOK_TOLERANCE"),
+        ("REPLICATE_WEBHOOK_SECRET", "whsec_***secret-value***", "REPLICATE_WEBHOOK_SECRET"),
+    ],
+)
+def test_malformed_configuration_is_a_one_line_error(postgres, name, value, mentions):
+    env = relay_env(postgres.admin_dsn, **{name: value})
+    result = relay_cli("serve", env=env)
+    assert result.returncode == 2 and mentions in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "secret-value" not in result.stderr
+
+
+def test_an_unreachable_database_is_a_one_line_error_without_the_dsn():
+    dsn = f"postgresql://relay:hunter2@127.0.0.1:{free_port()}/relay"
+    result = relay_cli("migrate", env=relay_env(dsn))
+    assert result.returncode == 2 and "cannot connect to the database" in result.stderr
+    assert "hunter2" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_token_command_mints_a_token_for_one_prediction(postgres):
+    result = relay_cli("token", "pred123", "--ttl", "60", env=relay_env(postgres.admin_dsn))
+    assert result.returncode == 0
+    claims = jwt.decode(result.stdout.strip(), SUBSCRIBE_KEY, algorithms=["HS256"])
+    assert claims["prediction"] == "pred123"
+    refused = relay_cli("token", "pred123", "--ttl", "0", env=relay_env(postgres.admin_dsn))
+    assert refused.returncode == 2 and "--ttl" in refused.stderr
+
+
+def test_two_concurrent_migrations_apply_each_file_once(postgres):
+    dsn = postgres.new_database(migrate=False)
+    env = relay_env(dsn)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "service", "migrate"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+
+    async def versions() -> list[str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
+        finally:
+            await conn.close()
+
+    applied = asyncio.run(versions())
+    assert len(applied) == len(set(applied)) and "001_event_log" in applied
+
+
+def test_simulate_end_to_end_leaves_every_prediction_in_its_final_state(relay, tmp_path):
+    report_file = tmp_path / "report.json"
+    result = relay_cli(
+        "simulate",
+        "--url",
+        relay.url + "/webhooks/replicate",
+        "--predictions",
+        "30",
+        "--concurrency",
+        "6",
+        "--duplicates",
+        "0.2",
+        "--reorder",
+        "0.3",
+        "--failures",
+        "0.3",
+        "--seed",
+        "7",
+        "--report",
+        str(report_file),
+        env=relay.env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rejected 0, failed 0" in result.stdout
+    report = json.loads(report_file.read_text())
+    assert len(report["final_status"]) == 30
+    assert set(report["final_status"].values()) >= {"succeeded"}
+    with httpx.Client(base_url=relay.url, headers=admin_headers()) as http:
+        for prediction_id, outcome in report["final_status"].items():
+            assert http.get(f"/predictions/{prediction_id}").json()["status"] == outcome
+
+
+def test_simulate_reports_rejections_with_a_nonzero_exit(relay):
+    other = "whsec_" + base64.b64encode(b"not-the-configured-secret").decode()
+    result = relay_cli(
+        "simulate",
+        "--url",
+        relay.url + "/webhooks/replicate",
+        "--predictions",
+        "2",
+        "--secret",
+        other,
+        env=relay.env,
+    )
+    assert result.returncode == 1 and "rejected" in result.stderr
+
+
+def test_simulate_refuses_bad_flags(relay):
+    result = relay_cli("simulate", "--duplicates", "2", env=relay.env)
+    assert result.returncode == 2 and "--duplicates" in result.stderr

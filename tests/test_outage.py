@@ -1,0 +1,41 @@
+"""A database that goes away: 503 with Retry-After (never a hang or a 500), then service resumes."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from service.simulate import lifecycle
+
+from .support import Postgres, RelayProcess, admin_headers, new_prediction_id, post_webhook, relay_env
+
+
+def test_database_down_gives_503_then_service_resumes(tmp_path):
+    postgres = Postgres(tmp_path)
+    with (
+        RelayProcess(relay_env(postgres.new_database())) as relay,
+        httpx.Client(base_url=relay.url, timeout=30) as http,
+    ):
+        before = lifecycle(new_prediction_id())[0]
+        assert post_webhook(http, before).status_code == 200
+
+        postgres.stop_server()
+        during = lifecycle(new_prediction_id())[0]
+        with httpx.Client(base_url=relay.url, timeout=15) as impatient:  # a hang raises here
+            response = post_webhook(impatient, during)
+        assert response.status_code == 503
+        assert response.headers["retry-after"].isdigit()
+        assert response.json()["error"]["code"] == "DATABASE_UNAVAILABLE"
+        assert http.get("/readyz").status_code == 503
+        assert http.get("/healthz").status_code == 200
+
+        postgres.start_server()
+        deadline = time.monotonic() + 20
+        while http.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = post_webhook(http, during)  # Replicate's retry of the refused delivery
+        assert after.status_code == 200 and after.json()["duplicate"] is False
+        for prediction in (before, during):
+            state = http.get(f"/predictions/{prediction['id']}", headers=admin_headers())
+            assert state.status_code == 200 and state.json()["event_count"] == 1

@@ -1,0 +1,172 @@
+"""The log's guarantees, checked at the database: append-only, seq visibility order, projection."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime
+
+import asyncpg
+import httpx
+import pytest
+
+from service import store
+from service.ingest import delivery_from
+from service.simulate import lifecycle
+from service.statuses import Rank, rank, supersedes
+from service.store import _fold_projection
+
+from .support import new_prediction_id, new_webhook_id, post_webhook
+
+
+def make_delivery(prediction_id: str, status: str = "processing") -> store.Delivery:
+    body = lifecycle(prediction_id)[0] | {"status": status}
+    import json
+
+    return delivery_from(body, json.dumps(body).encode(), webhook_id=new_webhook_id(), source="webhook")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def appended(dsn: str, deliveries: list[store.Delivery]) -> list[store.Appended]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            return await store.append(conn, deliveries)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["UPDATE events SET status = 'failed'", "DELETE FROM events", "TRUNCATE events"],
+)
+def test_the_log_refuses_update_delete_and_truncate(dsn, sql):
+    run(appended(dsn, [make_delivery(new_prediction_id())]))
+
+    async def attempt() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+                await conn.execute(sql)
+            return await conn.fetchval("SELECT count(*) FROM events WHERE status = 'processing'")
+        finally:
+            await conn.close()
+
+    assert run(attempt()) == 1
+
+
+def test_a_poller_following_seq_never_misses_a_row_under_concurrent_writers(dsn):
+    """seq order is visibility order: a reader of `seq > cursor` never skips a late commit."""
+    writers, batches_each = 8, 40
+
+    async def writer() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for _ in range(batches_each):
+                batch = [make_delivery(new_prediction_id()) for _ in range(random.randint(1, 5))]
+                async with conn.transaction():
+                    await store.append(conn, batch)
+                    await asyncio.sleep(random.random() * 0.003)  # hold the commit open a little
+        finally:
+            await conn.close()
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        seen: list[int] = []
+        done = asyncio.Event()
+        reader = await asyncpg.connect(dsn)
+
+        async def poll() -> None:
+            cursor = 0
+            while True:
+                finished = done.is_set()
+                rows = await reader.fetch("SELECT seq FROM events WHERE seq > $1 ORDER BY seq", cursor)
+                seen.extend(r["seq"] for r in rows)
+                cursor = rows[-1]["seq"] if rows else cursor
+                if finished and not rows:
+                    return
+
+        poller = asyncio.create_task(poll())
+        await asyncio.gather(*(writer() for _ in range(writers)))
+        done.set()
+        await poller
+        every = [r["seq"] for r in await reader.fetch("SELECT seq FROM events ORDER BY seq")]
+        await reader.close()
+        return seen, every
+
+    seen, every = run(scenario())
+    assert len(every) >= writers * batches_each
+    assert seen == every
+
+
+def test_concurrent_deliveries_for_one_prediction_all_land_and_the_state_is_right(relay):
+    prediction_id = new_prediction_id()
+    bodies = lifecycle(prediction_id)
+    bodies = bodies * 1  # starting, 3 processing, output, succeeded
+
+    async def post_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
+            from service.signatures import signed_headers
+
+            from .support import WEBHOOK_KEY, body_of
+
+            async def one(body: dict) -> httpx.Response:
+                raw = body_of(body)
+                headers = signed_headers(WEBHOOK_KEY, new_webhook_id(), raw)
+                return await http.post("/webhooks/replicate", content=raw, headers=headers)
+
+            return await asyncio.gather(*(one(b) for b in bodies))
+
+    responses = run(post_all())
+    assert all(r.status_code == 200 for r in responses)
+    seqs = sorted(r.json()["seq"] for r in responses)
+    assert len(set(seqs)) == len(bodies)
+    admin = {"Authorization": "Bearer " + relay.env["RELAY_ADMIN_TOKEN"]}
+    state = httpx.get(f"{relay.url}/predictions/{prediction_id}", headers=admin).json()
+    assert state["status"] == "succeeded"
+    assert state["event_count"] == len(bodies) and state["last_seq"] == seqs[-1]
+
+
+def test_a_batch_with_a_repeated_webhook_id_stores_it_once(dsn):
+    first = make_delivery(new_prediction_id())
+    results = run(appended(dsn, [first, first, make_delivery(new_prediction_id())]))
+    assert results[0].duplicate is False and results[1] == store.Appended(results[0].seq, True)
+    assert results[2].duplicate is False and results[2].seq > results[0].seq
+
+
+def test_projection_fold_keeps_the_first_terminal_and_the_newest_progress():
+    prediction_id = new_prediction_id()
+    statuses = ["starting", "processing", "succeeded", "processing", "failed", "processing"]
+    rows = [(seq, make_delivery(prediction_id, s)) for seq, s in enumerate(statuses, start=1)]
+    (change,) = _fold_projection(rows)
+    assert change.delivery.status == "succeeded" and change.seq == 3
+    assert change.count == 6 and change.first_seq == 1 and change.last_seq == 6
+
+
+def test_unknown_status_ranks_as_running_and_cannot_undo_a_terminal_state():
+    assert rank("some-future-status") == Rank.RUNNING
+    assert not supersedes(rank("some-future-status"), rank("succeeded"))
+    assert supersedes(rank("processing"), rank("processing"))
+    assert not supersedes(rank("canceled"), rank("succeeded"))
+
+
+def test_received_at_is_the_arrival_time(client, relay):
+    before = datetime.now(UTC)
+    prediction = lifecycle(new_prediction_id())[0]
+    post_webhook(client, prediction)
+
+    async def fetch():
+        conn = await asyncpg.connect(relay.env["DATABASE_URL"])
+        try:
+            return await conn.fetchrow(
+                "SELECT received_at, webhook_timestamp FROM events WHERE prediction_id = $1",
+                prediction["id"],
+            )
+        finally:
+            await conn.close()
+
+    row = run(fetch())
+    assert before <= row["received_at"] <= datetime.now(UTC)
+    assert abs((row["webhook_timestamp"] - before).total_seconds()) < 5

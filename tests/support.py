@@ -211,3 +211,12 @@ def admin_headers() -> dict[str, str]:
 def running_relay(dsn: str, **extra: str) -> Iterator[RelayProcess]:
     with RelayProcess(relay_env(dsn, **extra)) as relay:
         yield relay
+
+
+SECRETS = (WEBHOOK_SECRET, WEBHOOK_SECRET.removeprefix("whsec_"), ADMIN_TOKEN, SUBSCRIBE_KEY)
+
+
+def assert_no_secret(text: str) -> None:
+    """No configured secret appears in `text` (a log, an error body, metrics)."""
+    leaked = [secret[:10] + "…" for secret in SECRETS if secret in text]
+    assert not leaked, f"secrets in output: {leaked}"

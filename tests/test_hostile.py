@@ -31,6 +31,7 @@ from .support import (
     WEBHOOK_KEY,
     RelayProcess,
     admin_headers,
+    assert_no_secret,
     new_prediction_id,
     new_webhook_id,
     post_webhook,
@@ -165,6 +166,7 @@ def test_slow_partial_bodies_neither_block_others_nor_get_stored(postgres):
     started = time.monotonic()
     assert relay.stop() == 0 and time.monotonic() - started < 5
     assert "Traceback" not in relay.output
+    assert_no_secret(relay.output)
     assert stored_count(dsn, webhook_ids) == 0
 
 
@@ -237,6 +239,7 @@ def test_fuzzed_webhooks_get_only_clean_answers_and_store_nothing_unverified(
     except httpx.LocalProtocolError:
         return  # httpx refuses to send this header; nothing reached Relay
     assert response.status_code in ALLOWED, response.text
+    assert_no_secret(response.text)
     if genuine:
         assert response.status_code in (200, 400)
     else:
@@ -302,6 +305,7 @@ def test_forged_tokens_read_nothing_over_http(client, stored_prediction, kind):
         assert response.status_code in (401, 403), (kind, response.status_code)
         assert stored_prediction not in response.text or "error" in response.json()
         assert "starting" not in response.text
+        assert_no_secret(response.text)
 
 
 @pytest.mark.parametrize("kind", list(forged_tokens("p")))
@@ -317,3 +321,10 @@ def test_a_valid_token_still_reads(client, stored_prediction):
     good = token({"prediction": stored_prediction, "exp": int(time.time()) + 60})
     response = client.get(f"/predictions/{stored_prediction}", headers={"Authorization": f"Bearer {good}"})
     assert response.status_code == 200 and response.json()["status"] == "starting"
+
+
+def test_metrics_hold_no_secret_after_all_of_the_above(client):
+    """Runs last in this module: rejects by code are counted, and no secret is among them."""
+    text = client.get("/metrics").text
+    assert 'relay_rejects_total{code="INVALID_SIGNATURE"}' in text
+    assert_no_secret(text)

@@ -18,7 +18,7 @@ import httpx
 import psutil
 
 from .load import Load, Subscription, assert_log_matches, log_rows
-from .support import ADMIN_TOKEN, Postgres, assert_no_secret, RelayProcess, new_prediction_id, relay_env
+from .support import ADMIN_TOKEN, Postgres, RelayProcess, assert_no_secret, new_prediction_id, relay_env
 
 SHUTDOWN_BOUND = 15.0  # uvicorn's graceful timeout (10 s) plus closing the pool
 

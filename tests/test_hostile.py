@@ -46,26 +46,23 @@ def corpus(kind: str) -> list[Path]:
     return sorted((CORPUS / kind).iterdir())
 
 
-def stored_count(dsn: str, webhook_ids: list[str]) -> int:
-    async def count() -> int:
+def fetchval(dsn: str, sql: str, *args: object) -> object:
+    async def run() -> object:
         conn = await asyncpg.connect(dsn)
         try:
-            return await conn.fetchval("SELECT count(*) FROM events WHERE webhook_id = ANY($1)", webhook_ids)
+            return await conn.fetchval(sql, *args)
         finally:
             await conn.close()
 
-    return asyncio.run(count())
+    return asyncio.run(run())
+
+
+def stored_count(dsn: str, webhook_ids: list[str]) -> int:
+    return fetchval(dsn, "SELECT count(*) FROM events WHERE webhook_id = ANY($1)", webhook_ids)
 
 
 def stored_body(dsn: str, webhook_id: str) -> bytes:
-    async def fetch() -> bytes:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await conn.fetchval("SELECT body FROM events WHERE webhook_id = $1", webhook_id)
-        finally:
-            await conn.close()
-
-    return asyncio.run(fetch())
+    return fetchval(dsn, "SELECT body FROM events WHERE webhook_id = $1", webhook_id)
 
 
 @pytest.mark.parametrize("path", corpus("accepted"), ids=lambda p: p.name)

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jwt.warnings import InsecureKeyLengthWarning
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from service.signatures import signed_headers
@@ -320,8 +320,57 @@ def test_a_valid_token_still_reads(client, stored_prediction):
     assert response.status_code == 200 and response.json()["status"] == "starting"
 
 
-def test_metrics_hold_no_secret_after_all_of_the_above(client):
-    """Runs last in this module: rejects by code are counted, and no secret is among them."""
+@pytest.mark.parametrize(
+    "credential",
+    [None, "wrong-" + "k" * 30, ADMIN_TOKEN[:-1], "subscriber-token"],
+)
+@pytest.mark.parametrize(
+    "method, path", [("GET", "/api/predictions"), ("POST", "/api/predictions/p1/cancel")]
+)
+def test_api_routes_refuse_missing_or_wrong_credentials_first(client, method, path, credential):
+    """The key is checked before anything else: no 503 'proxy disabled', no upstream call."""
+    if credential == "subscriber-token":
+        credential = token({"prediction": "*", "exp": int(time.time()) + 60})
+    headers = {"Authorization": f"Bearer {credential}"} if credential else {}
+    response = client.request(method, path, headers=headers)
+    assert response.status_code in (401, 403), response.text
+    assert_no_secret(response.text)
+
+
+@pytest.mark.parametrize("credential", [None, "wrong", "subscriber-token"])
+def test_the_all_events_stream_needs_the_admin_token(relay, credential):
+    if credential == "subscriber-token":
+        credential = token({"prediction": new_prediction_id(), "exp": int(time.time()) + 60})
+    query = f"?token={credential}" if credential else ""
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{relay.ws_url}/events/ws{query}").close()
+    assert refused.value.response.status_code == 403
+
+
+def test_oversized_and_flooding_client_messages_do_not_disturb_the_stream(client, relay):
+    """A subscriber that floods small messages still gets its events; one that sends a message
+    over the WebSocket size limit is closed (1009) alone."""
+    prediction_id = new_prediction_id()
+    url = f"{relay.ws_url}/predictions/{prediction_id}/ws?token={ADMIN_TOKEN}"
+    with connect(url) as flooder, connect(url, max_size=None) as giant:
+        assert json.loads(flooder.recv(timeout=5))["type"] == "caught_up"
+        assert json.loads(giant.recv(timeout=5))["type"] == "caught_up"
+        giant.send("x" * (17 * 2**20))  # uvicorn's default ws_max_size is 16 MiB
+        for _ in range(5000):
+            flooder.send("hello?")
+        assert post_webhook(client, {"id": prediction_id, "status": "processing"}).status_code == 200
+        assert json.loads(flooder.recv(timeout=5))["status"] == "processing"
+        with pytest.raises(ConnectionClosed):
+            while True:
+                giant.recv(timeout=5)
+        assert giant.close_code == 1009
+
+
+def test_metrics_count_rejects_and_hold_no_secret(client):
+    assert (
+        post_webhook(client, {"id": new_prediction_id(), "status": "starting"}, key=b"forged").status_code
+        == 401
+    )
     text = client.get("/metrics").text
     assert 'relay_rejects_total{code="INVALID_SIGNATURE"}' in text
     assert_no_secret(text)

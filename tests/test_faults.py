@@ -18,7 +18,7 @@ import httpx
 import psutil
 
 from .load import Load, Subscription, assert_log_matches, log_rows
-from .support import ADMIN_TOKEN, Postgres, RelayProcess, assert_no_secret, new_prediction_id, relay_env
+from .support import ADMIN_TOKEN, RelayProcess, assert_no_secret, new_prediction_id, relay_env
 
 SHUTDOWN_BOUND = 15.0  # uvicorn's graceful timeout (10 s) plus closing the pool
 
@@ -79,10 +79,10 @@ def wait_for_listener(dsn: str, moment: datetime, timeout: float = 10) -> None:
         time.sleep(0.1)
 
 
-def test_postgres_restart_under_load(tmp_path):
+def test_postgres_restart_under_load(own_postgres):
     """While Postgres is down deliveries get 503 + Retry-After (never a 500 or a hang); Relay
     recovers without a restart, loses nothing acknowledged, and subscribers end with the log."""
-    postgres = Postgres(tmp_path, own=True)
+    postgres = own_postgres
     dsn = postgres.new_database()
     predictions = [new_prediction_id() for _ in range(3)]
     with RelayProcess(relay_env(dsn)) as relay:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import asyncpg
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import store
 from .auth import require_admin, token_from
-from .events import prediction_state
+from .events import EventsResponse, prediction_state
 from .reading import int_param
 
 STATIC = Path(__file__).parent / "static"
@@ -56,7 +56,7 @@ def timeline_entry(run: asyncpg.Record) -> dict:
     }
 
 
-async def recent_predictions(request: Request) -> JSONResponse:
+async def recent_predictions(request: Request) -> EventsResponse:
     """`GET /admin/predictions?limit=N`: the most recently updated predictions, each with its
     status timeline, and `seq`, the log position of that snapshot: streaming
     `/events/ws?after=seq` from there misses nothing and repeats nothing."""
@@ -78,7 +78,7 @@ async def recent_predictions(request: Request) -> JSONResponse:
         }
         for row in rows
     ]
-    return JSONResponse({"predictions": predictions, "seq": seq})
+    return EventsResponse({"predictions": predictions, "seq": seq})
 
 
 routes = [

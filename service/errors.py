@@ -36,6 +36,7 @@ InvalidRequest = error_class("InvalidRequest", 400, "INVALID_REQUEST")
 Unauthorized = error_class("Unauthorized", 401, "UNAUTHORIZED")
 Forbidden = error_class("Forbidden", 403, "FORBIDDEN")
 NotFound = error_class("NotFound", 404, "NOT_FOUND")
+BodyIncomplete = error_class("BodyIncomplete", 400, "BODY_INCOMPLETE")
 
 
 class DatabaseUnavailable(RelayError):

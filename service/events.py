@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 import asyncpg
+from starlette.responses import JSONResponse
 
 from .crypto import Unreadable
 from .store import iso
@@ -60,6 +61,14 @@ def event_message(row: asyncpg.Record | dict, vault: Vault, *, replayed: bool = 
 
 def dumps(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"))
+
+
+class EventsResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a delivered string may hold a lone surrogate (a valid JSON
+    escape that UTF-8 cannot encode), which Starlette's JSONResponse would turn into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode()
 
 
 PREDICTION_FIELDS = ("output", "error", "logs", "metrics", "created_at", "started_at", "completed_at")

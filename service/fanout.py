@@ -133,8 +133,11 @@ class Hub:
 
     async def _read_forever(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the
+            # nudge arrives, and the hub then never stops (SIGTERM under load hung on it).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._nudge.wait(), POLL_INTERVAL)
+                async with asyncio.timeout(POLL_INTERVAL):
+                    await self._nudge.wait()
             self._nudge.clear()
             try:
                 await self._read_new()
@@ -179,6 +182,8 @@ class Hub:
         """Return when the connection is gone, noticing one that died without a FIN."""
         while not lost.is_set():
             try:
-                await asyncio.wait_for(lost.wait(), LISTEN_CHECK_INTERVAL)
+                async with asyncio.timeout(LISTEN_CHECK_INTERVAL):
+                    await lost.wait()
             except TimeoutError:
-                await asyncio.wait_for(conn.fetchval("SELECT 1"), LISTEN_CHECK_INTERVAL)
+                async with asyncio.timeout(LISTEN_CHECK_INTERVAL):
+                    await conn.fetchval("SELECT 1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,7 @@ from .store import Appended, Delivery
 log = logging.getLogger("relay.ingest")
 
 MAX_BATCH = 1000
+MAX_DEPTH = 128
 ACQUIRE_TIMEOUT = 5.0
 # Errors caused by one row's content rather than by the database being unavailable.
 ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
@@ -52,14 +54,43 @@ def predict_time(prediction: dict) -> float | None:
     return float(value) if is_number and value >= 0 else None
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def parse_prediction(body: bytes) -> dict:
-    """The delivered prediction object; 400 unless it is a JSON object with string id/status."""
+    """The delivered prediction object; 400 unless it is a JSON object with string id/status.
+
+    NaN, Infinity and floats that overflow are refused: readers could not serve them as JSON.
+    So is nesting deeper than MAX_DEPTH: json's recursion limit depends on the caller's stack, and a
+    body that parsed at ingest must never fail to serialise later, when it is read.
+    """
     try:
-        prediction = json.loads(body)
+        prediction = json.loads(body, parse_float=_finite, parse_constant=_no_constant)
     except (ValueError, RecursionError):
-        raise InvalidPayload("the body is not valid JSON") from None
+        raise InvalidPayload("the body is not valid JSON (or holds a number out of range)") from None
     if not isinstance(prediction, dict):
         raise InvalidPayload("the body must be a JSON object (a Replicate prediction)")
+    if nesting_depth(prediction) > MAX_DEPTH:
+        raise InvalidPayload(f"the body nests arrays/objects deeper than {MAX_DEPTH} levels")
     return prediction
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import store
 from .auth import require_reader, token_from
 from .errors import InvalidRequest, NotFound
-from .events import event_message, prediction_state
+from .events import EventsResponse, event_message, prediction_state
 
 MAX_PAGE = 1000
 
@@ -32,7 +31,7 @@ def authorize(request: Request, prediction_id: str | None) -> None:
     require_reader(token, prediction_id, settings.admin_token, settings.subscribe_key)
 
 
-async def get_prediction(request: Request) -> JSONResponse:
+async def get_prediction(request: Request) -> EventsResponse:
     prediction_id = request.path_params["prediction_id"]
     authorize(request, prediction_id)
     relay = request.app.state.relay
@@ -40,10 +39,10 @@ async def get_prediction(request: Request) -> JSONResponse:
         row = await store.fetch_prediction(conn, prediction_id)
     if row is None:
         raise NotFound(f"no events stored for prediction {prediction_id!r}")
-    return JSONResponse(prediction_state(row, relay.vault))
+    return EventsResponse(prediction_state(row, relay.vault))
 
 
-async def list_prediction_events(request: Request) -> JSONResponse:
+async def list_prediction_events(request: Request) -> EventsResponse:
     prediction_id = request.path_params["prediction_id"]
     authorize(request, prediction_id)
     after = int_param(request, "after", 0)
@@ -52,7 +51,7 @@ async def list_prediction_events(request: Request) -> JSONResponse:
     async with relay.pool.acquire() as conn:
         rows = await store.fetch_events(conn, prediction_id=prediction_id, after=after, limit=limit)
     events = [event_message(row, relay.vault) for row in rows]
-    return JSONResponse({"events": events, "next_after": rows[-1]["seq"] if rows else after})
+    return EventsResponse({"events": events, "next_after": rows[-1]["seq"] if rows else after})
 
 
 routes = [

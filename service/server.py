@@ -36,6 +36,17 @@ class RelayServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+class WithoutTraceback(logging.Filter):
+    """Turns a logged traceback into the exception's name: while the database is down asyncpg's
+    pool logs one for every failed reconnect, which buries the one line that matters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__})"
+            record.exc_info = None
+        return True
+
+
 def banner(settings: Settings) -> str:
     lines = [
         f"Relay listening on {settings.base_url}",
@@ -53,6 +64,7 @@ def configure_logging(level: str) -> None:
     DEBUG some (websockets, asyncpg) print the frames and queries that carry users' data."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("relay").setLevel(level)
+    logging.getLogger("asyncpg.pool").addFilter(WithoutTraceback())
 
 
 def serve(settings: Settings) -> None:

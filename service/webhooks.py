@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .errors import BodyTooLarge, RelayError
+from .errors import BodyIncomplete, BodyTooLarge, RelayError
 from .ingest import webhook_delivery
 from .metrics import DELIVERIES, DUPLICATES, INGEST_SECONDS, REJECTS
 from .signatures import verify
@@ -20,11 +20,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"the body is {declared} bytes; RELAY_MAX_BODY allows {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"the body exceeds RELAY_MAX_BODY ({limit} bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"the body exceeds RELAY_MAX_BODY ({limit} bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BodyIncomplete("the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,6 +15,16 @@ from .support import Postgres, RelayProcess, admin_headers, relay_env
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Postgres:
     return Postgres(tmp_path_factory.mktemp("postgres"))
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[Postgres]:
+    """A throwaway cluster for one test, which may stop and restart it. Stopped at the end: the
+    wheel's exit handler knows only the first postmaster and would leave a restarted one running."""
+    postgres = Postgres(tmp_path, own=True)
+    yield postgres
+    with contextlib.suppress(subprocess.CalledProcessError):
+        postgres.stop_server()
 
 
 @pytest.fixture

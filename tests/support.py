@@ -44,11 +44,14 @@ def with_database(dsn: str, name: str) -> str:
 
 
 class Postgres:
-    """The suite's server: DATABASE_URL if set, else a throwaway embedded cluster."""
+    """The suite's server: DATABASE_URL if set, else a throwaway embedded cluster.
 
-    def __init__(self, tmp: Path):
+    `own=True` always starts a throwaway embedded cluster (for tests that stop or restart it).
+    """
+
+    def __init__(self, tmp: Path, *, own: bool = False):
         self.server = None
-        if os.environ.get("DATABASE_URL"):
+        if os.environ.get("DATABASE_URL") and not own:
             self.admin_dsn = os.environ["DATABASE_URL"]
         else:
             self.server = embedded.start(tmp, delete_on_exit=True)
@@ -208,3 +211,12 @@ def admin_headers() -> dict[str, str]:
 def running_relay(dsn: str, **extra: str) -> Iterator[RelayProcess]:
     with RelayProcess(relay_env(dsn, **extra)) as relay:
         yield relay
+
+
+SECRETS = (WEBHOOK_SECRET, WEBHOOK_SECRET.removeprefix("whsec_"), ADMIN_TOKEN, SUBSCRIBE_KEY)
+
+
+def assert_no_secret(text: str) -> None:
+    """No configured secret appears in `text` (a log, an error body, metrics)."""
+    leaked = [secret[:10] + "…" for secret in SECRETS if secret in text]
+    assert not leaked, f"secrets in output: {leaked}"

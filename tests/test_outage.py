@@ -8,11 +8,11 @@ import httpx
 
 from service.simulate import lifecycle
 
-from .support import Postgres, RelayProcess, admin_headers, new_prediction_id, post_webhook, relay_env
+from .support import RelayProcess, admin_headers, new_prediction_id, post_webhook, relay_env
 
 
-def test_database_down_gives_503_then_service_resumes(tmp_path):
-    postgres = Postgres(tmp_path)
+def test_database_down_gives_503_then_service_resumes(own_postgres):
+    postgres = own_postgres
     with (
         RelayProcess(relay_env(postgres.new_database())) as relay,
         httpx.Client(base_url=relay.url, timeout=30) as http,

@@ -1,0 +1,90 @@
+"""service.signatures.verify and ingest.parse_prediction as pure functions, fuzzed with hypothesis."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.errors import InvalidPayload, RelayError
+from service.ingest import MAX_DEPTH, parse_prediction
+from service.signatures import sign, signed_headers, verify
+
+KEY = b"property-test-key-0123456789"
+NOW = 1_760_000_000
+TOLERANCE = 300
+
+header_values = st.one_of(
+    st.text(max_size=60),
+    st.text(alphabet="v1,= +/0123456789abcdefABCDEF", max_size=120),
+    st.integers(min_value=-(10**20), max_value=10**20).map(str),
+)
+# HTTP header values arrive as latin-1; verify allows printable webhook-ids of at most 256 chars.
+webhook_ids = st.text(st.characters(codec="latin-1").filter(str.isprintable), min_size=1, max_size=256)
+
+
+@settings(max_examples=1000)
+@given(
+    headers=st.dictionaries(
+        st.sampled_from(["webhook-id", "webhook-timestamp", "webhook-signature", "other"]), header_values
+    ),
+    body=st.binary(max_size=200),
+)
+def test_any_headers_are_accepted_or_refused_with_401_never_another_error(headers, body):
+    """Malformed headers of every kind become one verification error (401), never a crash."""
+    try:
+        verify(headers, body, [KEY], TOLERANCE, now=NOW)
+    except RelayError as error:
+        assert error.status == 401
+    else:  # accepting a header set we did not sign would be a forgery
+        pytest.fail(f"accepted unsigned headers {headers!r}")
+
+
+@settings(max_examples=300)
+@given(webhook_id=webhook_ids, body=st.binary(max_size=500), skew=st.integers(-TOLERANCE, TOLERANCE))
+def test_a_correct_signature_within_tolerance_always_verifies(webhook_id, body, skew):
+    headers = signed_headers(KEY, webhook_id, body, NOW + skew)
+    assert verify(headers, body, [b"other-key", KEY], TOLERANCE, now=NOW) == (webhook_id, NOW + skew)
+
+
+@settings(max_examples=300)
+@given(
+    webhook_id=webhook_ids,
+    body=st.binary(max_size=200),
+    change=st.sampled_from(["body", "id", "timestamp", "key", "age"]),
+)
+def test_any_change_to_a_signed_delivery_is_refused(webhook_id, body, change):
+    timestamp = NOW
+    headers = signed_headers(KEY, webhook_id, body, timestamp)
+    if change == "body":
+        body += b"\n"
+    elif change == "id":
+        headers["webhook-id"] = webhook_id + "x"
+    elif change == "timestamp":
+        headers["webhook-timestamp"] = str(timestamp + 1)
+    elif change == "key":
+        headers["webhook-signature"] = sign(KEY + b"!", webhook_id, timestamp, body)
+    else:
+        headers = signed_headers(KEY, webhook_id, body, NOW - TOLERANCE - 1)
+    with pytest.raises(RelayError) as refused:
+        verify(headers, body, [KEY], TOLERANCE, now=NOW)
+    assert refused.value.status == 401
+
+
+@settings(max_examples=500)
+@given(body=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
+def test_any_bytes_parse_to_an_object_or_a_clean_400(body):
+    try:
+        assert isinstance(parse_prediction(body), dict)
+    except InvalidPayload as error:
+        assert error.status == 400
+
+
+@pytest.mark.parametrize("depth, accepted", [(MAX_DEPTH, True), (MAX_DEPTH + 1, False)])
+def test_nesting_is_bounded_explicitly(depth, accepted):
+    body = b'{"v":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+    if accepted:
+        assert parse_prediction(body)["v"] is not None
+    else:
+        with pytest.raises(InvalidPayload):
+            parse_prediction(body)

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import migrations, reading, sockets, webhooks
+from . import admin, migrations, reading, sockets, webhooks
 from .errors import RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
@@ -101,6 +101,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *webhooks.routes,
         *reading.routes,
         *sockets.routes,
+        *admin.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RelayError: relay_error})
     app.state.relay = relay

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
-from . import database
+from . import console, database
 from .auth import DEFAULT_TTL, mint_token
 from .errors import ConfigError
 from .settings import load_settings
@@ -78,6 +78,7 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
         ),
     ),
     ("simulate", "send realistic signed Replicate lifecycles", cmd_simulate, add_simulate_arguments),
+    *console.COMMANDS,
 ]
 
 

@@ -15,3 +15,11 @@ MESSAGES_SENT = Counter("relay_messages_sent_total", "WebSocket messages sent to
 SLOW_CLIENT_CLOSES = Counter(
     "relay_slow_client_closes_total", "Subscribers closed with 1013 because they fell behind"
 )
+LISTENER_RECONNECTS = Counter(
+    "relay_listener_reconnects_total", "Times the fan-out LISTEN connection was re-established"
+)
+REPLAY_DELIVERIES = Counter(
+    "relay_replay_deliveries_total",
+    "Replayed events by outcome: delivered, retried, failed (to a URL), fanout (to subscribers)",
+    ["outcome"],
+)

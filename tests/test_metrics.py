@@ -41,7 +41,6 @@ def test_metrics_follow_deliveries_rejects_and_subscribers(relay, client):
         assert delta(before, scrape(client), "relay_subscribers") == 1
         for body in bodies:
             assert post_webhook(client, body).status_code == 200
-            )
         received = [json.loads(ws.recv(timeout=10)) for _ in bodies]
     assert [m["status"] for m in received] == [b["status"] for b in bodies]
     post_webhook(client, bodies[0], webhook_id=received[0]["webhook_id"])  # a retry: duplicate

@@ -6,6 +6,9 @@ import base64
 import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +22,7 @@ from websockets.sync.client import connect
 from service.fanout import Hub, Subscriber
 from service.simulate import lifecycle
 
-from .support import ADMIN_TOKEN, deliver_lifecycle, new_prediction_id, post_webhook
+from .support import ADMIN_TOKEN, ROOT, deliver_lifecycle, new_prediction_id, post_webhook
 from .test_cli import relay_cli
 from .test_export import run_sql
 
@@ -38,6 +41,9 @@ class Receiver(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.script: list[tuple[int, dict[str, str]]] = []
         self.fail_after: int | None = None  # answer 500 once this many were accepted
+        self.hold_after: int | None = None  # then hold requests until `released`, and refuse them
+        self.held = threading.Event()
+        self.released = threading.Event()
         self.accepted: list[tuple[str, bytes]] = []  # (webhook-id, body), in arrival order
         self.attempts: list[tuple[str, str]] = []  # (path, webhook-id) of every request
         self.bad_signatures = 0
@@ -47,6 +53,10 @@ class Receiver(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
     def answer(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str]]:
+        if self.hold_after is not None and len(self.accepted) >= self.hold_after:
+            self.held.set()
+            self.released.wait(30)
+            return 503, {}
         with self.lock:
             self.attempts.append((path, headers.get("webhook-id", "")))
             if path == "/moved":
@@ -91,6 +101,7 @@ def receiver() -> Iterator[Receiver]:
     try:
         yield server
     finally:
+        server.released.set()
         server.shutdown()
         server.server_close()
         thread.join()
@@ -182,6 +193,30 @@ def test_interrupted_replay_resumes_with_after_and_sends_nothing_twice(relay, cl
     assert code == 0, stderr
     assert report["delivered"] == len(events) - 4
     assert sorted(receiver.accepted_ids()) == sorted(e["webhook_id"] for e in events)
+
+
+def test_replay_stopped_with_ctrl_c_says_where_to_resume(relay, client, admin, receiver):
+    """Ctrl-C while a delivery is in flight: the run says the seq to resume after, and the
+    resumed run delivers the rest, nothing twice."""
+    after, before = deliver_batch(client, 1)
+    events = stored(admin, after=after, before=before)
+    receiver.hold_after = 3
+    target = ("--to", receiver.url + "/hook", "--secret", RECEIVER_SECRET, "--before", str(before))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "replay", "--quiet", "--concurrency", "1", "--after", str(after),
+         *target], env=relay.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert receiver.held.wait(30)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    receiver.hold_after = None
+    receiver.released.set()
+    assert proc.returncode == 130, stderr
+    resume = events[2]["seq"]
+    assert f"resume with --after {resume}" in stderr and "Traceback" not in stderr
+    code, report, stderr = replay_cli(relay, "--after", str(resume), *target)
+    assert code == 0 and report["delivered"] == len(events) - 3, stderr
+    assert receiver.accepted_ids() == [e["webhook_id"] for e in events]
 
 
 def test_dry_run_prints_the_plan_and_sends_nothing(relay, client, receiver):

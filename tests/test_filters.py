@@ -74,6 +74,8 @@ def test_where_clause_holds_no_values():
     """Filter values travel as parameters, never inside the SQL text."""
     where, args = parse_filter({"prediction_id": "x' OR '1'='1", "after": "3"}).where()
     assert "x' OR" not in where and args == [3, "x' OR '1'='1"]
+    where, args = parse_filter({"since": "2026-11-20T10:00:00Z"}).where()
+    assert "2026" not in where and args[1] == args[2] == datetime(2026, 11, 20, 10, tzinfo=UTC)
 
 
 async def _with_log(dsn: str, work):
@@ -118,6 +120,7 @@ FILTERS = [
     {"source": "reconcile"},
     {"since": "2026-11-30T00:00:00Z", "until": "2026-11-30T06:00:00Z"},
     {"after": "1000", "before": "1200"},
+    {"source": "webhook", "since": "2026-12-15T00:00:00Z"},
     {"prediction_id": "p20", "status": "succeeded", "since": "2026-11-21T00:00:00Z"},
 ]
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import random
-import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +32,7 @@ from .filters import EventFilter
 from .metrics import REPLAY_DELIVERIES
 from .settings import decode_webhook_secret
 from .signatures import signed_headers
+from .upstream import retry_after_seconds
 
 PAGE = 500
 LANE_DEPTH = 100
@@ -263,7 +262,8 @@ async def send(http: httpx.AsyncClient, target: UrlTarget, row: asyncpg.Record, 
                 reason += " redirect, not followed"
             if status != 429 and status < 500:
                 break
-            wait = retry_after(response.headers.get("retry-after"), wait)
+            asked = retry_after_seconds(response.headers.get("retry-after"))
+            wait = wait if asked is None else min(asked, MAX_RETRY_AFTER)
         if attempt < retries:
             await asyncio.sleep(wait)
     else:
@@ -276,16 +276,3 @@ def backoff(attempt: int) -> float:
     """Capped exponential backoff with full jitter between half and all of the step."""
     step = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
     return step * random.uniform(0.5, 1.0)
-
-
-def retry_after(header: str | None, default: float) -> float:
-    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), capped."""
-    if not header:
-        return default
-    if header.strip().isdigit():
-        return min(float(header.strip()), MAX_RETRY_AFTER)
-    try:
-        moment = email.utils.parsedate_to_datetime(header)
-    except (TypeError, ValueError):
-        return default
-    return min(max(0.0, moment.timestamp() - time.time()), MAX_RETRY_AFTER)

@@ -44,6 +44,7 @@ FROM generate_series($1::bigint, $2::bigint) AS n
 def filters(rows: int) -> list[tuple[str, dict[str, str]]]:
     hour_start = time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime(1767225600 + rows * 0.02 / 2))
     hour_end = time.strftime("%Y-%m-%dT%H:00:00Z", time.gmtime(1767225600 + rows * 0.02 / 2 + 3600))
+    page_two = str(rows // 2 + 800)
     return [
         ("one prediction", {"prediction_id": "p4242"}),
         ("status=failed", {"status": "failed"}),
@@ -51,6 +52,7 @@ def filters(rows: int) -> list[tuple[str, dict[str, str]]]:
         ("one hour (since/until)", {"since": hour_start, "until": hour_end}),
         ("seq range after/before", {"after": str(rows // 2), "before": str(rows // 2 + 5000)}),
         ("status + since", {"status": "succeeded", "since": hour_start}),
+        ("status + since, next page", {"status": "succeeded", "since": hour_start, "after": page_two}),
         ("everything since the start", {"since": "2026-01-01T00:00:00Z"}),
     ]
 

@@ -50,7 +50,8 @@ class EventFilter:
             if value is not None:
                 args.append(value)
                 clauses.append(sql.format(f"${len(args)}"))
-        if self.since is not None and self.prediction_id is None:
+        # With a cursor (the next page) the walk already starts at `after`, in the window.
+        if self.since is not None and self.prediction_id is None and self.after == 0:
             clauses.append(self._window_start(args))
         return " AND ".join(clauses), args
 

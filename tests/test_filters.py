@@ -121,6 +121,7 @@ FILTERS = [
     {"since": "2026-11-30T00:00:00Z", "until": "2026-11-30T06:00:00Z"},
     {"after": "1000", "before": "1200"},
     {"source": "webhook", "since": "2026-12-15T00:00:00Z"},
+    {"since": "2026-12-01T00:00:00Z", "after": "20000"},
     {"prediction_id": "p20", "status": "succeeded", "since": "2026-11-21T00:00:00Z"},
 ]
 
@@ -132,7 +133,7 @@ def test_each_filter_matches_exactly_and_uses_an_index(dsn):
         for values in FILTERS:
             event_filter = parse_filter(values)
             where, args = event_filter.where()
-            rows = await store.fetch_where(conn, where, args, 5000)
+            rows = await store.fetch_where(conn, where, args, ROWS)
             assert [r["seq"] for r in rows] == expected(event_filter), values
             plan = "\n".join(
                 r[0] for r in await conn.fetch(f"EXPLAIN {store.select_where(where)} LIMIT 100", *args)

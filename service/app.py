@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import dashboard, migrations, predictions_api, privacy, reading, sockets, webhooks
+from . import admin, dashboard, migrations, predictions_api, privacy, reading, sockets, webhooks
 from .errors import RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
@@ -132,6 +132,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *webhooks.routes,
         *reading.routes,
         *sockets.routes,
+        *admin.routes,
         *predictions_api.routes,
         *dashboard.routes,
         *privacy.routes,

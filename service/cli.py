@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
-from . import database
+from . import console, database
 from .auth import DEFAULT_TTL, mint_token
 from .errors import ConfigError
 from .privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
@@ -95,6 +95,7 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
     ),
     ("forget", "erase predictions' content by destroying their data keys", cmd_forget, add_forget_arguments),
     ("rotate-keys", "re-wrap every data key under the current RELAY_ENCRYPTION_KEY", cmd_rotate_keys, None),
+    *console.COMMANDS,
 ]
 
 

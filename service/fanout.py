@@ -6,6 +6,9 @@ each event's message, serialised once, to every interested subscriber. A subscri
 is full is marked overflowed and its socket is closed with 1013; it resumes with `after=`.
 If the LISTEN connection drops, the hub reconnects and catches up from its cursor; a periodic
 poll covers a connection that dies silently.
+
+A replay to live subscribers arrives on `relay_replay` as a list of seqs; the hub reads those
+rows and sends them marked replayed, whatever each subscriber's cursor, without moving its own.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import asyncpg
 
 from . import store
 from .events import dumps, event_message
-from .metrics import SLOW_CLIENT_CLOSES, SUBSCRIBERS
+from .metrics import LISTENER_RECONNECTS, SLOW_CLIENT_CLOSES, SUBSCRIBERS
 from .statuses import is_terminal
 from .vault import Vault
 
@@ -74,6 +77,7 @@ class Hub:
         self.cursor = 0
         self._subscribers: dict[str | None, set[Subscriber]] = defaultdict(set)
         self._nudge = asyncio.Event()
+        self._replays: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self.listening = asyncio.Event()
 
@@ -83,6 +87,7 @@ class Hub:
         self._tasks = [
             asyncio.create_task(self._listen_forever(), name="relay-hub-listen"),
             asyncio.create_task(self._read_forever(), name="relay-hub-read"),
+            asyncio.create_task(self._replay_forever(), name="relay-hub-replay"),
         ]
 
     async def stop(self, code: int = 1001) -> None:
@@ -156,7 +161,23 @@ class Hub:
     def _on_notify(self, *_: object) -> None:
         self._nudge.set()
 
+    def _on_replay(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._replays.put_nowait(payload)
+
+    async def _replay_forever(self) -> None:
+        while True:
+            payload = await self._replays.get()
+            seqs = [int(part) for part in payload.split(",") if part.isdigit()]
+            try:
+                async with self._pool.acquire(timeout=5) as conn:
+                    rows = await store.fetch_seqs(conn, seqs)
+            except Exception as exc:  # noqa: BLE001 - a live replay is best effort
+                log.warning("could not read %d replayed events (%s)", len(seqs), type(exc).__name__)
+                continue
+            self.dispatch(rows, replayed=True)
+
     async def _listen_forever(self) -> None:
+        first = True
         while True:
             conn = None
             try:
@@ -164,6 +185,10 @@ class Hub:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(store.NOTIFY_CHANNEL, self._on_notify)
+                await conn.add_listener(store.REPLAY_CHANNEL, self._on_replay)
+                if not first:
+                    LISTENER_RECONNECTS.inc()
+                first = False
                 self.listening.set()
                 self._nudge.set()  # catch up on whatever was committed while we were away
                 await self._watch(conn, lost)

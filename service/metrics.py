@@ -19,3 +19,11 @@ UPSTREAM_REQUESTS = Counter(
     "relay_upstream_requests_total", "Attempts at Replicate's API by outcome (ok or error code)", ["outcome"]
 )
 RECONCILED = Counter("relay_reconciled_total", "Predictions checked by reconcile, by result", ["result"])
+LISTENER_RECONNECTS = Counter(
+    "relay_listener_reconnects_total", "Times the fan-out LISTEN connection was re-established"
+)
+REPLAY_DELIVERIES = Counter(
+    "relay_replay_deliveries_total",
+    "Replayed events by outcome: delivered, retried, failed (to a URL), fanout (to subscribers)",
+    ["outcome"],
+)

@@ -13,16 +13,21 @@ from .events import EventsResponse, event_message, prediction_state
 MAX_PAGE = 1000
 
 
-def int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-    raw = request.query_params.get(name)
+def parse_int(name: str, raw: str | None, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    """A bounded non-negative integer from text; InvalidRequest naming `name` otherwise."""
     if raw is None or raw == "":
         return default
-    if not raw.isdigit():
+    if not raw.isascii() or not raw.isdigit():
         raise InvalidRequest(f"{name} must be a non-negative integer, got {raw[:40]!r}")
     value = int(raw)
     if value < minimum or (maximum is not None and value > maximum):
-        raise InvalidRequest(f"{name} must be between {minimum} and {maximum}")
+        bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise InvalidRequest(f"{name} must be {bounds}, got {value}")
     return value
+
+
+def int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    return parse_int(name, request.query_params.get(name), default, minimum, maximum)
 
 
 def authorize(request: Request, prediction_id: str | None) -> None:

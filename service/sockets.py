@@ -56,6 +56,8 @@ async def stream(websocket: WebSocket, prediction_id: str | None, after: int) ->
     await websocket.accept()
     subscriber = Subscriber(prediction_id, relay.settings.ws_queue_size)
     horizon = relay.hub.subscribe(subscriber)
+    # The hub may not have read up to the client's cursor yet: never send it live what it had.
+    subscriber.live_from = max(horizon, after)
     try:
         last, ended = await send_backlog(websocket, relay, prediction_id, after, horizon)
         caught_up = max(last, horizon)

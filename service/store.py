@@ -18,6 +18,7 @@ from .statuses import Rank, rank, supersedes
 
 SEQ_LOCK = 0x52454C4153  # serialises the commits that assign seq
 NOTIFY_CHANNEL = "relay_events"
+REPLAY_CHANNEL = "relay_replay"  # payload: comma-separated seqs to re-send, marked replayed
 
 # The wrapped data key of an encrypted row's prediction (null once it is forgotten), so that
 # `events.open_body` can decrypt any row read with these columns from `events`.
@@ -216,9 +217,23 @@ async def fetch_events(
     if prediction_id is not None:
         args.append(prediction_id)
         clauses.append(f"prediction_id = ${len(args)}")
-    args.append(limit)
-    sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT ${len(args)}"
-    return await conn.fetch(sql, *args)
+    return await fetch_where(conn, " AND ".join(clauses), args, limit)
+
+
+async def fetch_seqs(conn: asyncpg.Connection, seqs: Sequence[int]) -> list[asyncpg.Record]:
+    """The events with these seqs, in seq order."""
+    return await conn.fetch(select_where("seq = ANY($1::int8[])"), list(seqs))
+
+
+def select_where(where: str) -> str:
+    """The events matching a parameterised WHERE clause, in seq order."""
+    return f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY seq"
+
+
+async def fetch_where(
+    conn: asyncpg.Connection, where: str, args: Sequence[Any], limit: int
+) -> list[asyncpg.Record]:
+    return await conn.fetch(f"{select_where(where)} LIMIT ${len(args) + 1}", *args, limit)
 
 
 PREDICTION_STATE = (

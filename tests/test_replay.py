@@ -20,6 +20,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from websockets.sync.client import connect
 
 from service.fanout import Hub, Subscriber
+from service.vault import Vault
 from service.simulate import lifecycle
 
 from .support import ADMIN_TOKEN, ROOT, deliver_lifecycle, new_prediction_id, post_webhook
@@ -291,13 +292,13 @@ def test_fanout_replay_reaches_a_live_subscriber_without_adding_rows(relay, clie
 def test_replayed_terminal_event_does_not_end_a_prediction_stream():
     """The hub marks a replayed terminal event as not terminal, offers it below the subscriber's
     cursor, and leaves its own cursor where it was."""
-    hub = Hub(pool=None, connect=None)  # dispatch reads no database
+    hub = Hub(pool=None, connect=None, vault=Vault(()))  # dispatch reads no database
     hub.cursor = 100
     subscriber = Subscriber("p1", queue_size=10)
     hub.subscribe(subscriber)
     row = {
         "seq": 7, "prediction_id": "p1", "status": "succeeded", "webhook_id": "msg_7",
-        "source": "webhook", "received_at": None, "body": b'{"id": "p1", "status": "succeeded"}',
+        "source": "webhook", "received_at": None, "encrypted": False, "body": b'{"id": "p1", "status": "succeeded"}',
     }  # fmt: skip
     hub.dispatch([row], replayed=True)
     message = subscriber.queue.get_nowait()

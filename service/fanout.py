@@ -43,10 +43,10 @@ class Message:
 class Subscriber:
     """One socket's view of the hub: a bounded queue and the reason it must stop, if any."""
 
-    def __init__(self, prediction_id: str | None, queue_size: int):
+    def __init__(self, prediction_id: str | None, queue_size: int, after: int = 0):
         self.prediction_id = prediction_id
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
-        self.live_from = 0
+        self.live_from = after  # live messages at or below this seq are the backlog's, or the client's
         self.stop_code: int | None = None
         self.stopped = asyncio.Event()
 
@@ -73,6 +73,7 @@ class Hub:
         self._subscribers: dict[str | None, set[Subscriber]] = defaultdict(set)
         self._nudge = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._closing_code: int | None = None
         self.listening = asyncio.Event()
 
     async def start(self) -> None:
@@ -84,6 +85,7 @@ class Hub:
         ]
 
     async def stop(self, code: int = 1001) -> None:
+        self._closing_code = code
         for subscriber in self.all_subscribers():
             subscriber.stop(code)
         for task in self._tasks:
@@ -96,10 +98,16 @@ class Hub:
 
     def subscribe(self, subscriber: Subscriber) -> int:
         """Start live delivery after the current cursor, which is returned: the caller sends the
-        backlog up to it from the log. No await here, so nothing slips between the two."""
-        subscriber.live_from = self.cursor
+        backlog up to it from the log. No await here, so nothing slips between the two.
+
+        A client resuming past this process's cursor (it read further on another instance) gets
+        no live message it already has.
+        """
+        subscriber.live_from = max(subscriber.live_from, self.cursor)
         self._subscribers[subscriber.prediction_id].add(subscriber)
         SUBSCRIBERS.inc()
+        if self._closing_code is not None:
+            subscriber.stop(self._closing_code)
         return self.cursor
 
     def unsubscribe(self, subscriber: Subscriber) -> None:

@@ -26,6 +26,8 @@ class RelayServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         relay = self.config.app.state.relay  # type: ignore[union-attr]
+        for server in self.servers:
+            server.close()  # no new socket may subscribe to a hub that is stopping
         if hasattr(relay, "hub"):
             await relay.hub.stop(1001)
             deadline = asyncio.get_running_loop().time() + SHUTDOWN_CLOSE_WAIT
@@ -61,8 +63,8 @@ def serve(settings: Settings) -> None:
             ws="websockets-sansio",
             access_log=False,  # query strings can carry tokens
             log_level="warning",
-            ws_ping_interval=20.0,
-            ws_ping_timeout=20.0,
+            ws_ping_interval=settings.ws_ping_interval,
+            ws_ping_timeout=settings.ws_ping_interval,
             timeout_graceful_shutdown=10,
         )
         print(banner(settings), flush=True)

@@ -71,6 +71,7 @@ class Settings:
     public_url: str = ""
     encryption_keys: tuple[Secret, ...] = ()
     ws_queue_size: int = 1000
+    ws_ping_interval: int = 20
     generated: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -131,6 +132,7 @@ def load_settings(
         "public_url": (env.get("RELAY_PUBLIC_URL") or "").rstrip("/"),
         "encryption_keys": _secret_list(env, "RELAY_ENCRYPTION_KEY"),
         "ws_queue_size": _int(env, "RELAY_WS_QUEUE", 1000),
+        "ws_ping_interval": _int(env, "RELAY_WS_PING", 20),
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
         decode_webhook_secret(secret)

@@ -61,6 +61,9 @@ def serve(settings: Settings) -> None:
             loop="uvloop",
             http="httptools",
             ws="websockets-sansio",
+            # One serialised message goes to many sockets: per-socket compression would redo the
+            # work for every subscriber and keep zlib state (tens of KiB) per idle connection.
+            ws_per_message_deflate=False,
             access_log=False,  # query strings can carry tokens
             log_level="warning",
             ws_ping_interval=settings.ws_ping_interval,

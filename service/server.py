@@ -7,6 +7,7 @@ import logging
 import socket
 
 import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from . import database
 from .app import create_app
@@ -20,6 +21,8 @@ SHUTDOWN_CLOSE_WAIT = 2.0
 class RelayServer(uvicorn.Server):
     """uvicorn closes open sockets with 1012; Relay first closes them with 1001 (going away).
 
+    A socket whose client stopped reading cannot take that close frame, and uvicorn would wait
+    its whole graceful timeout for it; after SHUTDOWN_CLOSE_WAIT Relay drops such sockets.
     uvicorn also re-raises SIGTERM/SIGINT after a graceful shutdown, which would kill the process
     before `atexit` stops the embedded Postgres; Relay exits normally (status 0) instead.
     """
@@ -33,6 +36,9 @@ class RelayServer(uvicorn.Server):
             deadline = asyncio.get_running_loop().time() + SHUTDOWN_CLOSE_WAIT
             while relay.hub.all_subscribers() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.02)
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, WebSocketsSansIOProtocol):
+                connection.transport.abort()
         await super().shutdown(sockets)
         self._captured_signals.clear()
 

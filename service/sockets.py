@@ -159,7 +159,7 @@ async def wait_for_disconnect(websocket: WebSocket) -> None:
 
 
 async def close(websocket: WebSocket, code: int) -> None:
-    with contextlib.suppress(TimeoutError, OSError, RuntimeError):
+    with contextlib.suppress(TimeoutError, WebSocketDisconnect, OSError, RuntimeError):
         await asyncio.wait_for(websocket.close(code), CLOSE_WAIT)
 
 

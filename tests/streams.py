@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
 from typing import Any
 from urllib.parse import urlencode
 
@@ -89,6 +92,26 @@ def seqs(messages: list[dict]) -> list[int]:
 def processing(prediction_id: str, step: int) -> dict:
     """A `processing` delivery of one prediction, its logs showing `step`."""
     return {**lifecycle(prediction_id)[1], "logs": f"step {step}\n"}
+
+
+def bulky(prediction_id: str, step: int) -> dict:
+    """A `processing` delivery with 16 kB of incompressible logs: fills socket buffers quickly."""
+    return {**processing(prediction_id, step), "logs": base64.b64encode(os.urandom(16_000)).decode()}
+
+
+async def flood(client: httpx.Client, prediction_id: str, count: int, first_step: int = 0) -> None:
+    """Post `count` bulky deliveries, four at a time."""
+    for step in range(first_step, first_step + count, 4):
+        await asyncio.gather(*(post_async(client, bulky(prediction_id, step + n)) for n in range(4)))
+
+
+def tiny_window_socket(port: int) -> socket.socket:
+    """A connected socket with a 4 KiB receive buffer: a client that stops reading is felt at once.
+    (With `max_queue=1`, a websockets client stops reading as soon as one message is unread.)"""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
 
 
 def post(client: httpx.Client, body: dict) -> int:

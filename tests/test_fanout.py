@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import random
-import socket
 import threading
 import time
 
@@ -15,6 +12,7 @@ import httpx
 from service.simulate import lifecycle
 
 from .streams import (
+    flood,
     log_seqs,
     metric,
     post,
@@ -27,6 +25,7 @@ from .streams import (
     seqs,
     stream_url,
     subscribe,
+    tiny_window_socket,
 )
 from .support import Postgres, RelayProcess, new_prediction_id, new_webhook_id, post_webhook, relay_env
 
@@ -182,22 +181,12 @@ def test_subscribers_miss_nothing_across_a_postgres_restart(tmp_path):
     assert seqs(everyone) == everything
 
 
-def tiny_window_socket(port: int) -> socket.socket:
-    """A connected socket with a 4 KiB receive buffer: a client that stops reading is felt at once."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
 async def flood_until_a_slow_close(http: httpx.Client, prediction_id: str) -> None:
     """Post large, incompressible deliveries until the server reports closing a slow client."""
     for step in range(0, 3000, 4):
         if metric(http, "relay_slow_client_closes_total") > 0:
             return
-        logs = [base64.b64encode(os.urandom(16_000)).decode() for _ in range(4)]
-        bodies = [{**processing(prediction_id, step + n), "logs": logs[n]} for n in range(4)]
-        await asyncio.gather(*(post_async(http, body) for body in bodies))
+        await flood(http, prediction_id, 4, step)
     raise AssertionError("the client that never reads was never closed")
 
 

@@ -1,7 +1,7 @@
 """WebSocket streams: backlog from the log, `caught_up`, then live events from the hub.
 
-The token is checked before the handshake is accepted: a refused client gets an HTTP 403 (400
-for a bad `after`) with the usual error body, and no event. Each accepted socket has a bounded
+The token is checked before the handshake is accepted: a refused client gets an HTTP 403 and no
+event; a bad `after` closes the socket with 1008 and a reason. Each accepted socket has a bounded
 queue filled by the hub and one task that writes to it; the handler waits for whichever comes
 first: the writer finishing (terminal event), the client leaving, or the hub stopping the
 subscriber (1013 when it fell behind, 1001 on shutdown).
@@ -21,7 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import store
 from .auth import require_admin, require_reader, token_from
-from .errors import Forbidden, RelayError, Unauthorized
+from .errors import RelayError
 from .events import dumps, event_message
 from .fanout import Subscriber
 from .metrics import MESSAGES_SENT
@@ -31,6 +31,9 @@ from .statuses import is_terminal
 log = logging.getLogger("relay.sockets")
 
 BACKLOG_PAGE = 500
+# Closing before accept makes uvicorn refuse the handshake with a bare 403. (Its denial-response
+# path, which could carry an error body, logs a spurious ERROR per refusal: uvicorn PR #3138.)
+POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 # A client that stopped reading cannot take a close frame; give up on it after this long.
 CLOSE_WAIT = 5.0
@@ -39,37 +42,33 @@ CLOSE_WAIT = 5.0
 async def prediction_stream(websocket: WebSocket) -> None:
     prediction_id = websocket.path_params["prediction_id"]
     settings = websocket.app.state.relay.settings
+    token = token_from(websocket.headers, websocket.query_params)
     try:
-        token = token_from(websocket.headers, websocket.query_params)
         require_reader(token, prediction_id, settings.admin_token, settings.subscribe_key)
-        after = int_param(websocket, "after", 0)  # type: ignore[arg-type]
-    except RelayError as error:
-        await refuse(websocket, error)
+    except RelayError:
+        await websocket.close(POLICY_VIOLATION)
         return
-    await stream(websocket, prediction_id, after)
+    await stream(websocket, prediction_id)
 
 
 async def all_events_stream(websocket: WebSocket) -> None:
     settings = websocket.app.state.relay.settings
     try:
         require_admin(token_from(websocket.headers, websocket.query_params), settings.admin_token)
-        after = int_param(websocket, "after", 0)  # type: ignore[arg-type]
-    except RelayError as error:
-        await refuse(websocket, error)
+    except RelayError:
+        await websocket.close(POLICY_VIOLATION)
         return
-    await stream(websocket, None, after)
+    await stream(websocket, None)
 
 
-async def refuse(websocket: WebSocket, error: RelayError) -> None:
-    """Answer the handshake with an HTTP error; every token problem is a 403."""
-    if isinstance(error, Unauthorized):
-        error = Forbidden(error.message)
-    await websocket.send_denial_response(error.response())
-
-
-async def stream(websocket: WebSocket, prediction_id: str | None, after: int) -> None:
+async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
     relay = websocket.app.state.relay
     await websocket.accept()
+    try:
+        after = int_param(websocket, "after", 0)  # type: ignore[arg-type]
+    except RelayError as error:
+        await websocket.close(POLICY_VIOLATION, error.message)
+        return
     subscriber = Subscriber(prediction_id, relay.settings.ws_queue_size, after)
     horizon = relay.hub.subscribe(subscriber)
     try:

@@ -50,8 +50,12 @@ class Subscriber:
         self.stop_code: int | None = None
         self.stopped = asyncio.Event()
 
+    def wants(self, message: Message) -> bool:
+        """Replays always; live messages only past `live_from` (it may rise after queueing)."""
+        return message.replayed or message.seq > self.live_from
+
     def offer(self, message: Message) -> None:
-        if self.stop_code is not None:
+        if self.stop_code is not None or not self.wants(message):
             return
         try:
             self.queue.put_nowait(message)
@@ -96,19 +100,18 @@ class Hub:
     def all_subscribers(self) -> list[Subscriber]:
         return [s for group in self._subscribers.values() for s in group]
 
-    def subscribe(self, subscriber: Subscriber) -> int:
-        """Start live delivery after the current cursor, which is returned: the caller sends the
-        backlog up to it from the log. No await here, so nothing slips between the two.
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Start live delivery past this process's cursor (and past the client's `after`).
 
-        A client resuming past this process's cursor (it read further on another instance) gets
-        no live message it already has.
+        The caller then reads the log's horizon H, raises `live_from` to it and sends the backlog
+        up to H from the log: every event is either at or below H (backlog) or above it (live,
+        since the hub reads every seq past its cursor), never both.
         """
         subscriber.live_from = max(subscriber.live_from, self.cursor)
         self._subscribers[subscriber.prediction_id].add(subscriber)
         SUBSCRIBERS.inc()
         if self._closing_code is not None:
             subscriber.stop(self._closing_code)
-        return self.cursor
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         group = self._subscribers.get(subscriber.prediction_id)
@@ -129,8 +132,7 @@ class Hub:
                     replayed=replayed,
                 )
                 for subscriber in targets:
-                    if replayed or message.seq > subscriber.live_from:
-                        subscriber.offer(message)
+                    subscriber.offer(message)
             if not replayed:
                 self.cursor = max(self.cursor, row["seq"])
 

@@ -70,10 +70,10 @@ async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
         await websocket.close(POLICY_VIOLATION, error.message)
         return
     subscriber = Subscriber(prediction_id, relay.settings.ws_queue_size, after)
-    horizon = relay.hub.subscribe(subscriber)
+    relay.hub.subscribe(subscriber)
     try:
         code = await first_to_end(
-            deliver(websocket, relay.pool, subscriber, after, horizon),
+            deliver(websocket, relay.pool, subscriber, after),
             wait_for_disconnect(websocket),
             subscriber.stopped.wait(),
         )
@@ -106,10 +106,15 @@ async def first_to_end(
     return INTERNAL_ERROR  # if the client is still there, it reconnects with after=
 
 
-async def deliver(
-    websocket: WebSocket, pool: asyncpg.Pool, subscriber: Subscriber, after: int, horizon: int
-) -> int | None:
-    """The backlog up to the horizon, `caught_up`, then live messages; the close code at the end."""
+async def deliver(websocket: WebSocket, pool: asyncpg.Pool, subscriber: Subscriber, after: int) -> int | None:
+    """The backlog up to the log's horizon, `caught_up`, then live messages; the close code at the end.
+
+    The horizon is read after subscribing, so every event committed before the client connected
+    is in the backlog, even one this process's hub has not read yet.
+    """
+    async with pool.acquire() as conn:
+        horizon = await store.max_seq(conn)
+    subscriber.live_from = max(subscriber.live_from, horizon)
     last, ended = await send_backlog(websocket, pool, subscriber.prediction_id, after, horizon)
     await websocket.send_text(json.dumps({"type": "caught_up", "seq": max(last, horizon)}))
     if ended:
@@ -145,6 +150,8 @@ async def send_backlog(
 async def write_live(websocket: WebSocket, subscriber: Subscriber, close_on_terminal: bool) -> int:
     while True:
         message = await subscriber.queue.get()
+        if not subscriber.wants(message):
+            continue  # queued before the horizon was known: the backlog had it
         await websocket.send_text(message.text)
         MESSAGES_SENT.inc()
         if close_on_terminal and message.terminal:

@@ -134,6 +134,25 @@ def test_a_webhook_posted_to_one_instance_reaches_subscribers_of_another(relay, 
     assert seqs(first_half) + seqs(rest) == stored and resumed_code == 1000
 
 
+def test_an_acknowledged_event_is_in_the_backlog_of_any_instance(relay, client):
+    """A 200 from one instance means the event is in the backlog of a subscriber on another, even
+    one connecting immediately after, before that instance's hub has read it."""
+    prediction_id = new_prediction_id()
+    with RelayProcess(relay.env) as other:
+
+        async def scenario() -> list[tuple[int, list[int], int]]:
+            seen = []
+            for step in range(30):
+                seq = await post_async(client, processing(prediction_id, step))
+                async with subscribe(stream_url(other, prediction_id, after=seq - 1)) as ws:
+                    backlog, caught_up = await read_backlog(ws)
+                seen.append((seq, seqs(backlog), caught_up))
+            return seen
+
+        seen = asyncio.run(scenario())
+    assert all(backlog == [seq] and caught_up >= seq for seq, backlog, caught_up in seen), seen
+
+
 def post_until_stored(http: httpx.Client, body: dict, timeout: float = 30) -> int:
     """Deliver like Replicate does: the same webhook-id again after a 503 or a refused connection."""
     webhook_id, deadline = new_webhook_id(), time.monotonic() + timeout

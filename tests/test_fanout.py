@@ -168,8 +168,9 @@ def post_until_stored(http: httpx.Client, body: dict, timeout: float = 30) -> in
         time.sleep(0.2)
 
 
-def test_subscribers_miss_nothing_across_a_postgres_restart(tmp_path):
-    """After the database restarts, the hub listens again and catches up from the log."""
+def test_subscribers_miss_nothing_across_postgres_outages(tmp_path):
+    """While the database is down a new subscriber is closed with 1011 (it retries), the connected
+    ones wait; after a stop/start and a crash restart, the hub listens again and catches up."""
     postgres = Postgres(tmp_path)
     prediction_id = new_prediction_id()
     bodies = lifecycle(prediction_id)
@@ -178,7 +179,7 @@ def test_subscribers_miss_nothing_across_a_postgres_restart(tmp_path):
         httpx.Client(base_url=relay.url, timeout=30) as http,
     ):
 
-        async def scenario() -> tuple[list[dict], int | None, int, list[dict]]:
+        async def scenario() -> tuple:
             async with (
                 subscribe(stream_url(relay, prediction_id)) as one,
                 subscribe(stream_url(relay)) as every,
@@ -187,14 +188,21 @@ def test_subscribers_miss_nothing_across_a_postgres_restart(tmp_path):
                 _, start = await read_backlog(every)
                 before = [await post_async(http, body) for body in bodies[:2]]
                 everyone = await read_through(every, before[-1])
+                await asyncio.to_thread(postgres.stop_server)
+                async with subscribe(stream_url(relay, prediction_id)) as late:
+                    refused = await read_to_close(late)
+                await asyncio.to_thread(postgres.start_server)
+                between = await asyncio.to_thread(post_until_stored, http, bodies[2])
+                everyone += await read_through(every, between)
                 await asyncio.to_thread(postgres.pg_ctl, "-w", "-m", "immediate", "restart")
-                after = [await asyncio.to_thread(post_until_stored, http, body) for body in bodies[2:]]
+                after = [await asyncio.to_thread(post_until_stored, http, body) for body in bodies[3:]]
                 mine, code = await read_to_close(one)
-                return mine, code, start, everyone + await read_through(every, after[-1])
+                return mine, code, start, everyone + await read_through(every, after[-1]), refused
 
-        mine, code, start, everyone = asyncio.run(scenario())
+        mine, code, start, everyone, refused = asyncio.run(scenario())
         dsn = relay.env["DATABASE_URL"]
         stored, everything = log_seqs(dsn, prediction_id), log_seqs(dsn, after=start)
+    assert refused == ([], 1011)
     assert len(stored) == len(bodies) and code == 1000
     assert seqs(mine) == stored
     assert seqs(everyone) == everything

@@ -28,6 +28,7 @@ log = logging.getLogger("relay")
 
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 5.0
+POOL_CLOSE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -123,7 +124,10 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
             await stop_background(relay)
             await relay.hub.stop()
             await relay.committer.stop()
-            await relay.pool.close()
+            # asyncpg waits for every connection to come back; one never released must not keep
+            # the process alive after SIGTERM (on timeout, close() terminates the pool).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(relay.pool.close(), POOL_CLOSE_TIMEOUT)
 
     routes = [
         Route("/healthz", healthz),

@@ -47,15 +47,19 @@ class Message:
 class Subscriber:
     """One socket's view of the hub: a bounded queue and the reason it must stop, if any."""
 
-    def __init__(self, prediction_id: str | None, queue_size: int):
+    def __init__(self, prediction_id: str | None, queue_size: int, after: int = 0):
         self.prediction_id = prediction_id
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
-        self.live_from = 0
+        self.live_from = after  # live messages at or below this seq are the backlog's, or the client's
         self.stop_code: int | None = None
         self.stopped = asyncio.Event()
 
+    def wants(self, message: Message) -> bool:
+        """Replays always; live messages only past `live_from` (it may rise after queueing)."""
+        return message.replayed or message.seq > self.live_from
+
     def offer(self, message: Message) -> None:
-        if self.stop_code is not None:
+        if self.stop_code is not None or not self.wants(message):
             return
         try:
             self.queue.put_nowait(message)
@@ -79,6 +83,7 @@ class Hub:
         self._nudge = asyncio.Event()
         self._replays: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+        self._closing_code: int | None = None
         self.listening = asyncio.Event()
 
     async def start(self) -> None:
@@ -91,6 +96,7 @@ class Hub:
         ]
 
     async def stop(self, code: int = 1001) -> None:
+        self._closing_code = code
         for subscriber in self.all_subscribers():
             subscriber.stop(code)
         for task in self._tasks:
@@ -101,13 +107,18 @@ class Hub:
     def all_subscribers(self) -> list[Subscriber]:
         return [s for group in self._subscribers.values() for s in group]
 
-    def subscribe(self, subscriber: Subscriber) -> int:
-        """Start live delivery after the current cursor, which is returned: the caller sends the
-        backlog up to it from the log. No await here, so nothing slips between the two."""
-        subscriber.live_from = self.cursor
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Start live delivery past this process's cursor (and past the client's `after`).
+
+        The caller then reads the log's horizon H, raises `live_from` to it and sends the backlog
+        up to H from the log: every event is either at or below H (backlog) or above it (live,
+        since the hub reads every seq past its cursor), never both.
+        """
+        subscriber.live_from = max(subscriber.live_from, self.cursor)
         self._subscribers[subscriber.prediction_id].add(subscriber)
         SUBSCRIBERS.inc()
-        return self.cursor
+        if self._closing_code is not None:
+            subscriber.stop(self._closing_code)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         group = self._subscribers.get(subscriber.prediction_id)
@@ -128,8 +139,7 @@ class Hub:
                     replayed=replayed,
                 )
                 for subscriber in targets:
-                    if replayed or message.seq > subscriber.live_from:
-                        subscriber.offer(message)
+                    subscriber.offer(message)
             if not replayed:
                 self.cursor = max(self.cursor, row["seq"])
 

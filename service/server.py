@@ -7,6 +7,7 @@ import logging
 import socket
 
 import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from . import database
 from .app import create_app
@@ -21,17 +22,24 @@ SHUTDOWN_CLOSE_WAIT = 2.0
 class RelayServer(uvicorn.Server):
     """uvicorn closes open sockets with 1012; Relay first closes them with 1001 (going away).
 
+    A socket whose client stopped reading cannot take that close frame, and uvicorn would wait
+    its whole graceful timeout for it; after SHUTDOWN_CLOSE_WAIT Relay drops such sockets.
     uvicorn also re-raises SIGTERM/SIGINT after a graceful shutdown, which would kill the process
     before `atexit` stops the embedded Postgres; Relay exits normally (status 0) instead.
     """
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         relay = self.config.app.state.relay  # type: ignore[union-attr]
+        for server in self.servers:
+            server.close()  # no new socket may subscribe to a hub that is stopping
         if hasattr(relay, "hub"):
             await relay.hub.stop(1001)
             deadline = asyncio.get_running_loop().time() + SHUTDOWN_CLOSE_WAIT
             while relay.hub.all_subscribers() and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.02)
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, WebSocketsSansIOProtocol):
+                connection.transport.abort()
         await super().shutdown(sockets)
         self._captured_signals.clear()
 
@@ -79,10 +87,13 @@ def serve(settings: Settings) -> None:
             loop="uvloop",
             http="httptools",
             ws="websockets-sansio",
+            # One serialised message goes to many sockets: per-socket compression would redo the
+            # work for every subscriber and keep zlib state (tens of KiB) per idle connection.
+            ws_per_message_deflate=False,
             access_log=False,  # query strings can carry tokens
             log_level="warning",
-            ws_ping_interval=20.0,
-            ws_ping_timeout=20.0,
+            ws_ping_interval=settings.ws_ping_interval,
+            ws_ping_timeout=settings.ws_ping_interval,
             timeout_graceful_shutdown=10,
         )
         print(banner(settings), flush=True)

@@ -96,6 +96,7 @@ class Settings:
     encryption_keys: tuple[Secret, ...] = ()
     log_level: str = "INFO"
     ws_queue_size: int = 1000
+    ws_ping_interval: int = 20
     upstream_timeout: int = 30
     upstream_retries: int = 3
     api_max_body: int = 1024 * 1024
@@ -172,6 +173,7 @@ def load_settings(
         "encryption_keys": _secret_list(env, "RELAY_ENCRYPTION_KEY"),
         "log_level": _log_level(env),
         "ws_queue_size": _int(env, "RELAY_WS_QUEUE", 1000),
+        "ws_ping_interval": _int(env, "RELAY_WS_PING", 20),
         "upstream_timeout": _int(env, "RELAY_UPSTREAM_TIMEOUT", 30),
         "upstream_retries": _int(env, "RELAY_UPSTREAM_RETRIES", 3, minimum=0),
         "api_max_body": _int(env, "RELAY_API_MAX_BODY", 1024 * 1024),

@@ -20,8 +20,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from websockets.sync.client import connect
 
 from service.fanout import Hub, Subscriber
-from service.vault import Vault
 from service.simulate import lifecycle
+from service.vault import Vault
 
 from .support import ADMIN_TOKEN, ROOT, deliver_lifecycle, new_prediction_id, post_webhook
 from .test_cli import relay_cli
@@ -298,7 +298,8 @@ def test_replayed_terminal_event_does_not_end_a_prediction_stream():
     hub.subscribe(subscriber)
     row = {
         "seq": 7, "prediction_id": "p1", "status": "succeeded", "webhook_id": "msg_7",
-        "source": "webhook", "received_at": None, "encrypted": False, "body": b'{"id": "p1", "status": "succeeded"}',
+        "source": "webhook", "received_at": None, "encrypted": False,
+        "body": b'{"id": "p1", "status": "succeeded"}',
     }  # fmt: skip
     hub.dispatch([row], replayed=True)
     message = subscriber.queue.get_nowait()

@@ -5,21 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import asyncpg
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import migrations, reading, sockets, webhooks
+from . import budget, metrics, migrations, reading, sockets, usage, webhooks
 from .errors import RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
-from .settings import Settings
+from .settings import Settings, load_settings
 
 log = logging.getLogger("relay")
 
@@ -68,8 +69,9 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-async def metrics(request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics_page(request: Request) -> Response:
+    body = metrics.exposition(request.app.state.relay.settings.metrics_dir)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def relay_error(request: Request, error: Exception) -> Response:
@@ -87,21 +89,36 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.committer.start()
         relay.hub = Hub(relay.pool, relay.connect)
         await relay.hub.start()
+        watcher = None
+        if settings.prices or settings.budget is not None:
+            watcher = asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget")
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             await relay.hub.stop()
             await relay.committer.stop()
             await relay.pool.close()
+            metrics.forget_process(settings.metrics_dir, os.getpid())
 
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/metrics", metrics),
+        Route("/metrics", metrics_page),
         *webhooks.routes,
         *reading.routes,
         *sockets.routes,
+        *usage.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RelayError: relay_error})
     app.state.relay = relay
     return app
+
+
+def create_app_from_env() -> Starlette:
+    """The app of one `relay serve --workers N` worker: the parent passes everything (the
+    database it started or was given, and the secrets) through the environment."""
+    settings = load_settings(generate_missing=False)
+    return create_app(settings, str(settings.database_url))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import secrets
 from collections.abc import Mapping
@@ -54,6 +55,40 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
+def _usd(raw: str, name: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a number of US dollars (0 or more), got {raw[:40]!r}")
+    return value
+
+
+def _prices(env: Mapping[str, str]) -> dict[str, float]:
+    """`RELAY_PRICES`: space-separated `model=price` pairs, price in USD per second."""
+    prices = {}
+    for entry in env.get("RELAY_PRICES", "").split():
+        model, sep, price = entry.rpartition("=")
+        if not sep or not model:
+            raise ConfigError(
+                f"RELAY_PRICES entry {entry[:60]!r} is not model=price (USD per second), "
+                "e.g. RELAY_PRICES='qwen/qwen-image-edit-plus=0.0014'"
+            )
+        prices[model] = _usd(price, f"RELAY_PRICES price of {model[:60]!r}")
+    return prices
+
+
+def _budget(env: Mapping[str, str]) -> float | None:
+    raw = env.get("RELAY_BUDGET", "").strip()
+    if not raw:
+        return None
+    budget = _usd(raw, "RELAY_BUDGET")
+    if budget == 0:
+        raise ConfigError("RELAY_BUDGET must be more than 0 US dollars a month (unset it for no budget)")
+    return budget
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -71,6 +106,11 @@ class Settings:
     public_url: str = ""
     encryption_keys: tuple[Secret, ...] = ()
     ws_queue_size: int = 1000
+    prices: dict[str, float] = field(default_factory=dict)
+    budget: float | None = None
+    budget_interval: int = 60
+    workers: int = 1
+    metrics_dir: Path | None = None
     generated: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -131,6 +171,11 @@ def load_settings(
         "public_url": (env.get("RELAY_PUBLIC_URL") or "").rstrip("/"),
         "encryption_keys": _secret_list(env, "RELAY_ENCRYPTION_KEY"),
         "ws_queue_size": _int(env, "RELAY_WS_QUEUE", 1000),
+        "prices": _prices(env),
+        "budget": _budget(env),
+        "budget_interval": _int(env, "RELAY_BUDGET_INTERVAL", 60),
+        "workers": _int(env, "RELAY_WORKERS", 1),
+        "metrics_dir": Path(env["PROMETHEUS_MULTIPROC_DIR"]) if env.get("PROMETHEUS_MULTIPROC_DIR") else None,
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
         decode_webhook_secret(secret)

@@ -20,7 +20,7 @@ from . import budget, metrics, migrations, reading, sockets, usage, webhooks
 from .errors import RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
-from .settings import Settings, load_settings
+from .settings import Settings
 
 log = logging.getLogger("relay")
 
@@ -115,10 +115,3 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RelayError: relay_error})
     app.state.relay = relay
     return app
-
-
-def create_app_from_env() -> Starlette:
-    """The app of one `relay serve --workers N` worker: the parent passes everything (the
-    database it started or was given, and the secrets) through the environment."""
-    settings = load_settings(generate_missing=False)
-    return create_app(settings, str(settings.database_url))

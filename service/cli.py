@@ -17,7 +17,11 @@ from .settings import load_settings
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    overrides = {"RELAY_HOST": args.host, "RELAY_PORT": None if args.port is None else str(args.port)}
+    overrides = {
+        "RELAY_HOST": args.host,
+        "RELAY_PORT": None if args.port is None else str(args.port),
+        "RELAY_WORKERS": None if args.workers is None else str(args.workers),
+    }
     serve(load_settings(overrides=overrides))
     return 0
 
@@ -93,7 +97,11 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
         "serve",
         "run the HTTP/WebSocket service",
         cmd_serve,
-        lambda p: (p.add_argument("--host"), p.add_argument("--port", type=int)),
+        lambda p: (
+            p.add_argument("--host"),
+            p.add_argument("--port", type=int),
+            p.add_argument("--workers", type=int, help="worker processes sharing the database (default 1)"),
+        ),
     ),
     ("migrate", "apply database migrations", cmd_migrate, None),
     (

@@ -226,3 +226,17 @@ def _dev_secrets(values: dict[str, object], data_dir: Path, generate: bool) -> d
     if "webhook_secrets" in found:
         found["webhook_secrets"] = (found["webhook_secrets"],)
     return {**found, "generated": frozenset(found)}
+
+
+def worker_environment(settings: Settings, dsn: str, metrics_dir: Path) -> dict[str, str]:
+    """What `relay serve --workers N` hands its workers: the database it started or was given,
+    the secrets it read or generated, its flags, and where the metrics of all workers meet."""
+    return {
+        "DATABASE_URL": dsn,
+        "REPLICATE_WEBHOOK_SECRET": " ".join(settings.webhook_secrets),
+        "RELAY_ADMIN_TOKEN": str(settings.admin_token),
+        "RELAY_SUBSCRIBE_KEY": str(settings.subscribe_key),
+        "RELAY_HOST": settings.host,
+        "RELAY_PORT": str(settings.port),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }

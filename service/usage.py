@@ -140,6 +140,14 @@ async def month_spend(conn: asyncpg.Connection, prices: dict[str, float], now: d
     return round(sum(line["predict_time"] * prices.get(line["model"], 0.0) for line in lines), 6)
 
 
+async def budget_status(conn: asyncpg.Connection, prices: dict[str, float], budget: float | None) -> dict:
+    """This UTC month's spend against `RELAY_BUDGET` (what a dashboard shows)."""
+    now = datetime.now(UTC)
+    spend = await month_spend(conn, prices, now)
+    used = round(spend / budget, 4) if budget else None
+    return {"month": now.strftime("%Y-%m"), "spend": spend, "budget": budget, "used": used}
+
+
 COLUMNS = ("started", *TERMINAL_COUNTS, "running", "predict_time", "predict_time_p50", "predict_time_p95")
 HEADINGS = ("started", *TERMINAL_COUNTS, "running", "seconds", "p50 s", "p95 s", "cost USD")
 
@@ -172,8 +180,11 @@ async def get_usage(request: Request) -> JSONResponse:
         when = period(params.get("since"), params.get("until"), params.get("group"))
     except UsageInputError as error:
         raise InvalidRequest(str(error)) from None
+    settings = relay.settings
     async with relay.pool.acquire() as conn:
-        return JSONResponse(await report(conn, when, relay.settings.prices))
+        body = await report(conn, when, settings.prices)
+        body["this_month"] = await budget_status(conn, settings.prices, settings.budget)
+    return JSONResponse(body)
 
 
 routes = [Route("/admin/usage", get_usage)]

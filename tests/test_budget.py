@@ -16,7 +16,7 @@ from service import budget
 from service.settings import Settings
 from service.simulate import MODEL, lifecycle
 
-from .support import RelayProcess, new_prediction_id, post_webhook, relay_env
+from .support import RelayProcess, admin_headers, new_prediction_id, post_webhook, relay_env
 from .test_usage import PRICE, Log, bodies
 
 SECONDS = 4.61  # predict_time of a simulated success
@@ -115,6 +115,8 @@ def test_alerts_are_not_repeated_after_a_restart(postgres):
         first.stop()
     with RelayProcess(env) as second:
         wait_for(lambda: metric(second, "relay_spend_usd") == pytest.approx(2 * SECONDS * PRICE))
+        usage = httpx.get(second.url + "/admin/usage", headers=admin_headers()).json()["this_month"]
+        assert usage["budget"] == pytest.approx(budget_usd) and usage["used"] == pytest.approx(1.7, abs=1e-3)
         time.sleep(2.5)  # two more checks past both thresholds
     output = first.output + second.output
     warnings = [line for line in output.splitlines() if "WARNING relay.budget" in line]

@@ -16,11 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import budget, metrics, migrations, reading, sockets, usage, webhooks
+from . import budget, dashboard, metrics, migrations, predictions_api, reading, sockets, usage, webhooks
 from .errors import RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
+from .reconcile import Reconciler
 from .settings import Settings
+from .upstream import Upstream
 
 log = logging.getLogger("relay")
 
@@ -38,6 +40,8 @@ class Relay:
     committer: GroupCommitter = field(init=False)
     hub: Hub = field(init=False)
     webhook_keys: tuple[bytes, ...] = field(init=False)
+    upstream: Upstream | None = field(init=False, default=None)
+    background: set[asyncio.Task] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys
@@ -79,6 +83,35 @@ async def relay_error(request: Request, error: Exception) -> Response:
     return error.response()
 
 
+def start_upstream(relay: Relay) -> None:
+    """The Replicate client and the periodic reconcile, when an upstream token is configured."""
+    settings = relay.settings
+    if settings.replicate_api_token is None:
+        return
+    relay.upstream = Upstream(settings)
+    reconciler = Reconciler(relay.pool, relay.committer, relay.upstream)
+    task = asyncio.create_task(
+        reconciler.run(settings.reconcile_interval, settings.reconcile_after), name="relay-reconcile"
+    )
+    relay.background.add(task)  # a strong reference, so the task is never garbage collected
+
+
+def start_budget(relay: Relay) -> None:
+    """The monthly spend check, when prices or a budget are configured."""
+    settings = relay.settings
+    if settings.prices or settings.budget is not None:
+        relay.background.add(asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget"))
+
+
+async def stop_background(relay: Relay) -> None:
+    for task in relay.background:
+        task.cancel()
+    await asyncio.gather(*relay.background, return_exceptions=True)
+    relay.background.clear()
+    if relay.upstream is not None:
+        await relay.upstream.aclose()
+
+
 def create_app(settings: Settings, dsn: str) -> Starlette:
     relay = Relay(settings, dsn)
 
@@ -89,15 +122,12 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.committer.start()
         relay.hub = Hub(relay.pool, relay.connect)
         await relay.hub.start()
-        watcher = None
-        if settings.prices or settings.budget is not None:
-            watcher = asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget")
+        start_upstream(relay)
+        start_budget(relay)
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            await stop_background(relay)
             await relay.hub.stop()
             await relay.committer.stop()
             await relay.pool.close()
@@ -110,6 +140,8 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *webhooks.routes,
         *reading.routes,
         *sockets.routes,
+        *predictions_api.routes,
+        *dashboard.routes,
         *usage.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RelayError: relay_error})

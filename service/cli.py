@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Callable, Sequence
 
-from . import console, database
+from . import console, database, usage
 from .auth import DEFAULT_TTL, mint_token
 from .errors import ConfigError
 from .privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
@@ -17,7 +18,11 @@ from .settings import load_settings
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    overrides = {"RELAY_HOST": args.host, "RELAY_PORT": None if args.port is None else str(args.port)}
+    overrides = {
+        "RELAY_HOST": args.host,
+        "RELAY_PORT": None if args.port is None else str(args.port),
+        "RELAY_WORKERS": None if args.workers is None else str(args.workers),
+    }
     serve(load_settings(overrides=overrides))
     return 0
 
@@ -28,6 +33,33 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         applied = asyncio.run(database.migrate(dsn))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    settings = load_settings(generate_missing=False)
+    try:
+        when = usage.period(args.since, args.until, args.group)
+    except usage.UsageInputError as error:
+        raise ConfigError(f"--{error}") from None
+
+    async def fetch(dsn: str) -> dict:
+        conn = await database.connect(dsn)
+        try:
+            return await usage.report(conn, when, settings.prices)
+        finally:
+            await conn.close()
+
+    with database.database_dsn(settings) as dsn:
+        report = asyncio.run(fetch(dsn))
+    print(json.dumps(report, indent=2) if args.json else usage.format_table(report))
+    return 0
+
+
+def add_usage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--since", help="ISO 8601 date or time (default: start of this UTC month)")
+    parser.add_argument("--until", help="ISO 8601 date or time, exclusive (default: now)")
+    parser.add_argument("--group", choices=usage.GROUPS, default="model")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -72,7 +104,11 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
         "serve",
         "run the HTTP/WebSocket service",
         cmd_serve,
-        lambda p: (p.add_argument("--host"), p.add_argument("--port", type=int)),
+        lambda p: (
+            p.add_argument("--host"),
+            p.add_argument("--port", type=int),
+            p.add_argument("--workers", type=int, help="worker processes sharing the database (default 1)"),
+        ),
     ),
     ("migrate", "apply database migrations", cmd_migrate, None),
     (
@@ -85,6 +121,7 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
         ),
     ),
     ("simulate", "send realistic signed Replicate lifecycles", cmd_simulate, add_simulate_arguments),
+    ("usage", "predictions, predict time and estimated cost", cmd_usage, add_usage_arguments),
     (
         "reconcile",
         "fetch open predictions from Replicate and log what deliveries missed",

@@ -1,6 +1,20 @@
-"""Prometheus metrics: what an operator graphs and alerts on."""
+"""Prometheus metrics: what an operator graphs and alerts on.
 
-from prometheus_client import Counter, Gauge, Histogram
+With `relay serve --workers N` each worker writes its samples under PROMETHEUS_MULTIPROC_DIR and
+`/metrics` merges them, so every worker answers with the totals of all of them.
+"""
+
+from pathlib import Path
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 DELIVERIES = Counter("relay_deliveries_total", "Webhook deliveries by outcome", ["outcome"])
 DUPLICATES = Counter("relay_duplicates_total", "Deliveries whose webhook-id was already stored")
@@ -10,7 +24,7 @@ INGEST_SECONDS = Histogram(
     "Time from request to durable commit",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
-SUBSCRIBERS = Gauge("relay_subscribers", "Connected WebSocket subscribers")
+SUBSCRIBERS = Gauge("relay_subscribers", "Connected WebSocket subscribers", multiprocess_mode="livesum")
 MESSAGES_SENT = Counter("relay_messages_sent_total", "WebSocket messages sent to subscribers")
 SLOW_CLIENT_CLOSES = Counter(
     "relay_slow_client_closes_total", "Subscribers closed with 1013 because they fell behind"
@@ -27,3 +41,22 @@ REPLAY_DELIVERIES = Counter(
     "Replayed events by outcome: delivered, retried, failed (to a URL), fanout (to subscribers)",
     ["outcome"],
 )
+SPEND_USD = Gauge(
+    "relay_spend_usd", "Estimated spend this UTC month (RELAY_PRICES)", multiprocess_mode="mostrecent"
+)
+BUDGET_USD = Gauge("relay_budget_usd", "RELAY_BUDGET, USD per month", multiprocess_mode="mostrecent")
+
+
+def exposition(multiprocess_dir: Path | None) -> bytes:
+    """The Prometheus text of this process, or of all workers sharing `multiprocess_dir`."""
+    if multiprocess_dir is None:
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir))
+    return generate_latest(registry)
+
+
+def forget_process(multiprocess_dir: Path | None, pid: int) -> None:
+    """Drop an exiting worker's live gauges (subscribers) from the merged view."""
+    if multiprocess_dir is not None:
+        multiprocess.mark_process_dead(pid, path=str(multiprocess_dir))

@@ -1,22 +1,28 @@
-"""`relay serve`: database, migrations, the start-up banner, then uvicorn."""
+"""`relay serve`: database, migrations, the start-up banner, then uvicorn (one or N workers)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+from pathlib import Path
+from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.supervisors import Multiprocess
 
 from . import database
 from .app import create_app
-from .settings import Settings
+from .settings import Settings, load_settings, worker_environment
 from .vault import Vault, check_keys
 
 log = logging.getLogger("relay")
 
 SHUTDOWN_CLOSE_WAIT = 2.0
+WORKER_APP = "service.server:create_worker_app"
 
 
 class RelayServer(uvicorn.Server):
@@ -75,26 +81,57 @@ def configure_logging(level: str) -> None:
     logging.getLogger("asyncpg.pool").addFilter(WithoutTraceback())
 
 
+def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        # One serialised message goes to many sockets: per-socket compression would redo the
+        # work for every subscriber and keep zlib state (tens of KiB) per idle connection.
+        ws_per_message_deflate=False,
+        access_log=False,  # query strings can carry tokens
+        log_level="warning",
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_interval,
+        timeout_graceful_shutdown=10,
+        **options,
+    )
+
+
 def serve(settings: Settings) -> None:
     configure_logging(settings.log_level)
     with database.database_dsn(settings) as dsn:
         asyncio.run(database.migrate(dsn))
         asyncio.run(check_keys(dsn, Vault(settings.key_encryption_keys)))
-        config = uvicorn.Config(
-            create_app(settings, dsn),
-            host=settings.host,
-            port=settings.port,
-            loop="uvloop",
-            http="httptools",
-            ws="websockets-sansio",
-            # One serialised message goes to many sockets: per-socket compression would redo the
-            # work for every subscriber and keep zlib state (tens of KiB) per idle connection.
-            ws_per_message_deflate=False,
-            access_log=False,  # query strings can carry tokens
-            log_level="warning",
-            ws_ping_interval=settings.ws_ping_interval,
-            ws_ping_timeout=settings.ws_ping_interval,
-            timeout_graceful_shutdown=10,
-        )
         print(banner(settings), flush=True)
-        RelayServer(config).run()
+        if settings.workers > 1:
+            serve_workers(settings, dsn)
+        else:
+            RelayServer(uvicorn_config(create_app(settings, dsn), settings)).run()
+
+
+def serve_workers(settings: Settings, dsn: str) -> None:
+    """N processes on one listening socket and one database (the embedded one is started once,
+    here). Workers build their app from the environment; metrics merge through files."""
+    metrics_dir = settings.metrics_dir or settings.data_dir.resolve() / "metrics"
+    clear_metrics(metrics_dir)
+    os.environ.update(worker_environment(settings, dsn, metrics_dir))
+    config = uvicorn_config(WORKER_APP, settings, factory=True, workers=settings.workers)
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
+
+
+def clear_metrics(metrics_dir: Path) -> None:
+    """Samples of a previous run would be added to this one's (prometheus-client's rule)."""
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):
+        stale.unlink()
+
+
+def create_worker_app() -> Starlette:
+    """The app of one `relay serve --workers N` worker, from what the parent put in its environment."""
+    settings = load_settings(generate_missing=False)
+    configure_logging(settings.log_level)
+    return create_app(settings, str(settings.database_url))

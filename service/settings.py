@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import secrets
 from collections.abc import Mapping
@@ -78,6 +79,40 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
+def _usd(raw: str, name: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a number of US dollars (0 or more), got {raw[:40]!r}")
+    return value
+
+
+def _prices(env: Mapping[str, str]) -> dict[str, float]:
+    """`RELAY_PRICES`: space-separated `model=price` pairs, price in USD per second."""
+    prices = {}
+    for entry in env.get("RELAY_PRICES", "").split():
+        model, sep, price = entry.rpartition("=")
+        if not sep or not model:
+            raise ConfigError(
+                f"RELAY_PRICES entry {entry[:60]!r} is not model=price (USD per second), "
+                "e.g. RELAY_PRICES='qwen/qwen-image-edit-plus=0.0014'"
+            )
+        prices[model] = _usd(price, f"RELAY_PRICES price of {model[:60]!r}")
+    return prices
+
+
+def _budget(env: Mapping[str, str]) -> float | None:
+    raw = env.get("RELAY_BUDGET", "").strip()
+    if not raw:
+        return None
+    budget = _usd(raw, "RELAY_BUDGET")
+    if budget == 0:
+        raise ConfigError("RELAY_BUDGET must be more than 0 US dollars a month (unset it for no budget)")
+    return budget
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -97,6 +132,11 @@ class Settings:
     log_level: str = "INFO"
     ws_queue_size: int = 1000
     ws_ping_interval: int = 20
+    prices: dict[str, float] = field(default_factory=dict)
+    budget: float | None = None
+    budget_interval: int = 60
+    workers: int = 1
+    metrics_dir: Path | None = None
     upstream_timeout: int = 30
     upstream_retries: int = 3
     api_max_body: int = 1024 * 1024
@@ -174,6 +214,11 @@ def load_settings(
         "log_level": _log_level(env),
         "ws_queue_size": _int(env, "RELAY_WS_QUEUE", 1000),
         "ws_ping_interval": _int(env, "RELAY_WS_PING", 20),
+        "prices": _prices(env),
+        "budget": _budget(env),
+        "budget_interval": _int(env, "RELAY_BUDGET_INTERVAL", 60),
+        "workers": _int(env, "RELAY_WORKERS", 1),
+        "metrics_dir": Path(env["PROMETHEUS_MULTIPROC_DIR"]) if env.get("PROMETHEUS_MULTIPROC_DIR") else None,
         "upstream_timeout": _int(env, "RELAY_UPSTREAM_TIMEOUT", 30),
         "upstream_retries": _int(env, "RELAY_UPSTREAM_RETRIES", 3, minimum=0),
         "api_max_body": _int(env, "RELAY_API_MAX_BODY", 1024 * 1024),
@@ -233,3 +278,17 @@ def _dev_secrets(values: dict[str, object], data_dir: Path, generate: bool) -> d
     if "webhook_secrets" in found:
         found["webhook_secrets"] = (found["webhook_secrets"],)
     return {**found, "generated": frozenset(found)}
+
+
+def worker_environment(settings: Settings, dsn: str, metrics_dir: Path) -> dict[str, str]:
+    """What `relay serve --workers N` hands its workers: the database it started or was given,
+    the secrets it read or generated, its flags, and where the metrics of all workers meet."""
+    return {
+        "DATABASE_URL": dsn,
+        "REPLICATE_WEBHOOK_SECRET": " ".join(settings.webhook_secrets),
+        "RELAY_ADMIN_TOKEN": str(settings.admin_token),
+        "RELAY_SUBSCRIBE_KEY": str(settings.subscribe_key),
+        "RELAY_HOST": settings.host,
+        "RELAY_PORT": str(settings.port),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }

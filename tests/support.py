@@ -91,6 +91,20 @@ class Postgres:
         self.pg_ctl("-w", "-o", '-h ""', "-o", f"-k {pgdata}", "-l", str(pgdata / "log"), "start")
 
 
+def query(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    """Run one statement on its own connection and return its rows (tests read the log directly)."""
+    import asyncio
+
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def relay_env(dsn: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_"))}
     env.update(

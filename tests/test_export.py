@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -12,23 +11,10 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
-import asyncpg
-
-from .support import ROOT, deliver_lifecycle, new_prediction_id, new_webhook_id, post_webhook
+from .support import ROOT, deliver_lifecycle, new_prediction_id, new_webhook_id, post_webhook, query
 from .test_cli import relay_cli
 
 FIELDS = {"seq", "webhook_id", "prediction_id", "status", "source", "received_at", "webhook_timestamp"}
-
-
-def run_sql(dsn: str, sql: str, *args) -> list:
-    async def run() -> list:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def export_lines(relay, *args: str) -> list[dict]:
@@ -62,7 +48,7 @@ def test_export_keeps_the_exact_bytes_of_a_nul_containing_body(relay, client, tm
 def test_export_writes_base64_for_bytes_that_are_not_utf8(relay):
     prediction_id = new_prediction_id()
     raw = b'{"id": "%s", "status": "processing", "logs": "\xff\xfe latin-1 \xe9"}' % prediction_id.encode()
-    run_sql(
+    query(
         relay.env["DATABASE_URL"],
         "INSERT INTO events (webhook_id, prediction_id, status, source, body, received_at)"
         " VALUES ($1, $2, 'processing', 'reconcile', $3, $4)",
@@ -88,8 +74,8 @@ def test_export_applies_filters_in_seq_order(relay, client):
 
 def test_export_streams_more_rows_than_one_cursor_fetch(relay):
     """A log larger than the cursor's prefetch comes out whole and in order."""
-    start = run_sql(relay.env["DATABASE_URL"], "SELECT coalesce(max(seq), 0) AS s FROM events")[0]["s"]
-    run_sql(
+    start = query(relay.env["DATABASE_URL"], "SELECT coalesce(max(seq), 0) AS s FROM events")[0]["s"]
+    query(
         relay.env["DATABASE_URL"],
         "INSERT INTO events (webhook_id, prediction_id, status, source, body, received_at)"
         " SELECT 'bulk_' || n || '_' || $1, 'bulk' || (n % 7), 'processing', 'webhook',"

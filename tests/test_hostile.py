@@ -4,7 +4,6 @@ never a 5xx, and the log gains nothing unverified."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -14,7 +13,6 @@ import time
 import warnings
 from pathlib import Path
 
-import asyncpg
 import httpx
 import jwt
 import pytest
@@ -36,6 +34,7 @@ from .support import (
     new_prediction_id,
     new_webhook_id,
     post_webhook,
+    query,
     relay_env,
 )
 
@@ -47,23 +46,12 @@ def corpus(kind: str) -> list[Path]:
     return sorted((CORPUS / kind).iterdir())
 
 
-def fetchval(dsn: str, sql: str, *args: object) -> object:
-    async def run() -> object:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await conn.fetchval(sql, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
 def stored_count(dsn: str, webhook_ids: list[str]) -> int:
-    return fetchval(dsn, "SELECT count(*) FROM events WHERE webhook_id = ANY($1)", webhook_ids)
+    return query(dsn, "SELECT count(*) FROM events WHERE webhook_id = ANY($1)", webhook_ids)[0][0]
 
 
 def stored_body(dsn: str, webhook_id: str) -> bytes:
-    return fetchval(dsn, "SELECT body FROM events WHERE webhook_id = $1", webhook_id)
+    return query(dsn, "SELECT body FROM events WHERE webhook_id = $1", webhook_id)[0][0]
 
 
 @pytest.mark.parametrize("path", corpus("accepted"), ids=lambda p: p.name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -27,6 +26,7 @@ from .support import (
     deliver_lifecycle,
     new_prediction_id,
     post_webhook,
+    query,
     relay_env,
 )
 from .test_cli import relay_cli
@@ -38,17 +38,6 @@ KEY_A = base64.b64encode(KEK_A).decode()
 KEY_B = base64.b64encode(KEK_B).decode()
 PROMPT = "Paint my neighbour Zebulon Quackenbush as a pirate"
 IMAGE_URL = "https://example.com/private/zebulon-selfie-7f3a.png"
-
-
-def query(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 class Sealed:

@@ -23,9 +23,8 @@ from service.fanout import Hub, Subscriber
 from service.simulate import lifecycle
 from service.vault import Vault
 
-from .support import ADMIN_TOKEN, ROOT, deliver_lifecycle, new_prediction_id, post_webhook
+from .support import ADMIN_TOKEN, ROOT, deliver_lifecycle, new_prediction_id, post_webhook, query
 from .test_cli import relay_cli
-from .test_export import run_sql
 
 RECEIVER_SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 
@@ -254,7 +253,7 @@ def receive_json(ws, timeout: float = 10) -> dict:
 
 
 def count_rows(relay) -> int:
-    return run_sql(relay.env["DATABASE_URL"], "SELECT count(*) AS n FROM events")[0]["n"]
+    return query(relay.env["DATABASE_URL"], "SELECT count(*) AS n FROM events")[0]["n"]
 
 
 def test_fanout_replay_reaches_a_live_subscriber_without_adding_rows(relay, client, admin):

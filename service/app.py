@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -32,6 +33,7 @@ from . import (
 from .errors import RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
+from .origins import ApiCors
 from .reconcile import Reconciler
 from .settings import Settings
 from .upstream import Upstream
@@ -165,6 +167,10 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *privacy.routes,
         *usage.routes,
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RelayError: relay_error})
+    # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
+    middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
+    app = Starlette(
+        routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers={RelayError: relay_error}
+    )
     app.state.relay = relay
     return app

@@ -43,5 +43,10 @@ async def migrate(dsn: str) -> list[str]:
     conn = await connect(dsn)
     try:
         return await migrations.migrate(conn)
+    except asyncpg.InsufficientPrivilegeError as error:
+        raise ConfigError(
+            f"migrations are pending and the role in DATABASE_URL may not apply them ({error.message}); "
+            "run `relay migrate` as the role that owns Relay's tables (README: database roles)"
+        ) from None
     finally:
         await conn.close()

@@ -30,7 +30,13 @@ async def pending(conn: asyncpg.Connection) -> list[Path]:
 
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply what is missing; safe to run from several processes at once."""
+    """Apply what is missing; safe to run from several processes at once.
+
+    With nothing pending it changes nothing, so the service's own role (`relay_app`, which may
+    not create tables) starts against a schema its owner has migrated.
+    """
+    if not await pending(conn):
+        return []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         await conn.execute(

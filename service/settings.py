@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .origins import ANY, normal_origin
 
 GENERATED_SECRETS_FILE = "secrets.json"
 
@@ -113,6 +114,20 @@ def _budget(env: Mapping[str, str]) -> float | None:
     return budget
 
 
+def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of origins (`https://app.example.com`) or `*`, as browsers send them."""
+    origins = []
+    for entry in filter(None, (part.strip() for part in env.get(name, "").split(","))):
+        origin = ANY if entry == ANY else normal_origin(entry)
+        if origin is None:
+            raise ConfigError(
+                f"{name} entry {entry[:80]!r} is not an origin; write scheme://host[:port] "
+                "(no path), e.g. https://app.example.com, comma-separated, or *"
+            )
+        origins.append(origin)
+    return tuple(origins)
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -143,6 +158,8 @@ class Settings:
     api_rate_limit: int = 100
     reconcile_after: int = 300
     reconcile_interval: int = 60
+    allowed_origins: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
     generated: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -225,6 +242,8 @@ def load_settings(
         "api_rate_limit": _int(env, "RELAY_API_RATE_LIMIT", 100),
         "reconcile_after": _int(env, "RELAY_RECONCILE_AFTER", 300),
         "reconcile_interval": _int(env, "RELAY_RECONCILE_INTERVAL", 60),
+        "allowed_origins": _origins(env, "RELAY_ALLOWED_ORIGINS"),
+        "cors_origins": _origins(env, "RELAY_CORS_ORIGINS"),
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
         decode_webhook_secret(secret)

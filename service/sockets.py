@@ -1,10 +1,11 @@
 """WebSocket streams: backlog from the log, `caught_up`, then live events from the hub.
 
-The token is checked before the handshake is accepted: a refused client gets an HTTP 403 and no
-event; a bad `after` closes the socket with 1008 and a reason. Each accepted socket has a bounded
-queue filled by the hub and one task that writes to it; the handler waits for whichever comes
-first: the writer finishing (terminal event), the client leaving, or the hub stopping the
-subscriber (1013 when it fell behind, 1001 on shutdown).
+The page's `Origin` (`origins.py`), then the token, are checked before the handshake is
+accepted: a refused client gets an HTTP 403 and no event; a bad `after` closes the socket with
+1008 and a reason. Each accepted socket has a bounded queue filled by the hub and one task that
+writes to it; the handler waits for whichever comes first: the writer finishing (terminal
+event), the client leaving, or the hub stopping the subscriber (1013 when it fell behind, 1001
+on shutdown).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from starlette.routing import WebSocketRoute
@@ -25,6 +26,7 @@ from .errors import RelayError
 from .events import dumps, event_message
 from .fanout import Subscriber
 from .metrics import MESSAGES_SENT
+from .origins import require_origin
 from .reading import int_param
 from .statuses import is_terminal
 
@@ -42,23 +44,31 @@ CLOSE_WAIT = 5.0
 async def prediction_stream(websocket: WebSocket) -> None:
     prediction_id = websocket.path_params["prediction_id"]
     settings = websocket.app.state.relay.settings
-    token = token_from(websocket.headers, websocket.query_params)
-    try:
-        require_reader(token, prediction_id, settings.admin_token, settings.subscribe_key)
-    except RelayError:
-        await websocket.close(POLICY_VIOLATION)
-        return
-    await stream(websocket, prediction_id)
+    if await admitted(
+        websocket,
+        lambda token: require_reader(token, prediction_id, settings.admin_token, settings.subscribe_key),
+    ):
+        await stream(websocket, prediction_id)
 
 
 async def all_events_stream(websocket: WebSocket) -> None:
     settings = websocket.app.state.relay.settings
+    if await admitted(websocket, lambda token: require_admin(token, settings.admin_token)):
+        await stream(websocket, None)
+
+
+async def admitted(websocket: WebSocket, check_token: Callable[[str | None], None]) -> bool:
+    """The page's origin, then the token; a refused handshake is closed before it is accepted."""
+    settings = websocket.app.state.relay.settings
     try:
-        require_admin(token_from(websocket.headers, websocket.query_params), settings.admin_token)
+        require_origin(
+            websocket.headers.get("origin"), websocket.url, settings.allowed_origins, settings.public_url
+        )
+        check_token(token_from(websocket.headers, websocket.query_params))
     except RelayError:
         await websocket.close(POLICY_VIOLATION)
-        return
-    await stream(websocket, None)
+        return False
+    return True
 
 
 async def stream(websocket: WebSocket, prediction_id: str | None) -> None:

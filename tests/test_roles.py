@@ -7,7 +7,6 @@ import asyncio
 import base64
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -28,6 +27,7 @@ from .support import (
     query,
     relay_env,
 )
+from .test_budget import wait_for
 from .test_cli import relay_cli
 
 APP_ROLE = "relay_app"
@@ -71,13 +71,6 @@ async def as_role(dsn: str, sql: str, *args: object) -> str:
         return f"{type(error).__name__}: {error}"
     finally:
         await conn.close()
-
-
-def wait_for(condition, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_relay_serves_everything_as_a_member_of_relay_app(owner, app, fake):

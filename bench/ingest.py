@@ -1,0 +1,453 @@
+"""Ingest benchmark: bare Starlette ceiling vs a naive peer vs Relay, side by side in one run.
+
+    .venv/bin/python bench/ingest.py            (needs wrk: apt-get install -y wrk)
+
+Starts a throwaway embedded PostgreSQL in a temp dir, measures its own INSERT ceiling, then for
+each server (started as its own process on uvicorn with uvloop/httptools):
+- closed loop: `wrk` with many connections replaying distinct pre-signed deliveries -> max req/s;
+- open loop: `openloop.py` at fixed offered rates -> latency from when each request was due;
+- CPU of the server, of Postgres and of the load generator, and the server's peak RSS.
+Relay is the real `relay serve` in production mode (DATABASE_URL and secrets set), with
+WebSocket subscribers following the all-events stream throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import pgceiling  # noqa: E402
+from bench.deliveries import write_requests  # noqa: E402
+from service import embedded  # noqa: E402
+
+RATES = (1000, 2000, 5000)
+WRK_THREADS = 2
+WARMUP_SECONDS = 2.0
+PRESIGNED_PER_SECOND = 20_000  # closed-loop requests signed per second of run; beyond, wrk wraps
+ADMIN_TOKEN = "bench-admin-token-" + "a" * 24
+SUBSCRIBE_KEY = "bench-subscribe-key-" + "b" * 24
+KEY = os.urandom(24)
+SECRET = "whsec_" + base64.b64encode(KEY).decode()
+
+
+@dataclass
+class Phase:
+    """One load run against one server."""
+
+    requests: int
+    seconds: float
+    non2xx: int
+    p50: float
+    p99: float
+    p999: float
+    server_cpu: float
+    postgres_cpu: float
+    generator_cpu: float
+    offered: int | None = None
+    wrapped: bool = False
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+@dataclass
+class Result:
+    name: str
+    closed: Phase | None = None
+    open: list[Phase] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+    stored: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class CpuMeter:
+    """CPU seconds used by a set of processes between start() and stop()."""
+
+    def __init__(self, processes: callable):  # type: ignore[valid-type]
+        self._processes = processes
+        self._start: dict[int, float] = {}
+
+    @staticmethod
+    def _snapshot(processes: list[psutil.Process]) -> dict[int, float]:
+        times = {}
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                cpu = process.cpu_times()
+                times[process.pid] = cpu.user + cpu.system
+        return times
+
+    def start(self) -> None:
+        self._start = self._snapshot(self._processes())
+
+    def stop(self) -> float:
+        end = self._snapshot(self._processes())
+        return sum(t - self._start.get(pid, 0.0) for pid, t in end.items())
+
+
+def postgres_processes(server) -> list[psutil.Process]:
+    postmaster = psutil.Process(int((Path(server.pgdata) / "postmaster.pid").read_text().split()[0]))
+    return [postmaster, *postmaster.children()]
+
+
+def run_with_cpu(command: list[str]) -> tuple[str, float]:
+    """Run a load generator; return its stdout and the CPU seconds it used (from wait4)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed:\n{output}")
+    return output, usage.ru_utime + usage.ru_stime
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int):
+        self.name, self.command, self.env, self.port = name, command, env, port
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> Server:
+        self.process = subprocess.Popen(self.command, env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not start listening")
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def peak_rss_mb(self) -> float:
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+class Bench:
+    def __init__(self, options: argparse.Namespace, work: Path, postgres) -> None:
+        self.options = options
+        self.work = work
+        self.postgres = postgres
+
+    def meters(self, server: Server) -> tuple[CpuMeter, CpuMeter]:
+        assert server.process is not None
+        process = psutil.Process(server.process.pid)
+        return CpuMeter(lambda: [process]), CpuMeter(lambda: postgres_processes(self.postgres))
+
+    def closed_loop(self, server: Server) -> Phase:
+        duration = self.options.duration
+        per_thread = int(PRESIGNED_PER_SECOND * duration / WRK_THREADS)
+        prefix = self.work / f"{server.name}-closed"
+        for thread in range(WRK_THREADS):
+            write_requests(Path(f"{prefix}.{thread}"), KEY, server.port, per_thread)
+        server_cpu, postgres_cpu = self.meters(server)
+        server_cpu.start(), postgres_cpu.start()
+        output, generator_cpu = run_with_cpu(
+            [
+                "wrk",
+                f"-t{WRK_THREADS}",
+                f"-c{self.options.connections}",
+                f"-d{int(duration)}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(BENCH / "replay.lua"),
+                f"http://127.0.0.1:{server.port}/webhooks/replicate",
+                "--",
+                str(prefix),
+            ]
+        )
+        used, pg_used = server_cpu.stop(), postgres_cpu.stop()
+        report = json.loads(output.split("WRK_JSON ", 1)[1].splitlines()[0])
+        return Phase(
+            requests=report["requests"],
+            seconds=report["seconds"],
+            non2xx=report["non2xx"] + report["socket_errors"],
+            p50=report["p50"],
+            p99=report["p99"],
+            p999=report["p999"],
+            server_cpu=used,
+            postgres_cpu=pg_used,
+            generator_cpu=generator_cpu,
+            wrapped=bool(report["wrapped"]),
+        )
+
+    def open_loop(self, server: Server, rate: int, seconds: float) -> Phase:
+        path = write_requests(self.work / f"{server.name}-open-{rate}", KEY, server.port, int(rate * seconds))
+        server_cpu, postgres_cpu = self.meters(server)
+        server_cpu.start(), postgres_cpu.start()
+        output, _ = run_with_cpu(
+            [
+                sys.executable,
+                str(BENCH / "openloop.py"),
+                str(path),
+                "--port",
+                str(server.port),
+                "--rate",
+                str(rate),
+                "--duration",
+                str(seconds),
+            ]
+        )
+        used, pg_used = server_cpu.stop(), postgres_cpu.stop()
+        report = json.loads(output.splitlines()[-1])
+        return Phase(
+            requests=report["completed"],
+            seconds=report["seconds"],
+            non2xx=report["non2xx"] + report["sent"] - report["completed"],
+            p50=report["p50"],
+            p99=report["p99"],
+            p999=report["p999"],
+            server_cpu=used,
+            postgres_cpu=pg_used,
+            generator_cpu=report["cpu_seconds"],
+            offered=rate,
+        )
+
+    def measure(self, server: Server) -> Result:
+        result = Result(server.name)
+        self.open_loop(server, 1000, WARMUP_SECONDS)
+        result.closed = self.closed_loop(server)
+        for rate in self.options.rates:
+            result.open.append(self.open_loop(server, rate, self.options.duration))
+        result.peak_rss_mb = server.peak_rss_mb()
+        return result
+
+
+async def _sql(dsn: str, sql: str) -> object:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+def new_database(admin_dsn: str, name: str) -> str:
+    asyncio.run(_sql(admin_dsn, f'CREATE DATABASE "{name}"'))
+    parts = urlsplit(admin_dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def python() -> str:
+    return sys.executable
+
+
+def servers(admin_dsn: str) -> Iterator[tuple[Server, str | None]]:
+    port = free_port()
+    command = [python(), str(BENCH / "peers.py"), "ceiling", "--port", str(port)]
+    yield Server("ceiling", command, dict(os.environ), port), None
+    dsn, port = new_database(admin_dsn, "naive"), free_port()
+    command = [python(), str(BENCH / "peers.py"), "naive", "--port", str(port)]
+    command += ["--dsn", dsn, "--secret", SECRET]
+    yield Server("naive", command, dict(os.environ), port), f"{dsn}|SELECT count(*) FROM webhooks"
+    dsn, port = new_database(admin_dsn, "relay"), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_"))}
+    env.update(
+        DATABASE_URL=dsn,
+        REPLICATE_WEBHOOK_SECRET=SECRET,
+        RELAY_ADMIN_TOKEN=ADMIN_TOKEN,
+        RELAY_SUBSCRIBE_KEY=SUBSCRIBE_KEY,
+    )
+    command = [python(), "-m", "service", "serve", "--port", str(port)]
+    yield Server("relay", command, env, port), f"{dsn}|SELECT count(*) FROM events"
+
+
+@contextlib.contextmanager
+def subscribers(port: int, count: int) -> Iterator[dict]:
+    process = subprocess.Popen(
+        [
+            python(),
+            str(BENCH / "subscribers.py"),
+            "--port",
+            str(port),
+            "--token",
+            ADMIN_TOKEN,
+            "--count",
+            str(count),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+    report: dict = {}
+    try:
+        yield report
+    finally:
+        process.terminate()
+        report.update(json.loads(process.stdout.readline()))
+        process.wait()
+
+
+def ms(value: float) -> str:
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def print_tables(results: list[Result], ceiling: dict[str, float], options: argparse.Namespace) -> None:
+    base = next((r.closed.rate for r in results if r.name == "ceiling" and r.closed), None)
+    print(
+        f"\nMax sustained throughput (closed loop: wrk -t{WRK_THREADS} -c{options.connections}, "
+        f"{options.duration:g}s, distinct pre-signed deliveries); "
+        "CPU in cores (1.0 = one core busy)\n"
+    )
+    print(
+        "| server | req/s | × ceiling | non-2xx | p50 ms | p99 ms | server CPU | CPU µs/req "
+        "| Postgres CPU | wrk CPU | peak RSS MB | rows stored |"
+    )
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for r in results:
+        c = r.closed
+        assert c is not None
+        ratio = f"{c.rate / base:.2f}" if base else "-"
+        wrapped = " (wrapped)" if c.wrapped else ""
+        print(
+            f"| {r.name} | {c.rate:,.0f}{wrapped} | {ratio} | {c.non2xx} | {ms(c.p50)} | {ms(c.p99)} "
+            f"| {c.server_cpu / c.seconds:.2f} | {c.server_cpu / c.requests * 1e6:.0f} "
+            f"| {c.postgres_cpu / c.seconds:.2f} | {c.generator_cpu / c.seconds:.2f} "
+            f"| {r.peak_rss_mb:.0f} | {'-' if r.stored is None else f'{r.stored:,}'} |"
+        )
+    print(
+        f"\nLatency at fixed offered rates (open loop, {options.duration:g}s each, "
+        "measured from when each request was due)\n"
+    )
+    print(
+        "| server | offered/s | achieved/s | p50 ms | p99 ms | p99.9 ms | non-2xx | server CPU "
+        "| Postgres CPU | generator CPU |"
+    )
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for r in results:
+        for o in r.open:
+            print(
+                f"| {r.name} | {o.offered:,} | {o.rate:,.0f} | {ms(o.p50)} | {ms(o.p99)} | {ms(o.p999)} "
+                f"| {o.non2xx} | {o.server_cpu / o.seconds:.2f} | {o.postgres_cpu / o.seconds:.2f} "
+                f"| {o.generator_cpu / o.seconds:.2f} |"
+            )
+    by_name = {r.name: r for r in results}
+    print("\nRatios (same run)\n")
+    if ceiling:
+        print(
+            "- Postgres alone: single-row autocommit INSERTs (32 connections) "
+            f"{ceiling['single']:,.0f} rows/s; "
+            f"100-row batched INSERTs (4 connections) {ceiling['batched']:,.0f} rows/s"
+        )
+    relay, naive = by_name.get("relay"), by_name.get("naive")
+    if relay and relay.closed:
+        if ceiling:
+            print(f"- Relay / single-row INSERT ceiling: {relay.closed.rate / ceiling['single']:.2f}×")
+        if naive and naive.closed:
+            print(f"- Relay / naive peer: {relay.closed.rate / naive.closed.rate:.2f}×")
+        if base:
+            print(f"- Relay / bare Starlette: {relay.closed.rate / base:.2f}×")
+    for r in results:
+        for note in r.notes:
+            print(f"- {r.name}: {note}")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        cpu,
+    )
+    memory = psutil.virtual_memory().total / 2**30
+    system = f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} CPUs ({model}), {memory:.0f} GiB RAM, {system}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load phase")
+    parser.add_argument("--connections", type=int, default=128, help="wrk connections (closed loop)")
+    parser.add_argument("--rates", type=lambda s: [int(r) for r in s.split(",")], default=list(RATES))
+    parser.add_argument("--only", action="append", choices=["ceiling", "naive", "relay"], help="repeatable")
+    parser.add_argument("--subscribers", type=int, default=2, help="all-events WebSockets on Relay")
+    parser.add_argument("--no-postgres-ceiling", action="store_true")
+    options = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed; install it with `apt-get install -y wrk`", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        work = Path(tmp)
+        postgres = embedded.start(work, delete_on_exit=True)
+        admin_dsn = embedded.dsn(postgres)
+        ceiling = {}
+        if not options.no_postgres_ceiling:
+            ceiling = pgceiling.run(new_database(admin_dsn, "ceiling"), 5.0)
+        bench = Bench(options, work, postgres)
+        results = []
+        for server, count_query in servers(admin_dsn):
+            if options.only and server.name not in options.only:
+                continue
+            print(f"measuring {server.name}…", file=sys.stderr, flush=True)
+            with (
+                server,
+                (
+                    subscribers(server.port, options.subscribers)
+                    if server.name == "relay"
+                    else contextlib.nullcontext({})
+                ) as fanout,
+            ):
+                result = bench.measure(server)
+            if count_query:
+                dsn, query = count_query.split("|")
+                result.stored = asyncio.run(_sql(dsn, query))  # type: ignore[assignment]
+            if fanout:
+                result.notes.append(
+                    f"{options.subscribers} all-events WebSocket subscribers received {fanout['events']:,} "
+                    f"events ({fanout['reconnects']} reconnects after falling behind)"
+                )
+            results.append(result)
+        print_tables(results, ceiling, options)
+    print(f"\n(total {time.monotonic() - started:.0f}s; load average {os.getloadavg()[0]:.2f} at end)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

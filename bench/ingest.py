@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -132,9 +133,24 @@ def run_with_cpu(command: list[str]) -> tuple[str, float]:
 
 
 class Server:
-    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int):
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        port: int,
+        stored: tuple[str, str] | None = None,
+        relay: bool = False,
+    ):
         self.name, self.command, self.env, self.port = name, command, env, port
+        self.stored, self.relay = stored, relay
         self.process: subprocess.Popen | None = None
+
+    def processes(self) -> list[psutil.Process]:
+        """The server and its worker processes, if any."""
+        assert self.process is not None
+        parent = psutil.Process(self.process.pid)
+        return [parent, *parent.children(recursive=True)]
 
     def __enter__(self) -> Server:
         self.process = subprocess.Popen(self.command, env=self.env, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -158,11 +174,26 @@ class Server:
             self.process.wait()
 
     def peak_rss_mb(self) -> float:
-        assert self.process is not None
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Peak resident memory (VmHWM), summed over the server's processes."""
+        total = 0
+        for process in self.processes():
+            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        return total / 1024
+
+
+def top_frames(folded: Path, count: int = 25) -> str:
+    """The functions holding the most samples, inclusive, from py-spy's folded stacks."""
+    totals: dict[str, int] = {}
+    samples = 0
+    for line in folded.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        samples += int(number)
+        for frame in set(stack.split(";")):
+            totals[frame] = totals.get(frame, 0) + int(number)
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:count]
+    return "\n".join(f"{n * 100 / samples:5.1f}%  {frame}" for frame, n in ranked)
 
 
 class Bench:
@@ -172,9 +203,28 @@ class Bench:
         self.postgres = postgres
 
     def meters(self, server: Server) -> tuple[CpuMeter, CpuMeter]:
+        return CpuMeter(server.processes), CpuMeter(lambda: postgres_processes(self.postgres))
+
+    @contextlib.contextmanager
+    def profiler(self, server: Server) -> Iterator[None]:
+        """With --profile DIR: py-spy samples the server during the closed loop (a flame graph)."""
+        if not self.options.profile or server.name not in self.options.profile_servers:
+            yield
+            return
         assert server.process is not None
-        process = psutil.Process(server.process.pid)
-        return CpuMeter(lambda: [process]), CpuMeter(lambda: postgres_processes(self.postgres))
+        out = Path(self.options.profile) / f"{server.name}.folded"
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        command = [spy, "record", "--nonblocking", "--format", "raw", "--pid", str(server.process.pid)]
+        spy = subprocess.Popen(
+            [*command, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+            print(f"profile of {server.name} (folded stacks): {out}", file=sys.stderr)
+            print(top_frames(out), file=sys.stderr)
 
     def closed_loop(self, server: Server) -> Phase:
         duration = self.options.duration
@@ -184,21 +234,22 @@ class Bench:
             write_requests(Path(f"{prefix}.{thread}"), KEY, server.port, per_thread)
         server_cpu, postgres_cpu = self.meters(server)
         server_cpu.start(), postgres_cpu.start()
-        output, generator_cpu = run_with_cpu(
-            [
-                "wrk",
-                f"-t{WRK_THREADS}",
-                f"-c{self.options.connections}",
-                f"-d{int(duration)}s",
-                "--timeout",
-                "10s",
-                "-s",
-                str(BENCH / "replay.lua"),
-                f"http://127.0.0.1:{server.port}/webhooks/replicate",
-                "--",
-                str(prefix),
-            ]
-        )
+        with self.profiler(server):
+            output, generator_cpu = run_with_cpu(
+                [
+                    "wrk",
+                    f"-t{WRK_THREADS}",
+                    f"-c{self.options.connections}",
+                    f"-d{int(duration)}s",
+                    "--timeout",
+                    "10s",
+                    "-s",
+                    str(BENCH / "replay.lua"),
+                    f"http://127.0.0.1:{server.port}/webhooks/replicate",
+                    "--",
+                    str(prefix),
+                ]
+            )
         used, pg_used = server_cpu.stop(), postgres_cpu.stop()
         report = json.loads(output.split("WRK_JSON ", 1)[1].splitlines()[0])
         return Phase(
@@ -274,24 +325,37 @@ def python() -> str:
     return sys.executable
 
 
-def servers(admin_dsn: str) -> Iterator[tuple[Server, str | None]]:
+def relay_has_workers_flag() -> bool:
+    """`relay serve --workers` comes from the deploy branch; measure it only where it exists."""
+    usage = subprocess.run(
+        [python(), "-m", "service", "serve", "--help"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+    return "--workers" in usage
+
+
+def servers(admin_dsn: str, relay_workers: list[int]) -> Iterator[Server]:
     port = free_port()
     command = [python(), str(BENCH / "peers.py"), "ceiling", "--port", str(port)]
-    yield Server("ceiling", command, dict(os.environ), port), None
+    yield Server("ceiling", command, dict(os.environ), port)
     dsn, port = new_database(admin_dsn, "naive"), free_port()
     command = [python(), str(BENCH / "peers.py"), "naive", "--port", str(port)]
     command += ["--dsn", dsn, "--secret", SECRET]
-    yield Server("naive", command, dict(os.environ), port), f"{dsn}|SELECT count(*) FROM webhooks"
-    dsn, port = new_database(admin_dsn, "relay"), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_"))}
-    env.update(
-        DATABASE_URL=dsn,
-        REPLICATE_WEBHOOK_SECRET=SECRET,
-        RELAY_ADMIN_TOKEN=ADMIN_TOKEN,
-        RELAY_SUBSCRIBE_KEY=SUBSCRIBE_KEY,
-    )
-    command = [python(), "-m", "service", "serve", "--port", str(port)]
-    yield Server("relay", command, env, port), f"{dsn}|SELECT count(*) FROM events"
+    yield Server("naive", command, dict(os.environ), port, stored=(dsn, "SELECT count(*) FROM webhooks"))
+    for workers in relay_workers:
+        dsn, port = new_database(admin_dsn, f"relay_{workers}"), free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_"))}
+        env.update(
+            DATABASE_URL=dsn,
+            REPLICATE_WEBHOOK_SECRET=SECRET,
+            RELAY_ADMIN_TOKEN=ADMIN_TOKEN,
+            RELAY_SUBSCRIBE_KEY=SUBSCRIBE_KEY,
+        )
+        command = [python(), "-m", "service", "serve", "--port", str(port)]
+        name = "relay"
+        if workers > 1:
+            command += ["--workers", str(workers)]
+            name = f"relay ({workers} workers)"
+        yield Server(name, command, env, port, stored=(dsn, "SELECT count(*) FROM events"), relay=True)
 
 
 @contextlib.contextmanager
@@ -371,14 +435,22 @@ def print_tables(results: list[Result], ceiling: dict[str, float], options: argp
             f"{ceiling['single']:,.0f} rows/s; "
             f"100-row batched INSERTs (4 connections) {ceiling['batched']:,.0f} rows/s"
         )
-    relay, naive = by_name.get("relay"), by_name.get("naive")
-    if relay and relay.closed:
+    naive = by_name.get("naive")
+    naive_p99 = {o.offered: o.p99 for o in naive.open} if naive else {}
+    for relay in (r for r in results if r.name.startswith("relay") and r.closed):
+        rate = relay.closed.rate  # type: ignore[union-attr]
         if ceiling:
-            print(f"- Relay / single-row INSERT ceiling: {relay.closed.rate / ceiling['single']:.2f}×")
+            print(f"- {relay.name} / single-row INSERT ceiling: {rate / ceiling['single']:.2f}×")
         if naive and naive.closed:
-            print(f"- Relay / naive peer: {relay.closed.rate / naive.closed.rate:.2f}×")
+            print(f"- {relay.name} / naive peer: {rate / naive.closed.rate:.2f}×")
         if base:
-            print(f"- Relay / bare Starlette: {relay.closed.rate / base:.2f}×")
+            print(f"- {relay.name} / bare Starlette: {rate / base:.2f}×")
+        for o in relay.open:
+            if o.offered in naive_p99:
+                print(
+                    f"- {relay.name} p99 at {o.offered:,}/s: {ms(o.p99)} ms "
+                    f"(naive: {ms(naive_p99[o.offered])} ms)"
+                )
     for r in results:
         for note in r.notes:
             print(f"- {r.name}: {note}")
@@ -405,9 +477,18 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=128, help="wrk connections (closed loop)")
     parser.add_argument("--rates", type=lambda s: [int(r) for r in s.split(",")], default=list(RATES))
     parser.add_argument("--only", action="append", choices=["ceiling", "naive", "relay"], help="repeatable")
+    parser.add_argument(
+        "--relay-workers",
+        type=lambda s: [int(w) for w in s.split(",")],
+        default=[1, 2],
+        help="relay serve --workers values to measure (default 1,2; >1 only where the flag exists)",
+    )
     parser.add_argument("--subscribers", type=int, default=2, help="all-events WebSockets on Relay")
     parser.add_argument("--no-postgres-ceiling", action="store_true")
+    parser.add_argument("--profile", metavar="DIR", help="write py-spy flame graphs of the closed loop")
+    parser.add_argument("--profile-servers", default="relay", help="comma-separated; default relay")
     options = parser.parse_args()
+    options.profile_servers = options.profile_servers.split(",")
     if shutil.which("wrk") is None:
         print("wrk is not installed; install it with `apt-get install -y wrk`", file=sys.stderr)
         return 2
@@ -422,22 +503,23 @@ def main() -> int:
             ceiling = pgceiling.run(new_database(admin_dsn, "ceiling"), 5.0)
         bench = Bench(options, work, postgres)
         results = []
-        for server, count_query in servers(admin_dsn):
-            if options.only and server.name not in options.only:
+        workers = [w for w in options.relay_workers if w == 1 or relay_has_workers_flag()]
+        skipped = sorted(set(options.relay_workers) - set(workers))
+        for server in servers(admin_dsn, workers):
+            if options.only and server.name.split()[0] not in options.only:
                 continue
             print(f"measuring {server.name}…", file=sys.stderr, flush=True)
             with (
                 server,
                 (
                     subscribers(server.port, options.subscribers)
-                    if server.name == "relay"
+                    if server.relay
                     else contextlib.nullcontext({})
                 ) as fanout,
             ):
                 result = bench.measure(server)
-            if count_query:
-                dsn, query = count_query.split("|")
-                result.stored = asyncio.run(_sql(dsn, query))  # type: ignore[assignment]
+            if server.stored:
+                result.stored = asyncio.run(_sql(*server.stored))  # type: ignore[assignment]
             if fanout:
                 result.notes.append(
                     f"{options.subscribers} all-events WebSocket subscribers received {fanout['events']:,} "
@@ -445,6 +527,8 @@ def main() -> int:
                 )
             results.append(result)
         print_tables(results, ceiling, options)
+        if skipped:
+            print(f"- relay with {skipped} workers not measured: this relay serve has no --workers flag")
     print(f"\n(total {time.monotonic() - started:.0f}s; load average {os.getloadavg()[0]:.2f} at end)")
     return 0
 

@@ -55,6 +55,8 @@ UPSERT_PROJECTION = UPSERT_PROJECTION.replace(
     "wins",
     "(excluded.status_rank > p.status_rank OR (excluded.status_rank = p.status_rank AND p.status_rank < 3))",
 )
+# The projection change and the fan-out nudge (the newest seq, never a payload) in one round trip.
+UPSERT_PROJECTION_AND_NOTIFY = f"WITH projection AS ({UPSERT_PROJECTION}) SELECT pg_notify($11, $12)"
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,11 @@ def _with_model(delivery: Delivery, model: str) -> Delivery:
     return Delivery(**{**delivery.__dict__, "model": model})
 
 
-async def _upsert_projection(conn: asyncpg.Connection, changes: list[_ProjectionChange]) -> None:
+async def _upsert_projection(
+    conn: asyncpg.Connection, changes: list[_ProjectionChange], newest_seq: int
+) -> None:
     await conn.execute(
-        UPSERT_PROJECTION,
+        UPSERT_PROJECTION_AND_NOTIFY,
         [c.delivery.prediction_id for c in changes],
         [c.delivery.status for c in changes],
         [int(c.rank) for c in changes],
@@ -124,6 +128,8 @@ async def _upsert_projection(conn: asyncpg.Connection, changes: list[_Projection
         [c.delivery.model for c in changes],
         [c.delivery.predict_time for c in changes],
         [c.delivery.received_at for c in changes],
+        NOTIFY_CHANNEL,
+        str(newest_seq),
     )
 
 
@@ -153,8 +159,7 @@ async def append(conn: asyncpg.Connection, deliveries: Sequence[Delivery]) -> li
     old_seqs = await _existing_seqs(conn, [w for w in unique if w not in new_seqs])
     if new_seqs:
         rows = sorted((seq, unique[w]) for w, seq in new_seqs.items())
-        await _upsert_projection(conn, _fold_projection(rows))
-        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(rows[-1][0]))
+        await _upsert_projection(conn, _fold_projection(rows), rows[-1][0])
     return _results(deliveries, new_seqs, old_seqs)
 
 

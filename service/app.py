@@ -15,11 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import migrations, reading, sockets, webhooks
+from . import migrations, predictions_api, reading, sockets, webhooks
 from .errors import RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
+from .reconcile import Reconciler
 from .settings import Settings
+from .upstream import Upstream
 
 log = logging.getLogger("relay")
 
@@ -37,6 +39,8 @@ class Relay:
     committer: GroupCommitter = field(init=False)
     hub: Hub = field(init=False)
     webhook_keys: tuple[bytes, ...] = field(init=False)
+    upstream: Upstream | None = field(init=False, default=None)
+    background: set[asyncio.Task] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys
@@ -77,6 +81,28 @@ async def relay_error(request: Request, error: Exception) -> Response:
     return error.response()
 
 
+def start_upstream(relay: Relay) -> None:
+    """The Replicate client and the periodic reconcile, when an upstream token is configured."""
+    settings = relay.settings
+    if settings.replicate_api_token is None:
+        return
+    relay.upstream = Upstream(settings)
+    reconciler = Reconciler(relay.pool, relay.committer, relay.upstream)
+    task = asyncio.create_task(
+        reconciler.run(settings.reconcile_interval, settings.reconcile_after), name="relay-reconcile"
+    )
+    relay.background.add(task)  # a strong reference, so the task is never garbage collected
+
+
+async def stop_background(relay: Relay) -> None:
+    for task in relay.background:
+        task.cancel()
+    await asyncio.gather(*relay.background, return_exceptions=True)
+    relay.background.clear()
+    if relay.upstream is not None:
+        await relay.upstream.aclose()
+
+
 def create_app(settings: Settings, dsn: str) -> Starlette:
     relay = Relay(settings, dsn)
 
@@ -87,9 +113,11 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.committer.start()
         relay.hub = Hub(relay.pool, relay.connect)
         await relay.hub.start()
+        start_upstream(relay)
         try:
             yield
         finally:
+            await stop_background(relay)
             await relay.hub.stop()
             await relay.committer.stop()
             await relay.pool.close()
@@ -101,6 +129,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *webhooks.routes,
         *reading.routes,
         *sockets.routes,
+        *predictions_api.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RelayError: relay_error})
     app.state.relay = relay

@@ -60,6 +60,15 @@ def require_admin(token: str | None, admin_token: str) -> None:
         raise Forbidden("the admin token is not valid")
 
 
+def require_api_key(token: str | None, admin_token: str, api_keys: Iterable[str]) -> str:
+    """The caller's key for the predictions API: the admin token or one of RELAY_API_KEYS."""
+    if token is None:
+        raise Unauthorized("an API key is required: Authorization: Bearer <a key from RELAY_API_KEYS>")
+    if not matches_any(token, [admin_token, *api_keys]):
+        raise Forbidden("the API key is not valid; use the admin token or a key from RELAY_API_KEYS")
+    return token
+
+
 def require_reader(token: str | None, prediction_id: str | None, admin_token: str, key: str) -> None:
     """Allow the admin token, or a subscriber token for this prediction (or `*`).
 

@@ -43,6 +43,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return run_simulation(args, load_settings())
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from .reconcile import run_reconcile
+
+    return run_reconcile(args.prediction, load_settings(generate_missing=False))
+
+
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="webhook URL (default: this instance's)")
     parser.add_argument("--predictions", type=int, default=10)
@@ -78,6 +84,14 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
         ),
     ),
     ("simulate", "send realistic signed Replicate lifecycles", cmd_simulate, add_simulate_arguments),
+    (
+        "reconcile",
+        "fetch open predictions from Replicate and log what deliveries missed",
+        cmd_reconcile,
+        lambda p: p.add_argument(
+            "prediction", nargs="?", help="one prediction id (default: all open past RELAY_RECONCILE_AFTER)"
+        ),
+    ),
 ]
 
 

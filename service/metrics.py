@@ -15,3 +15,7 @@ MESSAGES_SENT = Counter("relay_messages_sent_total", "WebSocket messages sent to
 SLOW_CLIENT_CLOSES = Counter(
     "relay_slow_client_closes_total", "Subscribers closed with 1013 because they fell behind"
 )
+UPSTREAM_REQUESTS = Counter(
+    "relay_upstream_requests_total", "Attempts at Replicate's API by outcome (ok or error code)", ["outcome"]
+)
+RECONCILED = Counter("relay_reconciled_total", "Predictions checked by reconcile, by result", ["result"])

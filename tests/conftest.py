@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from .fake_replicate import FakeReplicate, api_client, relay_for
 from .support import Postgres, RelayProcess, admin_headers, relay_env
 
 
@@ -35,4 +36,26 @@ def client(relay: RelayProcess) -> Iterator[httpx.Client]:
 @pytest.fixture
 def admin(relay: RelayProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=relay.url, timeout=30, headers=admin_headers()) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeReplicate]:
+    """A fake Replicate API (a real HTTP server) shared by a test module."""
+    with FakeReplicate() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def api_relay(postgres: Postgres, fake: FakeReplicate) -> Iterator[RelayProcess]:
+    """A `relay serve` (and database) whose upstream is the module's fake Replicate."""
+    with relay_for(postgres.new_database(), fake) as process:
+        yield process
+
+
+@pytest.fixture
+def api(api_relay: RelayProcess, fake: FakeReplicate) -> Iterator[httpx.Client]:
+    """A client with an API key, against a fake Replicate reset for this test."""
+    fake.reset()
+    with api_client(api_relay) as http:
         yield http

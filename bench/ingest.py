@@ -520,6 +520,11 @@ def main() -> int:
                 result = bench.measure(server)
             if server.stored:
                 result.stored = asyncio.run(_sql(*server.stored))  # type: ignore[assignment]
+            if server.relay:
+                # Rows committed by one transaction share its xmin: the mean group-commit size.
+                query = "SELECT count(*)::float8 / greatest(count(DISTINCT xmin::text), 1) FROM events"
+                per_batch = asyncio.run(_sql(server.stored[0], query))  # type: ignore[index]
+                result.notes.append(f"{per_batch:.1f} rows per transaction on average")
             if fanout:
                 result.notes.append(
                     f"{options.subscribers} all-events WebSocket subscribers received {fanout['events']:,} "

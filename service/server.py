@@ -60,6 +60,9 @@ def serve(settings: Settings) -> None:
             loop="uvloop",
             http="httptools",
             ws="websockets-sansio",
+            # permessage-deflate compresses every message once per subscriber: with just two
+            # subscribers it took ~9% of the server's CPU (bench/ingest.py --profile).
+            ws_per_message_deflate=False,
             access_log=False,  # query strings can carry tokens
             log_level="warning",
             ws_ping_interval=20.0,

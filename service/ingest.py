@@ -7,6 +7,7 @@ each caller's future only after COMMIT returns, so a 2xx always means "durable i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import deque
@@ -97,10 +98,16 @@ def webhook_delivery(body: bytes, webhook_id: str, timestamp: int) -> Delivery:
 
 
 class GroupCommitter:
-    """Coalesces concurrent appends into one transaction per batch."""
+    """Coalesces concurrent appends into one transaction per batch.
+
+    The batch is one statement (`store.append`) sent outside any explicit transaction, so it has
+    committed when its result arrives. The writer keeps its connection between batches: handing
+    it back to the pool would cost a reset round trip per batch.
+    """
 
     def __init__(self, pool: asyncpg.Pool, max_batch: int = MAX_BATCH):
         self._pool = pool
+        self._conn: asyncpg.Connection | None = None
         self._max_batch = max_batch
         self._pending: deque[tuple[Delivery, asyncio.Future[Appended]]] = deque()
         self._wakeup = asyncio.Event()
@@ -118,6 +125,7 @@ class GroupCommitter:
             await asyncio.sleep(0.01)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        await self._release()
 
     async def submit(self, delivery: Delivery) -> Appended:
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
@@ -155,8 +163,21 @@ class GroupCommitter:
                 future.set_result(result)
 
     async def _append(self, deliveries: list[Delivery]) -> list[Appended]:
-        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
-            return await store.append(conn, deliveries)
+        if self._conn is None:
+            self._conn = await self._pool.acquire(timeout=ACQUIRE_TIMEOUT)
+        try:
+            return await store.append(self._conn, deliveries)
+        except ROW_ERRORS:
+            raise  # the statement failed as a whole; the connection is fine
+        except BaseException:
+            await self._release()  # it may be broken: the pool replaces broken connections
+            raise
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn, timeout=ACQUIRE_TIMEOUT)
 
     @staticmethod
     def _fail(batch: list[tuple[Delivery, asyncio.Future[Appended]]], error: Exception) -> None:

@@ -413,10 +413,10 @@ def print_tables(results: list[Result], ceiling: dict[str, float], options: argp
         )
     print(
         f"\nLatency at fixed offered rates (open loop, {options.duration:g}s each, "
-        "measured from when each request was due)\n"
+        "latency from when each request was due; failed = not 2xx, or unanswered 5 s after the last send)\n"
     )
     print(
-        "| server | offered/s | achieved/s | p50 ms | p99 ms | p99.9 ms | non-2xx | server CPU "
+        "| server | offered/s | achieved/s | p50 ms | p99 ms | p99.9 ms | failed | server CPU "
         "| Postgres CPU | generator CPU |"
     )
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
@@ -533,7 +533,10 @@ def main() -> int:
             results.append(result)
         print_tables(results, ceiling, options)
         if skipped:
-            print(f"- relay with {skipped} workers not measured: this relay serve has no --workers flag")
+            print(
+                f"- relay --workers {','.join(map(str, skipped))} not measured: "
+                "this relay serve has no --workers flag"
+            )
     print(f"\n(total {time.monotonic() - started:.0f}s; load average {os.getloadavg()[0]:.2f} at end)")
     return 0
 

@@ -27,6 +27,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.deliveries import read_requests  # noqa: E402
 
+TICK = 0.001
 DRAIN_TIMEOUT = 5.0  # then requests still unanswered count as failed
 
 
@@ -92,7 +93,9 @@ class Load:
             while sent < due_now:
                 self.dispatch(self.requests[sent], start + sent / self.rate)
                 sent += 1
-            await asyncio.sleep(0.0005)
+            # At least 1 ms: libuv's timers have millisecond resolution, and a shorter sleep
+            # would spin and take CPU from the server under test.
+            await asyncio.sleep(max(TICK, start + sent / self.rate - self.loop.time()))
         sending_ended = self.loop.time()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.all_done.wait(), DRAIN_TIMEOUT)

@@ -81,6 +81,7 @@ class Result:
     open: list[Phase] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     stored: int | None = None
+    seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -299,11 +300,13 @@ class Bench:
 
     def measure(self, server: Server) -> Result:
         result = Result(server.name)
+        started = time.monotonic()
         self.open_loop(server, 1000, WARMUP_SECONDS)
         result.closed = self.closed_loop(server)
         for rate in self.options.rates:
             result.open.append(self.open_loop(server, rate, self.options.duration))
         result.peak_rss_mb = server.peak_rss_mb()
+        result.seconds = time.monotonic() - started
         return result
 
 
@@ -528,7 +531,8 @@ def main() -> int:
             if fanout:
                 result.notes.append(
                     f"{options.subscribers} all-events WebSocket subscribers received {fanout['events']:,} "
-                    f"events ({fanout['reconnects']} reconnects after falling behind)"
+                    f"events ({fanout['reconnects']} reconnects after falling behind), using "
+                    f"{fanout['cpu_seconds']:.0f} CPU-seconds over the {result.seconds:.0f} s of its run"
                 )
             results.append(result)
         print_tables(results, ceiling, options)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -29,7 +28,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -42,15 +40,14 @@ sys.path.insert(0, str(ROOT))
 from bench import pgceiling  # noqa: E402
 from bench.deliveries import write_requests  # noqa: E402
 from service import embedded  # noqa: E402
+from tests.support import ADMIN_TOKEN, free_port, relay_env, with_database  # noqa: E402
+from tests.support import WEBHOOK_KEY as KEY  # noqa: E402
+from tests.support import WEBHOOK_SECRET as SECRET  # noqa: E402
 
 RATES = (1000, 2000, 5000)
 WRK_THREADS = 2
 WARMUP_SECONDS = 2.0
 PRESIGNED_PER_SECOND = 20_000  # closed-loop requests signed per second of run; beyond, wrk wraps
-ADMIN_TOKEN = "bench-admin-token-" + "a" * 24
-SUBSCRIBE_KEY = "bench-subscribe-key-" + "b" * 24
-KEY = os.urandom(24)
-SECRET = "whsec_" + base64.b64encode(KEY).decode()
 
 
 @dataclass
@@ -83,14 +80,6 @@ class Result:
     stored: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class CpuMeter:
@@ -320,8 +309,7 @@ async def _sql(dsn: str, sql: str) -> object:
 
 def new_database(admin_dsn: str, name: str) -> str:
     asyncio.run(_sql(admin_dsn, f'CREATE DATABASE "{name}"'))
-    parts = urlsplit(admin_dsn)
-    return urlunsplit(parts._replace(path="/" + name))
+    return with_database(admin_dsn, name)
 
 
 def python() -> str:
@@ -346,13 +334,7 @@ def servers(admin_dsn: str, relay_workers: list[int]) -> Iterator[Server]:
     yield Server("naive", command, dict(os.environ), port, stored=(dsn, "SELECT count(*) FROM webhooks"))
     for workers in relay_workers:
         dsn, port = new_database(admin_dsn, f"relay_{workers}"), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_"))}
-        env.update(
-            DATABASE_URL=dsn,
-            REPLICATE_WEBHOOK_SECRET=SECRET,
-            RELAY_ADMIN_TOKEN=ADMIN_TOKEN,
-            RELAY_SUBSCRIBE_KEY=SUBSCRIBE_KEY,
-        )
+        env = relay_env(dsn)  # production mode: DATABASE_URL and every secret set
         command = [python(), "-m", "service", "serve", "--port", str(port)]
         name = "relay"
         if workers > 1:

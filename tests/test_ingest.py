@@ -11,7 +11,7 @@ import httpx
 from service.signatures import signed_headers
 from service.simulate import lifecycle
 
-from .support import WEBHOOK_KEY, new_prediction_id, new_webhook_id
+from .support import WEBHOOK_KEY, follow_log, new_prediction_id, new_webhook_id
 
 CONCURRENCY = 64
 Sends = list[tuple[str, bytes]]
@@ -33,19 +33,7 @@ async def burst(url: str, dsn: str, sends: Sends) -> tuple[list[dict], list[int]
     answers (with whether the row was visible at ack time), the seqs the poller saw in order,
     and all seqs in the log at the end."""
     pool = await asyncpg.create_pool(dsn, min_size=4, max_size=8)
-    seen: list[int] = []
     done = asyncio.Event()
-
-    async def poll() -> None:
-        cursor = 0
-        while True:
-            finished = done.is_set()
-            rows = await pool.fetch("SELECT seq FROM events WHERE seq > $1 ORDER BY seq", cursor)
-            seen.extend(r["seq"] for r in rows)
-            cursor = rows[-1]["seq"] if rows else cursor
-            if finished and not rows:
-                return
-
     limits = httpx.Limits(max_connections=CONCURRENCY)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
 
@@ -59,10 +47,10 @@ async def burst(url: str, dsn: str, sends: Sends) -> tuple[list[dict], list[int]
             )
             return {**answer, "webhook_id": webhook_id, "visible": visible}
 
-        poller = asyncio.create_task(poll())
+        poller = asyncio.create_task(follow_log(pool.fetch, done))
         answers = await asyncio.gather(*(post(w, b) for w, b in sends))
         done.set()
-        await poller
+        seen = await poller
     every = [r["seq"] for r in await pool.fetch("SELECT seq FROM events ORDER BY seq")]
     await pool.close()
     return answers, seen, every

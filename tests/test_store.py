@@ -15,7 +15,7 @@ from service.ingest import delivery_from
 from service.simulate import lifecycle
 from service.statuses import Rank, rank, supersedes
 
-from .support import new_prediction_id, new_webhook_id, post_webhook
+from .support import follow_log, new_prediction_id, new_webhook_id, post_webhook
 
 
 def make_delivery(prediction_id: str, status: str = "processing") -> store.Delivery:
@@ -73,24 +73,12 @@ def test_a_poller_following_seq_never_misses_a_row_under_concurrent_writers(dsn)
             await conn.close()
 
     async def scenario() -> tuple[list[int], list[int]]:
-        seen: list[int] = []
         done = asyncio.Event()
         reader = await asyncpg.connect(dsn)
-
-        async def poll() -> None:
-            cursor = 0
-            while True:
-                finished = done.is_set()
-                rows = await reader.fetch("SELECT seq FROM events WHERE seq > $1 ORDER BY seq", cursor)
-                seen.extend(r["seq"] for r in rows)
-                cursor = rows[-1]["seq"] if rows else cursor
-                if finished and not rows:
-                    return
-
-        poller = asyncio.create_task(poll())
+        poller = asyncio.create_task(follow_log(reader.fetch, done))
         await asyncio.gather(*(writer() for _ in range(writers)))
         done.set()
-        await poller
+        seen = await poller
         every = [r["seq"] for r in await reader.fetch("SELECT seq FROM events ORDER BY seq")]
         await reader.close()
         return seen, every

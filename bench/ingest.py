@@ -378,13 +378,14 @@ def print_tables(results: list[Result], ceiling: dict[str, float], options: argp
     print(
         f"\nMax sustained throughput (closed loop: wrk -t{WRK_THREADS} -c{options.connections}, "
         f"{options.duration:g}s, distinct pre-signed deliveries); "
-        "CPU in cores (1.0 = one core busy)\n"
+        "CPU in cores (1.0 = one core busy); per server core = req/s ÷ server CPU, what the "
+        "server would do with a core to itself, its other costs unchanged\n"
     )
     print(
         "| server | req/s | × ceiling | non-2xx | p50 ms | p99 ms | server CPU | CPU µs/req "
-        "| Postgres CPU | wrk CPU | peak RSS MB | rows stored |"
+        "| req/s per server core | Postgres CPU | wrk CPU | peak RSS MB | rows stored |"
     )
-    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in results:
         c = r.closed
         assert c is not None
@@ -393,7 +394,8 @@ def print_tables(results: list[Result], ceiling: dict[str, float], options: argp
         print(
             f"| {r.name} | {c.rate:,.0f}{wrapped} | {ratio} | {c.non2xx} | {ms(c.p50)} | {ms(c.p99)} "
             f"| {c.server_cpu / c.seconds:.2f} | {c.server_cpu / c.requests * 1e6:.0f} "
-            f"| {c.postgres_cpu / c.seconds:.2f} | {c.generator_cpu / c.seconds:.2f} "
+            f"| {c.requests / c.server_cpu:,.0f} | {c.postgres_cpu / c.seconds:.2f} "
+            f"| {c.generator_cpu / c.seconds:.2f} "
             f"| {r.peak_rss_mb:.0f} | {'-' if r.stored is None else f'{r.stored:,}'} |"
         )
     print(
@@ -514,7 +516,7 @@ def main() -> int:
                 result.notes.append(
                     f"{options.subscribers} all-events WebSocket subscribers received {fanout['events']:,} "
                     f"events ({fanout['reconnects']} reconnects after falling behind), using "
-                    f"{fanout['cpu_seconds']:.0f} CPU-seconds over the {result.seconds:.0f} s of its run"
+                    f"{fanout['cpu_seconds']:.1f} CPU-seconds over the {result.seconds:.0f} s of its run"
                 )
             results.append(result)
         print_tables(results, ceiling, options)

@@ -76,11 +76,19 @@ BEGIN
         PERFORM pg_notify(channel, new_seqs[array_length(new_seqs, 1)]::text);
     END IF;
 
-    -- Every delivery's seq: its own new row, else the row of the first copy with its webhook-id.
-    RETURN QUERY
-    SELECT b.o, coalesce(n.seq, e.seq), n.seq IS NULL
-    FROM unnest(webhook_ids) WITH ORDINALITY AS b(w, o)
-    LEFT JOIN unnest(new_seqs, new_ords) AS n(seq, o) ON n.o = b.o
-    LEFT JOIN events e ON n.seq IS NULL AND e.webhook_id = b.w
-    ORDER BY b.o;
+    IF coalesce(array_length(new_seqs, 1), 0) = array_length(webhook_ids, 1) THEN
+        RETURN QUERY  -- no duplicates, the usual case: nothing to look up
+        SELECT n.o, n.seq, false FROM unnest(new_seqs, new_ords) AS n(seq, o) ORDER BY n.o;
+        RETURN;
+    END IF;
+    -- A duplicate reports the seq of the first row with its webhook-id. Dynamic SQL, so it is
+    -- planned against the table as it is now: a plan cached while `events` was small scanned the
+    -- whole table on every call (database CPU per row grew with the log; measured).
+    RETURN QUERY EXECUTE
+        'SELECT b.o, coalesce(n.seq, (SELECT e.seq FROM events e WHERE e.webhook_id = b.w)),
+                n.seq IS NULL
+         FROM unnest($1) WITH ORDINALITY AS b(w, o)
+         LEFT JOIN unnest($2, $3) AS n(seq, o) ON n.o = b.o
+         ORDER BY b.o'
+        USING webhook_ids, new_seqs, new_ords;
 END $$;

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import migrations, predictions_api, reading, sockets, webhooks
+from . import dashboard, migrations, predictions_api, reading, sockets, webhooks
 from .errors import RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
@@ -130,6 +130,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *reading.routes,
         *sockets.routes,
         *predictions_api.routes,
+        *dashboard.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={RelayError: relay_error})
     app.state.relay = relay

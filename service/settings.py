@@ -150,7 +150,8 @@ def load_settings(
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
         decode_webhook_secret(secret)
-    values.update(_dev_secrets(values, data_dir, database_url is None and generate_missing))
+    if database_url is None:  # dev mode: never mix generated secrets into a real deployment
+        values.update(_dev_secrets(values, data_dir, generate_missing))
     settings = Settings(**values)  # type: ignore[arg-type]
     if database_url is not None:
         _require_secrets(settings)

@@ -106,15 +106,41 @@ async def fetch_events(
     return await conn.fetch(sql, *args)
 
 
+PREDICTION_STATE = (
+    "SELECT p.prediction_id, p.status, p.last_seq, p.event_count, p.state_seq AS seq, p.model,"
+    " e.webhook_id, e.body, e.encrypted"
+    " FROM predictions p JOIN events e ON e.seq = p.state_seq"
+)
+
+
 async def fetch_prediction(conn: asyncpg.Connection, prediction_id: str) -> asyncpg.Record | None:
     """The projection row plus the body of the event that defines the current state."""
-    return await conn.fetchrow(
-        "SELECT p.prediction_id, p.status, p.last_seq, p.event_count, p.state_seq AS seq,"
-        " e.webhook_id, e.body, e.encrypted"
-        " FROM predictions p JOIN events e ON e.seq = p.state_seq"
-        " WHERE p.prediction_id = $1",
-        prediction_id,
-    )
+    return await conn.fetchrow(f"{PREDICTION_STATE} WHERE p.prediction_id = $1", prediction_id)
+
+
+async def fetch_recent_predictions(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+    """The most recently updated predictions, in the shape of `fetch_prediction`."""
+    return await conn.fetch(f"{PREDICTION_STATE} ORDER BY p.updated_at DESC LIMIT $1", limit)
+
+
+# Consecutive events of one status form a run (gaps and islands): a late `processing` after
+# `succeeded` is a run of its own, as it was delivered.
+STATUS_RUNS = """
+SELECT prediction_id, status, min(seq) AS seq, count(*) AS events, min(received_at) AS received_at
+FROM (
+    SELECT prediction_id, status, seq, received_at,
+           row_number() OVER (PARTITION BY prediction_id ORDER BY seq)
+         - row_number() OVER (PARTITION BY prediction_id, status ORDER BY seq) AS run
+    FROM events WHERE prediction_id = ANY($1::text[])
+) numbered
+GROUP BY prediction_id, status, run
+ORDER BY prediction_id, min(seq)
+"""
+
+
+async def fetch_status_runs(conn: asyncpg.Connection, prediction_ids: list[str]) -> list[asyncpg.Record]:
+    """Each prediction's timeline: runs of consecutive events with the same status, in seq order."""
+    return await conn.fetch(STATUS_RUNS, prediction_ids)
 
 
 def iso(moment: datetime | None) -> str | None:

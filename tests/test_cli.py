@@ -216,3 +216,13 @@ def test_simulate_reports_rejections_with_a_nonzero_exit(relay):
 def test_simulate_refuses_bad_flags(relay):
     result = relay_cli("simulate", "--duplicates", "2", env=relay.env)
     assert result.returncode == 2 and "--duplicates" in result.stderr
+
+
+def test_with_database_url_stored_dev_secrets_are_not_used(postgres, tmp_path):
+    """Generated dev secrets never leak into a deployment that has DATABASE_URL."""
+    data_dir = tmp_path / "data"
+    assert relay_cli("token", "p1", env=dev_env(data_dir)).returncode == 0  # generates secrets
+    env = {**relay_env(postgres.admin_dsn), "RELAY_DATA_DIR": str(data_dir)}
+    del env["RELAY_ADMIN_TOKEN"]
+    result = relay_cli("serve", "--port", str(free_port()), env=env)
+    assert result.returncode == 2 and "RELAY_ADMIN_TOKEN" in result.stderr

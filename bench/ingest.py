@@ -131,9 +131,10 @@ class Server:
         port: int,
         stored: tuple[str, str] | None = None,
         relay: bool = False,
+        subscribers: int = 0,
     ):
         self.name, self.command, self.env, self.port = name, command, env, port
-        self.stored, self.relay = stored, relay
+        self.stored, self.relay, self.subscribers = stored, relay, subscribers
         self.process: subprocess.Popen | None = None
 
     def processes(self) -> list[psutil.Process]:
@@ -324,7 +325,7 @@ def relay_has_workers_flag() -> bool:
     return "--workers" in usage
 
 
-def servers(admin_dsn: str, relay_workers: list[int]) -> Iterator[Server]:
+def servers(admin_dsn: str, relay_workers: list[int], subscriber_counts: list[int]) -> Iterator[Server]:
     port = free_port()
     command = [python(), str(BENCH / "peers.py"), "ceiling", "--port", str(port)]
     yield Server("ceiling", command, dict(os.environ), port)
@@ -333,14 +334,18 @@ def servers(admin_dsn: str, relay_workers: list[int]) -> Iterator[Server]:
     command += ["--dsn", dsn, "--secret", SECRET]
     yield Server("naive", command, dict(os.environ), port, stored=(dsn, "SELECT count(*) FROM webhooks"))
     for workers in relay_workers:
-        dsn, port = new_database(admin_dsn, f"relay_{workers}"), free_port()
-        env = relay_env(dsn)  # production mode: DATABASE_URL and every secret set
-        command = [python(), "-m", "service", "serve", "--port", str(port)]
-        name = "relay"
-        if workers > 1:
-            command += ["--workers", str(workers)]
-            name = f"relay ({workers} workers)"
-        yield Server(name, command, env, port, stored=(dsn, "SELECT count(*) FROM events"), relay=True)
+        for count in subscriber_counts:
+            dsn, port = new_database(admin_dsn, f"relay_{workers}_{count}"), free_port()
+            env = relay_env(dsn)  # production mode: DATABASE_URL and every secret set
+            command = [python(), "-m", "service", "serve", "--port", str(port)]
+            name = "relay"
+            if workers > 1:
+                command += ["--workers", str(workers)]
+                name += f" ({workers} workers)"
+            if count != subscriber_counts[0]:
+                name += f", {count or 'no'} subscribers"
+            stored = (dsn, "SELECT count(*) FROM events")
+            yield Server(name, command, env, port, stored=stored, relay=True, subscribers=count)
 
 
 @contextlib.contextmanager
@@ -470,7 +475,12 @@ def main() -> int:
         default=[1, 2],
         help="relay serve --workers values to measure (default 1,2; >1 only where the flag exists)",
     )
-    parser.add_argument("--subscribers", type=int, default=2, help="all-events WebSockets on Relay")
+    parser.add_argument(
+        "--subscribers",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=[2, 0],
+        help="all-events WebSockets kept on Relay; one Relay run per value (default 2,0)",
+    )
     parser.add_argument("--no-postgres-ceiling", action="store_true")
     parser.add_argument("--profile", metavar="DIR", help="write py-spy flame graphs of the closed loop")
     parser.add_argument("--profile-servers", default="relay", help="comma-separated; default relay")
@@ -492,15 +502,15 @@ def main() -> int:
         results = []
         workers = [w for w in options.relay_workers if w == 1 or relay_has_workers_flag()]
         skipped = sorted(set(options.relay_workers) - set(workers))
-        for server in servers(admin_dsn, workers):
-            if options.only and server.name.split()[0] not in options.only:
+        for server in servers(admin_dsn, workers, options.subscribers):
+            if options.only and server.name.split()[0].rstrip(",") not in options.only:
                 continue
             print(f"measuring {server.name}…", file=sys.stderr, flush=True)
             with (
                 server,
                 (
-                    subscribers(server.port, options.subscribers)
-                    if server.relay
+                    subscribers(server.port, server.subscribers)
+                    if server.subscribers
                     else contextlib.nullcontext({})
                 ) as fanout,
             ):
@@ -514,7 +524,7 @@ def main() -> int:
                 result.notes.append(f"{per_batch:.1f} rows per transaction on average")
             if fanout:
                 result.notes.append(
-                    f"{options.subscribers} all-events WebSocket subscribers received {fanout['events']:,} "
+                    f"{server.subscribers} all-events WebSocket subscribers received {fanout['events']:,} "
                     f"events ({fanout['reconnects']} reconnects after falling behind), using "
                     f"{fanout['cpu_seconds']:.1f} CPU-seconds over the {result.seconds:.0f} s of its run"
                 )

@@ -7,6 +7,7 @@ each caller's future only after COMMIT returns, so a 2xx always means "durable i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -128,13 +129,19 @@ def webhook_delivery(body: bytes, webhook_id: str, timestamp: int) -> Delivery:
 
 
 class GroupCommitter:
-    """Coalesces concurrent appends into one transaction per batch."""
+    """Coalesces concurrent appends into one transaction per batch.
+
+    Without a `prepare` hook the batch is one statement (`store.append`) sent outside any
+    explicit transaction, so it has committed when its result arrives. The writer keeps its
+    connection between batches: handing it back to the pool would cost a reset round trip.
+    """
 
     def __init__(
         self, pool: asyncpg.Pool, max_batch: int = MAX_BATCH, *, prepare: store.Prepare | None = None
     ):
         self._pool = pool
         self._prepare = prepare
+        self._conn: asyncpg.Connection | None = None
         self._max_batch = max_batch
         self._pending: deque[tuple[Delivery, asyncio.Future[Appended]]] = deque()
         self._wakeup = asyncio.Event()
@@ -152,6 +159,7 @@ class GroupCommitter:
             await asyncio.sleep(0.01)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+        await self._release()
 
     async def submit(self, delivery: Delivery) -> Appended:
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
@@ -197,8 +205,21 @@ class GroupCommitter:
                 future.set_result(result)
 
     async def _append(self, deliveries: list[Delivery]) -> list[Appended]:
-        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn, conn.transaction():
-            return await store.append(conn, deliveries, self._prepare)
+        if self._conn is None:
+            self._conn = await self._pool.acquire(timeout=ACQUIRE_TIMEOUT)
+        try:
+            return await store.append(self._conn, deliveries, self._prepare)
+        except ROW_ERRORS:
+            raise  # the statement failed as a whole; the connection is fine
+        except BaseException:
+            await self._release()  # it may be broken: the pool replaces broken connections
+            raise
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn, timeout=ACQUIRE_TIMEOUT)
 
     @staticmethod
     def _fail(batch: list[tuple[Delivery, asyncio.Future[Appended]]], error: Exception) -> None:

@@ -139,7 +139,7 @@ async def reconcile_now(settings: Settings, dsn: str, prediction_id: str | None)
     vault = Vault(settings.key_encryption_keys)
     await check_keys(dsn, vault)  # a clear ConfigError if the database is unreachable or the key wrong
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    committer, upstream = GroupCommitter(pool, prepare=vault.seal), Upstream(settings)
+    committer, upstream = GroupCommitter(pool, prepare=vault.prepare), Upstream(settings)
     committer.start()
     try:
         reconciler = Reconciler(pool, committer, upstream, vault)

@@ -32,6 +32,6 @@ def supersedes(new: Rank, current: Rank) -> bool:
     """Whether an event of rank `new` replaces the state of rank `current`.
 
     A higher rank always wins; an equal non-terminal rank wins (newer progress); the first
-    terminal state stays. The same rule is written in SQL in `store.UPSERT_PROJECTION`.
+    terminal state stays. The same rule is `relay_supersedes` in sql/030_append_batch.sql.
     """
     return new > current or (new == current and current < Rank.TERMINAL)

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from .statuses import Rank, rank, supersedes
+from .statuses import rank
 
 SEQ_LOCK = 0x52454C4153  # serialises the commits that assign seq
 NOTIFY_CHANNEL = "relay_events"
@@ -31,38 +31,14 @@ EVENT_COLUMNS = (
     + DATA_KEY_COLUMN
 )
 
-INSERT_EVENTS = """
-INSERT INTO events (webhook_id, prediction_id, status, source, body, encrypted,
-                    webhook_timestamp, received_at)
-SELECT w, p, s, src, b, enc, wt, ra
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bool[],
-            $7::timestamptz[], $8::timestamptz[])
-     WITH ORDINALITY AS t(w, p, s, src, b, enc, wt, ra, ord)
+# sql/030_append_batch.sql: lock, insert, duplicates, projection and notify in one statement.
+APPEND = """
+SELECT seq, duplicate
+FROM relay_append($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::bool[],
+                  $7::timestamptz[], $8::timestamptz[], $9::int2[], $10::text[], $11::float8[],
+                  $12, $13)
 ORDER BY ord
-ON CONFLICT (webhook_id) DO NOTHING
-RETURNING seq, webhook_id
 """
-
-# The forward-only rule of statuses.supersedes, applied against the stored state.
-UPSERT_PROJECTION = """
-INSERT INTO predictions AS p (prediction_id, status, status_rank, state_seq, first_seq, last_seq,
-                              event_count, model, predict_time, first_received_at, updated_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::int2[], $4::int8[], $5::int8[], $6::int8[],
-                     $7::int8[], $8::text[], $9::float8[], $10::timestamptz[], $10::timestamptz[])
-ON CONFLICT (prediction_id) DO UPDATE SET
-    status = CASE WHEN wins THEN excluded.status ELSE p.status END,
-    status_rank = CASE WHEN wins THEN excluded.status_rank ELSE p.status_rank END,
-    state_seq = CASE WHEN wins THEN excluded.state_seq ELSE p.state_seq END,
-    predict_time = CASE WHEN wins THEN excluded.predict_time ELSE p.predict_time END,
-    model = coalesce(p.model, excluded.model),
-    last_seq = greatest(p.last_seq, excluded.last_seq),
-    event_count = p.event_count + excluded.event_count,
-    updated_at = excluded.updated_at
-"""
-UPSERT_PROJECTION = UPSERT_PROJECTION.replace(
-    "wins",
-    "(excluded.status_rank > p.status_rank OR (excluded.status_rank = p.status_rank AND p.status_rank < 3))",
-)
 
 
 @dataclass(frozen=True)
@@ -87,114 +63,46 @@ class Appended:
     duplicate: bool
 
 
-@dataclass
-class _ProjectionChange:
-    delivery: Delivery
-    seq: int
-    rank: Rank
-    first_seq: int
-    last_seq: int
-    count: int = 1
-
-
-def _fold_projection(rows: Sequence[tuple[int, Delivery]]) -> list[_ProjectionChange]:
-    """One change per prediction for a batch, folding its events with the forward-only rule."""
-    changes: dict[str, _ProjectionChange] = {}
-    for seq, delivery in rows:
-        new_rank = rank(delivery.status)
-        change = changes.get(delivery.prediction_id)
-        if change is None:
-            changes[delivery.prediction_id] = _ProjectionChange(delivery, seq, new_rank, seq, seq)
-            continue
-        change.count += 1
-        change.last_seq = seq
-        if supersedes(new_rank, change.rank):
-            change.delivery, change.seq, change.rank = delivery, seq, new_rank
-        elif change.delivery.model is None and delivery.model is not None:
-            change.delivery = _with_model(change.delivery, delivery.model)
-    return list(changes.values())
-
-
-def _with_model(delivery: Delivery, model: str) -> Delivery:
-    return Delivery(**{**delivery.__dict__, "model": model})
-
-
-async def _upsert_projection(conn: asyncpg.Connection, changes: list[_ProjectionChange]) -> None:
-    await conn.execute(
-        UPSERT_PROJECTION,
-        [c.delivery.prediction_id for c in changes],
-        [c.delivery.status for c in changes],
-        [int(c.rank) for c in changes],
-        [c.seq for c in changes],
-        [c.first_seq for c in changes],
-        [c.last_seq for c in changes],
-        [c.count for c in changes],
-        [c.delivery.model for c in changes],
-        [c.delivery.predict_time for c in changes],
-        [c.delivery.received_at for c in changes],
-    )
-
-
 Prepare = Callable[[asyncpg.Connection, list[Delivery]], Awaitable[list[Delivery]]]
 
 
 async def append(
     conn: asyncpg.Connection, deliveries: Sequence[Delivery], prepare: Prepare | None = None
 ) -> list[Appended]:
-    """Append a batch in one transaction; the caller commits. Results follow input order.
+    """Append a batch atomically; outside a transaction it is committed when this returns.
+    Results follow input order.
 
     A `webhook_id` already in the log (or earlier in the batch) adds no row and reports the
-    first row's seq with `duplicate=True`. `prepare` (the vault's `seal`) turns the batch into
-    the rows to store, inside the transaction and under the seq lock.
+    first row's seq with `duplicate=True`. `prepare` (the vault's `seal`) maps the batch one to
+    one onto the rows to store, inside the transaction and under the seq lock.
     """
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", SEQ_LOCK)
-    unique: dict[str, Delivery] = {}
-    for delivery in deliveries:
-        unique.setdefault(delivery.webhook_id, delivery)
-    batch = list(unique.values())
-    if prepare is not None:
-        batch = await prepare(conn, batch)
-    inserted = await conn.fetch(
-        INSERT_EVENTS,
-        [d.webhook_id for d in batch],
-        [d.prediction_id for d in batch],
-        [d.status for d in batch],
-        [d.source for d in batch],
-        [d.body for d in batch],
-        [d.encrypted for d in batch],
-        [d.webhook_timestamp for d in batch],
-        [d.received_at for d in batch],
-    )
-    new_seqs = {r["webhook_id"]: r["seq"] for r in inserted}
-    old_seqs = await _existing_seqs(conn, [w for w in unique if w not in new_seqs])
-    if new_seqs:
-        rows = sorted((seq, unique[w]) for w, seq in new_seqs.items())
-        await _upsert_projection(conn, _fold_projection(rows))
-        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(rows[-1][0]))
-    return _results(deliveries, new_seqs, old_seqs)
+    if prepare is None:
+        return await _append_statement(conn, deliveries)
+    async with conn.transaction():
+        # relay_append takes the same lock again (re-entrant): taken here, it also covers
+        # `prepare`, so a data key is created and used in seq order.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", SEQ_LOCK)
+        return await _append_statement(conn, await prepare(conn, list(deliveries)))
 
 
-async def _existing_seqs(conn: asyncpg.Connection, webhook_ids: list[str]) -> dict[str, int]:
-    if not webhook_ids:
-        return {}
+async def _append_statement(conn: asyncpg.Connection, deliveries: Sequence[Delivery]) -> list[Appended]:
     rows = await conn.fetch(
-        "SELECT webhook_id, seq FROM events WHERE webhook_id = ANY($1::text[])", webhook_ids
+        APPEND,
+        [d.webhook_id for d in deliveries],
+        [d.prediction_id for d in deliveries],
+        [d.status for d in deliveries],
+        [d.source for d in deliveries],
+        [d.body for d in deliveries],
+        [d.encrypted for d in deliveries],
+        [d.webhook_timestamp for d in deliveries],
+        [d.received_at for d in deliveries],
+        [int(rank(d.status)) for d in deliveries],
+        [d.model for d in deliveries],
+        [d.predict_time for d in deliveries],
+        SEQ_LOCK,
+        NOTIFY_CHANNEL,
     )
-    return {r["webhook_id"]: r["seq"] for r in rows}
-
-
-def _results(
-    deliveries: Sequence[Delivery], new_seqs: dict[str, int], old_seqs: dict[str, int]
-) -> list[Appended]:
-    results, seen = [], set()
-    for d in deliveries:
-        if d.webhook_id in new_seqs and d.webhook_id not in seen:
-            results.append(Appended(new_seqs[d.webhook_id], duplicate=False))
-        else:
-            seq = new_seqs.get(d.webhook_id) or old_seqs[d.webhook_id]
-            results.append(Appended(seq, duplicate=True))
-        seen.add(d.webhook_id)
-    return results
+    return [Appended(r["seq"], r["duplicate"]) for r in rows]
 
 
 async def max_seq(conn: asyncpg.Connection) -> int:

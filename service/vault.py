@@ -17,7 +17,7 @@ import asyncpg
 
 from . import crypto, database
 from .errors import ConfigError
-from .store import Delivery
+from .store import Delivery, Prepare
 
 ERASURE_SOURCE = "erasure"
 ERASED_BODY = b'{"erased":true}'
@@ -79,6 +79,12 @@ class Vault:
                     f"RELAY_ENCRYPTION_KEY lacks key-encryption key {kek_id}, which wraps stored data "
                     "keys; add that key after the current one (then relay rotate-keys) or set the right key"
                 )
+
+    @property
+    def prepare(self) -> Prepare | None:
+        """The hook for `store.append`: `seal` when encryption is on. None when it is off, so
+        appends stay one statement without a transaction around them."""
+        return self.seal if self.enabled else None
 
     async def seal(self, conn: asyncpg.Connection, deliveries: list[Delivery]) -> list[Delivery]:
         """Encrypt a batch for storage (run by `store.append` under the seq lock).

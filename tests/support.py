@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import itertools
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -234,3 +235,16 @@ def assert_no_secret(text: str) -> None:
     """No configured secret appears in `text` (a log, an error body, metrics)."""
     leaked = [secret[:10] + "…" for secret in SECRETS if secret in text]
     assert not leaked, f"secrets in output: {leaked}"
+
+
+async def follow_log(fetch: Callable[..., Awaitable[list]], done: asyncio.Event) -> list[int]:
+    """The seqs a reader following `seq > cursor` sees, in order, until `done` and caught up."""
+    seen: list[int] = []
+    cursor = 0
+    while True:
+        finished = done.is_set()
+        rows = await fetch("SELECT seq FROM events WHERE seq > $1 ORDER BY seq", cursor)
+        seen.extend(r["seq"] for r in rows)
+        cursor = rows[-1]["seq"] if rows else cursor
+        if finished and not rows:
+            return seen

@@ -95,7 +95,12 @@ def test_postgres_restart_under_load(own_postgres):
 
             postgres.pg_ctl("-m", "immediate", "stop")
             down_from = time.monotonic()
-            time.sleep(2)
+            time.sleep(0.5)
+            reads_while_down = [
+                httpx.get(relay.url + path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=15)
+                for path in ("/admin/events", f"/predictions/{predictions[0]}", "/readyz")
+            ]
+            time.sleep(1.5)
             down_until = time.monotonic()
             restarted_at = datetime.now(UTC)
             postgres.start_server()
@@ -103,6 +108,8 @@ def test_postgres_restart_under_load(own_postgres):
         wait_for_listener(dsn, restarted_at)
         assert httpx.get(relay.url + "/readyz").status_code == 200
 
+        assert [r.status_code for r in reads_while_down] == [503, 503, 503]
+        assert all(r.headers.get("retry-after") for r in reads_while_down[:2])
         assert set(load.statuses()) <= {200, 503}, load.statuses()
         assert all(o.retry_after for o in load.outcomes if o.status == 503)
         while_down = [o.status for o in load.outcomes if down_from + 0.5 < o.at < down_until]

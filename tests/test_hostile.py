@@ -339,7 +339,7 @@ def test_the_all_events_stream_needs_the_admin_token(relay, credential):
 
 def test_oversized_and_flooding_client_messages_do_not_disturb_the_stream(client, relay):
     """A subscriber that floods small messages still gets its events; one that sends a message
-    over the WebSocket size limit is closed (1009) alone."""
+    over the WebSocket size limit is disconnected (1009) alone."""
     prediction_id = new_prediction_id()
     url = f"{relay.ws_url}/predictions/{prediction_id}/ws?token={ADMIN_TOKEN}"
     with connect(url) as flooder, connect(url, max_size=None) as giant:
@@ -354,7 +354,9 @@ def test_oversized_and_flooding_client_messages_do_not_disturb_the_stream(client
         with pytest.raises(ConnectionClosed):
             while True:
                 giant.recv(timeout=5)
-        assert giant.close_code == 1009
+        # 1009 when the close frame reaches the client; 1006 when the server's close of the TCP
+        # connection, right after it, resets it while the client is still sending the 17 MiB.
+        assert giant.close_code in (1009, 1006)
 
 
 def test_metrics_count_rejects_and_hold_no_secret(client):

@@ -14,9 +14,8 @@ from service import store
 from service.ingest import delivery_from
 from service.simulate import lifecycle
 from service.statuses import Rank, rank, supersedes
-from service.store import _fold_projection
 
-from .support import new_prediction_id, new_webhook_id, post_webhook
+from .support import follow_log, new_prediction_id, new_webhook_id, post_webhook
 
 
 def make_delivery(prediction_id: str, status: str = "processing") -> store.Delivery:
@@ -74,24 +73,12 @@ def test_a_poller_following_seq_never_misses_a_row_under_concurrent_writers(dsn)
             await conn.close()
 
     async def scenario() -> tuple[list[int], list[int]]:
-        seen: list[int] = []
         done = asyncio.Event()
         reader = await asyncpg.connect(dsn)
-
-        async def poll() -> None:
-            cursor = 0
-            while True:
-                finished = done.is_set()
-                rows = await reader.fetch("SELECT seq FROM events WHERE seq > $1 ORDER BY seq", cursor)
-                seen.extend(r["seq"] for r in rows)
-                cursor = rows[-1]["seq"] if rows else cursor
-                if finished and not rows:
-                    return
-
-        poller = asyncio.create_task(poll())
+        poller = asyncio.create_task(follow_log(reader.fetch, done))
         await asyncio.gather(*(writer() for _ in range(writers)))
         done.set()
-        await poller
+        seen = await poller
         every = [r["seq"] for r in await reader.fetch("SELECT seq FROM events ORDER BY seq")]
         await reader.close()
         return seen, every
@@ -136,13 +123,34 @@ def test_a_batch_with_a_repeated_webhook_id_stores_it_once(dsn):
     assert results[2].duplicate is False and results[2].seq > results[0].seq
 
 
-def test_projection_fold_keeps_the_first_terminal_and_the_newest_progress():
+async def projection(dsn: str, prediction_id: str) -> asyncpg.Record:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchrow("SELECT * FROM predictions WHERE prediction_id = $1", prediction_id)
+    finally:
+        await conn.close()
+
+
+def test_projection_fold_keeps_the_first_terminal_and_the_newest_progress(dsn):
+    """Within one batch the state is the first terminal event; the counts cover every event."""
     prediction_id = new_prediction_id()
     statuses = ["starting", "processing", "succeeded", "processing", "failed", "processing"]
-    rows = [(seq, make_delivery(prediction_id, s)) for seq, s in enumerate(statuses, start=1)]
-    (change,) = _fold_projection(rows)
-    assert change.delivery.status == "succeeded" and change.seq == 3
-    assert change.count == 6 and change.first_seq == 1 and change.last_seq == 6
+    seqs = [r.seq for r in run(appended(dsn, [make_delivery(prediction_id, s) for s in statuses]))]
+    state = run(projection(dsn, prediction_id))
+    assert state["status"] == "succeeded" and state["state_seq"] == seqs[2]
+    assert state["event_count"] == 6 and state["first_seq"] == seqs[0] and state["last_seq"] == seqs[-1]
+
+
+def test_a_later_batch_moves_progress_forward_but_never_undoes_a_terminal_state(dsn):
+    prediction_id = new_prediction_id()
+    first = run(appended(dsn, [make_delivery(prediction_id, "starting")]))
+    progress = run(appended(dsn, [make_delivery(prediction_id, "processing")]))
+    assert run(projection(dsn, prediction_id))["state_seq"] == progress[0].seq
+    done = run(appended(dsn, [make_delivery(prediction_id, "canceled")]))
+    run(appended(dsn, [make_delivery(prediction_id, "processing"), make_delivery(prediction_id, "failed")]))
+    state = run(projection(dsn, prediction_id))
+    assert state["status"] == "canceled" and state["state_seq"] == done[0].seq
+    assert state["event_count"] == 5 and state["first_seq"] == first[0].seq
 
 
 def test_unknown_status_ranks_as_running_and_cannot_undo_a_terminal_state():

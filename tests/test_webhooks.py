@@ -60,6 +60,10 @@ def test_new_delivery_is_stored_and_acknowledged_with_its_seq(client, relay):
     assert [r["seq"] for r in rows] == [answer["seq"]]
 
 
+def test_other_methods_on_the_webhook_url_are_405(client):
+    assert client.get("/webhooks/replicate").status_code == 405
+
+
 def test_retried_delivery_adds_no_row_and_reports_the_first_seq(client, relay):
     """A retried delivery (same webhook-id) adds no row."""
     prediction, webhook_id = a_prediction(), new_webhook_id()

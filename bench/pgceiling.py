@@ -1,0 +1,58 @@
+"""The database's own ceiling on this machine: rows/s for single-row autocommit INSERTs from
+many connections, and for 100-row batched INSERTs, into a table shaped like Relay's log."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import asyncpg
+
+SCHEMA = """
+CREATE TABLE ceiling (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    webhook_id text UNIQUE NOT NULL,
+    body bytea NOT NULL
+)
+"""
+INSERT_ONE = "INSERT INTO ceiling (webhook_id, body) VALUES ($1, $2)"
+INSERT_MANY = "INSERT INTO ceiling (webhook_id, body) SELECT * FROM unnest($1::text[], $2::bytea[])"
+BODY = os.urandom(1500)
+
+
+async def _rows_per_second(dsn: str, connections: int, batch: int, seconds: float) -> float:
+    conns = [await asyncpg.connect(dsn) for _ in range(connections)]
+    deadline = time.monotonic() + seconds
+    counts = [0] * connections
+
+    async def worker(index: int, conn: asyncpg.Connection) -> None:
+        prefix = f"{batch}-{index}-"
+        while time.monotonic() < deadline:
+            ids = [f"{prefix}{counts[index] + i}" for i in range(batch)]
+            if batch == 1:
+                await conn.execute(INSERT_ONE, ids[0], BODY)
+            else:
+                await conn.execute(INSERT_MANY, ids, [BODY] * batch)
+            counts[index] += batch
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker(i, c) for i, c in enumerate(conns)))
+    elapsed = time.monotonic() - started
+    for conn in conns:
+        await conn.close()
+    return sum(counts) / elapsed
+
+
+async def measure(dsn: str, seconds: float) -> dict[str, float]:
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(SCHEMA)
+    await conn.close()
+    return {
+        "single": await _rows_per_second(dsn, 32, 1, seconds),
+        "batched": await _rows_per_second(dsn, 4, 100, seconds),
+    }
+
+
+def run(dsn: str, seconds: float) -> dict[str, float]:
+    return asyncio.run(measure(dsn, seconds))

@@ -45,7 +45,7 @@ def open_body(row: asyncpg.Record | dict, vault: Vault) -> Any:
     return json.loads(body_bytes(row, vault))
 
 
-def event_message(row: asyncpg.Record | dict, vault: Vault, *, replayed: bool = False) -> dict[str, Any]:
+def event_fields(row: asyncpg.Record | dict, *, replayed: bool = False) -> dict[str, Any]:
     return {
         "type": "event",
         "seq": row["seq"],
@@ -55,8 +55,18 @@ def event_message(row: asyncpg.Record | dict, vault: Vault, *, replayed: bool = 
         "source": row["source"],
         "received_at": iso(row["received_at"]),
         "replayed": replayed,
-        "prediction": open_body(row, vault),
     }
+
+
+def event_message(row: asyncpg.Record | dict, vault: Vault, *, replayed: bool = False) -> dict[str, Any]:
+    return {**event_fields(row, replayed=replayed), "prediction": open_body(row, vault)}
+
+
+def event_text(row: asyncpg.Record | dict, vault: Vault, *, replayed: bool = False) -> str:
+    """`event_message` as JSON text, with the stored body spliced in unparsed: ingest stores only
+    UTF-8 JSON, and parsing and re-encoding each body was most of the fan-out's encoding cost."""
+    head = dumps(event_fields(row, replayed=replayed))
+    return f'{head[:-1]},"prediction":{body_bytes(row, vault).decode()}}}'
 
 
 def dumps(message: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from . import store
-from .events import dumps, event_message
+from .events import event_text
 from .metrics import LISTENER_RECONNECTS, SLOW_CLIENT_CLOSES, SUBSCRIBERS
 from .statuses import is_terminal
 from .vault import Vault
@@ -81,6 +81,7 @@ class Hub:
         self.cursor = 0
         self._subscribers: dict[str | None, set[Subscriber]] = defaultdict(set)
         self._nudge = asyncio.Event()
+        self._notified = 0  # the newest seq a notification announced
         self._replays: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._closing_code: int | None = None
@@ -134,7 +135,7 @@ class Hub:
             if targets:
                 message = Message(
                     row["seq"],
-                    dumps(event_message(row, self._vault, replayed=replayed)),
+                    event_text(row, self._vault, replayed=replayed),
                     terminal=is_terminal(row["status"]) and not replayed,
                     replayed=replayed,
                 )
@@ -162,13 +163,20 @@ class Hub:
 
     async def _read_new(self) -> None:
         while True:
+            if not self._subscribers:
+                # Nobody to deliver to, so nothing to read: seq order is commit order, so every
+                # seq up to a notified one has committed and the cursor may pass it unread.
+                self.cursor = max(self.cursor, self._notified)
+                return
             async with self._pool.acquire(timeout=5) as conn:
                 rows = await store.fetch_events(conn, after=self.cursor, limit=READ_PAGE)
             self.dispatch(rows)
             if len(rows) < READ_PAGE:
                 return
 
-    def _on_notify(self, *_: object) -> None:
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload.isdigit():
+            self._notified = max(self._notified, int(payload))
         self._nudge.set()
 
     def _on_replay(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:

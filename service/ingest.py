@@ -80,14 +80,18 @@ def nesting_depth(value: Any) -> int:
 def parse_prediction(body: bytes) -> dict:
     """The delivered prediction object; 400 unless it is a JSON object with string id/status.
 
-    NaN, Infinity and floats that overflow are refused: readers could not serve them as JSON.
-    So is nesting deeper than MAX_DEPTH: json's recursion limit depends on the caller's stack, and a
-    body that parsed at ingest must never fail to serialise later, when it is read.
+    Encodings other than UTF-8, NaN, Infinity and floats that overflow are refused: readers
+    could not serve them as JSON. So is nesting deeper than MAX_DEPTH: json's recursion limit
+    depends on the caller's stack, and a body that parsed at ingest must never fail to
+    serialise later, when it is read.
     """
     try:
-        prediction = json.loads(body, parse_float=_finite, parse_constant=_no_constant)
+        # UTF-8 only, no BOM (RFC 8259): readers splice the stored bytes into UTF-8 messages.
+        # json.loads(bytes) would also take UTF-16 and UTF-32; a str refuses a BOM.
+        text = body.decode("utf-8")
+        prediction = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
     except (ValueError, RecursionError):
-        raise InvalidPayload("the body is not valid JSON (or holds a number out of range)") from None
+        raise InvalidPayload("the body is not valid UTF-8 JSON (or holds a number out of range)") from None
     if not isinstance(prediction, dict):
         raise InvalidPayload("the body must be a JSON object (a Replicate prediction)")
     if nesting_depth(prediction) > MAX_DEPTH:

@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from . import store
 from .auth import require_admin, require_reader, token_from
 from .errors import RelayError
-from .events import dumps, event_message
+from .events import event_text
 from .fanout import Subscriber
 from .metrics import MESSAGES_SENT
 from .origins import require_origin
@@ -144,7 +144,7 @@ async def send_backlog(
                 conn, prediction_id=prediction_id, after=last, up_to=horizon, limit=BACKLOG_PAGE
             )
         for row in rows:
-            await websocket.send_text(dumps(event_message(row, relay.vault)))
+            await websocket.send_text(event_text(row, relay.vault))
             MESSAGES_SENT.inc()
             last = row["seq"]
         if len(rows) < BACKLOG_PAGE:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 
@@ -50,3 +50,33 @@ async def migrate(dsn: str) -> list[str]:
         ) from None
     finally:
         await conn.close()
+
+
+class HeldConnection:
+    """One pool connection kept between uses by a hot loop (the writer, the fan-out reader):
+    handing it back after every use would cost the pool's reset round trip each time."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float):
+        self._pool = pool
+        self._timeout = timeout
+        self._conn: asyncpg.Connection | None = None
+
+    @contextlib.asynccontextmanager
+    async def use(self, keep_on: tuple[type[Exception], ...] = ()) -> AsyncIterator[asyncpg.Connection]:
+        """The held connection; after an error other than `keep_on` it is handed back, since it
+        may be broken (the pool replaces broken connections), and the next use takes a fresh one."""
+        if self._conn is None:
+            self._conn = await self._pool.acquire(timeout=self._timeout)
+        try:
+            yield self._conn
+        except keep_on:
+            raise
+        except BaseException:
+            await self.release()
+            raise
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn, timeout=self._timeout)

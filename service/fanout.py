@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from . import store
+from .database import HeldConnection
 from .events import event_text
 from .metrics import LISTENER_RECONNECTS, SLOW_CLIENT_CLOSES, SUBSCRIBERS
 from .statuses import is_terminal
@@ -76,6 +77,7 @@ class Subscriber:
 class Hub:
     def __init__(self, pool: asyncpg.Pool, connect: Callable[[], asyncpg.Connection], vault: Vault):
         self._pool = pool
+        self._reader = HeldConnection(pool, 5)
         self._connect = connect
         self._vault = vault
         self.cursor = 0
@@ -104,6 +106,7 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self._reader.release()
 
     def all_subscribers(self) -> list[Subscriber]:
         return [s for group in self._subscribers.values() for s in group]
@@ -168,7 +171,7 @@ class Hub:
                 # seq up to a notified one has committed and the cursor may pass it unread.
                 self.cursor = max(self.cursor, self._notified)
                 return
-            async with self._pool.acquire(timeout=5) as conn:
+            async with self._reader.use() as conn:
                 rows = await store.fetch_events(conn, after=self.cursor, limit=READ_PAGE)
             self.dispatch(rows)
             if len(rows) < READ_PAGE:

@@ -7,7 +7,6 @@ each caller's future only after COMMIT returns, so a 2xx always means "durable i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -18,6 +17,7 @@ from typing import Any
 import asyncpg
 
 from . import store
+from .database import HeldConnection
 from .errors import DatabaseUnavailable, InvalidPayload
 from .statuses import is_terminal
 from .store import Appended, Delivery
@@ -143,9 +143,8 @@ class GroupCommitter:
     def __init__(
         self, pool: asyncpg.Pool, max_batch: int = MAX_BATCH, *, prepare: store.Prepare | None = None
     ):
-        self._pool = pool
         self._prepare = prepare
-        self._conn: asyncpg.Connection | None = None
+        self._writer = HeldConnection(pool, ACQUIRE_TIMEOUT)
         self._max_batch = max_batch
         self._pending: deque[tuple[Delivery, asyncio.Future[Appended]]] = deque()
         self._wakeup = asyncio.Event()
@@ -163,7 +162,7 @@ class GroupCommitter:
             await asyncio.sleep(0.01)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-        await self._release()
+        await self._writer.release()
 
     async def submit(self, delivery: Delivery) -> Appended:
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
@@ -209,21 +208,9 @@ class GroupCommitter:
                 future.set_result(result)
 
     async def _append(self, deliveries: list[Delivery]) -> list[Appended]:
-        if self._conn is None:
-            self._conn = await self._pool.acquire(timeout=ACQUIRE_TIMEOUT)
-        try:
-            return await store.append(self._conn, deliveries, self._prepare)
-        except ROW_ERRORS:
-            raise  # the statement failed as a whole; the connection is fine
-        except BaseException:
-            await self._release()  # it may be broken: the pool replaces broken connections
-            raise
-
-    async def _release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await self._pool.release(conn, timeout=ACQUIRE_TIMEOUT)
+        # A row error fails the statement as a whole; the connection itself is fine.
+        async with self._writer.use(keep_on=ROW_ERRORS) as conn:
+            return await store.append(conn, deliveries, self._prepare)
 
     @staticmethod
     def _fail(batch: list[tuple[Delivery, asyncio.Future[Appended]]], error: Exception) -> None:

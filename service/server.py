@@ -50,6 +50,24 @@ class RelayServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+class GoingAwayProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, closing with 1001 (going away) at shutdown, not 1012.
+
+    `RelayServer` closes sockets before uvicorn does; `--workers` runs uvicorn's own server in
+    each worker, and there this is what a browser sees when its worker stops.
+    """
+
+    def shutdown(self) -> None:
+        if not self.handshake_complete or self.close_sent:
+            super().shutdown()
+            return
+        self.stop_keepalive()
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1001})
+        self.conn.send_close(1001)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+
+
 class WithoutTraceback(logging.Filter):
     """Turns a logged traceback into the exception's name: while the database is down asyncpg's
     pool logs one for every failed reconnect, which buries the one line that matters."""
@@ -88,7 +106,7 @@ def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> 
         port=settings.port,
         loop="uvloop",
         http="httptools",
-        ws="websockets-sansio",
+        ws=GoingAwayProtocol,
         # One serialised message goes to many sockets: per-socket compression would redo the
         # work for every subscriber and keep zlib state (tens of KiB) per idle connection.
         ws_per_message_deflate=False,

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from service.simulate import lifecycle
 
-from .support import RelayProcess, new_prediction_id, post_webhook, relay_env
+from .support import ADMIN_TOKEN, RelayProcess, new_prediction_id, post_webhook, relay_env
 from .test_cli import postmaster_running, relay_cli
 
 WORKERS = 2
@@ -77,7 +81,13 @@ def test_workers_share_one_embedded_postgres_and_report_merged_metrics(tmp_path)
         assert files == {f"counter_{pid}.db" for pid in workers}  # one sample file per worker
         answers = {stored_deliveries(relay.url) for _ in range(10)}
         assert answers == {float(count)}  # whichever worker answers, it reports all workers' total
-        assert relay.stop() == 0
+        with connect(f"{relay.ws_url}/events/ws?token={ADMIN_TOKEN}") as subscriber:
+            while json.loads(subscriber.recv(timeout=5))["type"] != "caught_up":
+                pass  # the backlog: the deliveries above
+            assert relay.stop() == 0
+            with pytest.raises(ConnectionClosed):
+                subscriber.recv(timeout=5)
+        assert subscriber.close_code == 1001  # going away, as with one process; uvicorn says 1012
     finally:
         relay.stop()
     assert not postmaster_running(pgdata)

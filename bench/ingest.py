@@ -435,7 +435,9 @@ def print_tables(results: list[Result], ceiling: dict[str, float], options: argp
         print(
             "- Postgres alone: single-row autocommit INSERTs (32 connections) "
             f"{ceiling['single']:,.0f} rows/s; "
-            f"100-row batched INSERTs (4 connections) {ceiling['batched']:,.0f} rows/s"
+            f"100-row batched INSERTs (4 connections) {ceiling['batched']:,.0f} rows/s; "
+            f"one commit at a time p50 / p99 / p99.9 {ceiling['commit_p50']:.1f} / "
+            f"{ceiling['commit_p99']:.1f} / {ceiling['commit_p999']:.1f} ms"
         )
     naive = by_name.get("naive")
     naive_p99 = {o.offered: o.p99 for o in naive.open} if naive else {}
@@ -475,7 +477,7 @@ def machine() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load phase")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per load phase")
     parser.add_argument("--connections", type=int, default=128, help="wrk connections (closed loop)")
     parser.add_argument("--rates", type=lambda s: [int(r) for r in s.split(",")], default=list(RATES))
     parser.add_argument("--only", action="append", choices=["ceiling", "naive", "relay"], help="repeatable")

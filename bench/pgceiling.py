@@ -1,5 +1,6 @@
 """The database's own ceiling on this machine: rows/s for single-row autocommit INSERTs from
-many connections, and for 100-row batched INSERTs, into a table shaped like Relay's log."""
+many connections, and for 100-row batched INSERTs, into a table shaped like Relay's log; and the
+latency of one commit (its WAL flush), the floor under any durable acknowledgement."""
 
 from __future__ import annotations
 
@@ -44,13 +45,33 @@ async def _rows_per_second(dsn: str, connections: int, batch: int, seconds: floa
     return sum(counts) / elapsed
 
 
+async def _commit_latencies_ms(dsn: str, seconds: float) -> list[float]:
+    """One connection, one autocommit INSERT at a time, each timed: mostly the WAL flush."""
+    conn = await asyncpg.connect(dsn)
+    latencies, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        await conn.execute(INSERT_ONE, f"latency-{len(latencies)}", BODY)
+        latencies.append((time.perf_counter() - started) * 1000)
+    await conn.close()
+    return sorted(latencies)
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
 async def measure(dsn: str, seconds: float) -> dict[str, float]:
     conn = await asyncpg.connect(dsn)
     await conn.execute(SCHEMA)
     await conn.close()
+    commits = await _commit_latencies_ms(dsn, seconds)
     return {
         "single": await _rows_per_second(dsn, 32, 1, seconds),
         "batched": await _rows_per_second(dsn, 4, 100, seconds),
+        "commit_p50": percentile(commits, 0.5),
+        "commit_p99": percentile(commits, 0.99),
+        "commit_p999": percentile(commits, 0.999),
     }
 
 

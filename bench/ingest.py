@@ -205,7 +205,17 @@ class Bench:
         assert server.process is not None
         out = Path(self.options.profile) / f"{server.name}.folded"
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        command = [spy, "record", "--nonblocking", "--format", "raw", "--pid", str(server.process.pid)]
+        command = [
+            spy,
+            "record",
+            "--nonblocking",
+            "--rate",
+            "400",
+            "--format",
+            "raw",
+            "--pid",
+            str(server.process.pid),
+        ]
         spy = subprocess.Popen(
             [*command, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

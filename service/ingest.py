@@ -94,7 +94,10 @@ def parse_prediction(body: bytes) -> dict:
         raise InvalidPayload("the body is not valid UTF-8 JSON (or holds a number out of range)") from None
     if not isinstance(prediction, dict):
         raise InvalidPayload("the body must be a JSON object (a Replicate prediction)")
-    if nesting_depth(prediction) > MAX_DEPTH:
+    # Depth never exceeds the number of brackets, and counting them (C) is ~10x cheaper than
+    # walking the parsed value (Python), which only bodies with many brackets still need.
+    brackets = body.count(b"[") + body.count(b"{")
+    if brackets > MAX_DEPTH and nesting_depth(prediction) > MAX_DEPTH:
         raise InvalidPayload(f"the body nests arrays/objects deeper than {MAX_DEPTH} levels")
     return prediction
 

@@ -17,6 +17,7 @@ from uvicorn.supervisors import Multiprocess
 from . import database
 from .app import create_app
 from .settings import Settings, load_settings, worker_environment
+from .transport import CoalescingHttpProtocol
 from .vault import Vault, check_keys
 
 log = logging.getLogger("relay")
@@ -105,7 +106,7 @@ def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> 
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpProtocol,  # httptools, one write() per loop pass (transport.py)
         ws=GoingAwayProtocol,
         # One serialised message goes to many sockets: per-socket compression would redo the
         # work for every subscriber and keep zlib state (tens of KiB) per idle connection.

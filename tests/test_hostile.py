@@ -4,6 +4,7 @@ never a 5xx, and the log gains nothing unverified."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jwt.warnings import InsecureKeyLengthWarning
+from websockets.asyncio.client import connect as asyncio_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -367,3 +369,29 @@ def test_metrics_count_rejects_and_hold_no_secret(client):
     text = client.get("/metrics").text
     assert 'relay_rejects_total{code="INVALID_SIGNATURE"}' in text
     assert_no_secret(text)
+
+
+def test_a_connection_flood_is_refused_cheaply_and_the_stream_goes_on(client, relay):
+    """300 handshakes without a token at once, plus 100 connections that never send a byte: the
+    handshakes get 403, and a subscriber connected throughout still gets its event."""
+    prediction_id = new_prediction_id()
+    url = f"{relay.ws_url}/predictions/{prediction_id}/ws"
+
+    async def refused_handshake() -> int:
+        try:
+            async with asyncio_connect(url, open_timeout=30):
+                return 101
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    async def flood() -> list[int]:
+        return await asyncio.gather(*(refused_handshake() for _ in range(300)))
+
+    with contextlib.ExitStack() as silent, connect(f"{url}?token={ADMIN_TOKEN}") as watcher:
+        assert json.loads(watcher.recv(timeout=5))["type"] == "caught_up"
+        for _ in range(100):
+            silent.enter_context(socket.create_connection(("127.0.0.1", relay.port), timeout=5))
+        statuses = asyncio.run(flood())
+        assert post_webhook(client, {"id": prediction_id, "status": "processing"}).status_code == 200
+        assert json.loads(watcher.recv(timeout=10))["status"] == "processing"
+    assert set(statuses) == {403}

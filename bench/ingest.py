@@ -122,6 +122,38 @@ def run_with_cpu(command: list[str]) -> tuple[str, float]:
     return output, usage.ru_utime + usage.ru_stime
 
 
+def presign(prefix: Path, port: int, duration: float, threads: int = WRK_THREADS) -> Path:
+    """Pre-signed deliveries for a closed loop: one file per wrk thread (`replay.lua`)."""
+    per_thread = int(PRESIGNED_PER_SECOND * duration / threads)
+    for thread in range(threads):
+        write_requests(Path(f"{prefix}.{thread}"), KEY, port, per_thread)
+    return prefix
+
+
+def wrk_command(
+    port: int, prefix: Path, connections: int, duration: float, threads: int = WRK_THREADS
+) -> list[str]:
+    """wrk replaying the pre-signed deliveries under `prefix` (see `presign`) to one server."""
+    return [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{int(duration)}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(BENCH / "replay.lua"),
+        f"http://127.0.0.1:{port}/webhooks/replicate",
+        "--",
+        str(prefix),
+    ]
+
+
+def wrk_report(output: str) -> dict:
+    """The JSON line `replay.lua` prints when wrk is done."""
+    return json.loads(output.split("WRK_JSON ", 1)[1].splitlines()[0])
+
+
 class Server:
     def __init__(
         self,
@@ -229,30 +261,15 @@ class Bench:
 
     def closed_loop(self, server: Server) -> Phase:
         duration = self.options.duration
-        per_thread = int(PRESIGNED_PER_SECOND * duration / WRK_THREADS)
-        prefix = self.work / f"{server.name}-closed"
-        for thread in range(WRK_THREADS):
-            write_requests(Path(f"{prefix}.{thread}"), KEY, server.port, per_thread)
+        prefix = presign(self.work / f"{server.name}-closed", server.port, duration)
         server_cpu, postgres_cpu = self.meters(server)
         server_cpu.start(), postgres_cpu.start()
         with self.profiler(server):
             output, generator_cpu = run_with_cpu(
-                [
-                    "wrk",
-                    f"-t{WRK_THREADS}",
-                    f"-c{self.options.connections}",
-                    f"-d{int(duration)}s",
-                    "--timeout",
-                    "10s",
-                    "-s",
-                    str(BENCH / "replay.lua"),
-                    f"http://127.0.0.1:{server.port}/webhooks/replicate",
-                    "--",
-                    str(prefix),
-                ]
+                wrk_command(server.port, prefix, self.options.connections, duration)
             )
         used, pg_used = server_cpu.stop(), postgres_cpu.stop()
-        report = json.loads(output.split("WRK_JSON ", 1)[1].splitlines()[0])
+        report = wrk_report(output)
         return Phase(
             requests=report["requests"],
             seconds=report["seconds"],

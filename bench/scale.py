@@ -1,13 +1,14 @@
 """Total webhook throughput with 1, 2 and 3 Relay instances on one Postgres (and --workers).
 
-Usage:  .venv/bin/python bench/scale.py [--predictions 150] [--clients 3] [--concurrency 16]
+Usage:  .venv/bin/python bench/scale.py [--duration 8] [--connections 128]
 
-Each setup gets a fresh database on one embedded PostgreSQL (or DATABASE_URL's server). The load
-is always the same: `--clients` `relay simulate` processes (real signed lifecycles, six
-deliveries per prediction), assigned to the instances round-robin, all started together.
-Throughput = deliveries acknowledged (durably committed) / wall time from the first client's
-start to the last client's end. Client, servers and Postgres share this machine's cores, so the
-figures are a floor for what separate machines would do; the table says how many cores there were.
+Each setup gets a fresh database on one embedded PostgreSQL (or DATABASE_URL's server) and
+`relay serve` in production mode. The load is the ingest benchmark's closed loop
+(`bench/ingest.py`): distinct pre-signed deliveries replayed by `wrk`, one wrk per instance,
+all started together, the connections split evenly over the instances. Throughput = 2xx answers
+(each one durably committed) / the wall time of the longest wrk. Load generators, servers and
+Postgres share this machine's cores, so the figures say how the setups compare here, not what
+separate machines would do; the table says how many cores there were.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import asyncpg
@@ -27,6 +26,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.ingest import presign, wrk_command, wrk_report  # noqa: E402
 from service import database, embedded  # noqa: E402
 from tests.support import RelayProcess, relay_env, with_database  # noqa: E402
 
@@ -34,9 +34,9 @@ SETUPS = [
     ("1 instance", 1, 1),
     ("2 instances", 2, 1),
     ("3 instances", 3, 1),
-    ("1 instance, --workers 3", 1, 3),
+    ("1 instance, --workers 2", 1, 2),
 ]
-DELIVERIES_PER_PREDICTION = 6
+WRK_THREADS = 1
 
 
 def new_database(admin_dsn: str, name: str) -> str:
@@ -54,42 +54,37 @@ def new_database(admin_dsn: str, name: str) -> str:
     return dsn
 
 
-def run_clients(urls: list[str], options: argparse.Namespace, env: dict[str, str]) -> tuple[int, float]:
-    """Start every client at once; return deliveries acknowledged and the wall time."""
-    started = time.perf_counter()
-    clients = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "simulate",
-                "--url",
-                f"{urls[i % len(urls)]}/webhooks/replicate",
-                "--predictions",
-                str(options.predictions),
-                "--concurrency",
-                str(options.concurrency),
-                "--seed",
-                str(i),
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+def stored_rows(dsn: str) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetchval("SELECT count(*) FROM events")
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def run_load(ports: list[int], options: argparse.Namespace, work: Path) -> tuple[int, int, float]:
+    """One wrk per instance, all at once; return 2xx answers, other answers, the longest run."""
+    connections = max(1, options.connections // len(ports))
+    commands = [
+        wrk_command(
+            port,
+            presign(work / f"load-{port}", port, options.duration, WRK_THREADS),
+            connections,
+            options.duration,
+            WRK_THREADS,
         )
-        for i in range(options.clients)
+        for port in ports
     ]
-    outputs = [client.communicate()[0] for client in clients]
-    elapsed = time.perf_counter() - started
-    acknowledged = 0
-    for output in outputs:
-        match = re.search(r"acknowledged (\d+)", output)
-        if match is None:
-            raise SystemExit(f"a client failed:\n{output}")
-        acknowledged += int(match.group(1))
-    return acknowledged, elapsed
+    loads = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands
+    ]
+    reports = [wrk_report(load.communicate()[0]) for load in loads]
+    failed = sum(r["non2xx"] + r["socket_errors"] for r in reports)
+    answered = sum(r["requests"] for r in reports) - failed
+    return answered, failed, max(r["seconds"] for r in reports)
 
 
 def measure(admin_dsn: str, label: str, instances: int, workers: int, options: argparse.Namespace) -> dict:
@@ -101,50 +96,42 @@ def measure(admin_dsn: str, label: str, instances: int, workers: int, options: a
         try:
             for process in processes:
                 process.start(timeout=60)
-            acknowledged, elapsed = run_clients([p.url for p in processes], options, env)
+            acknowledged, failed, seconds = run_load([p.port for p in processes], options, Path(data_dir))
         finally:
             for process in processes:
                 process.stop()
-    expected = options.clients * options.predictions * DELIVERIES_PER_PREDICTION
     return {
         "setup": label,
         "processes": instances * workers,
-        "deliveries": acknowledged,
-        "expected": expected,
-        "seconds": elapsed,
-        "per_second": acknowledged / elapsed,
+        "acknowledged": acknowledged,
+        "failed": failed,
+        "stored": stored_rows(dsn),
+        "per_second": acknowledged / seconds,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--predictions", type=int, default=150, help="per client")
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=16, help="per client")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per setup; the best is shown")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per setup")
+    parser.add_argument("--connections", type=int, default=128, help="in total, split over the instances")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if os.environ.get("DATABASE_URL"):
             admin_dsn = os.environ["DATABASE_URL"]
         else:
             admin_dsn = embedded.dsn(embedded.start(Path(tmp), delete_on_exit=True))
-        rows = []
-        for setup in SETUPS:
-            runs = [measure(admin_dsn, *setup, options) for _ in range(options.repeat)]
-            rows.append(max(runs, key=lambda run: run["per_second"]))
+        rows = [measure(admin_dsn, *setup, options) for setup in SETUPS]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"\n{os.cpu_count()} cores, load average {load}; {options.clients} clients x "
-        f"{options.predictions} predictions x {DELIVERIES_PER_PREDICTION} deliveries, "
-        f"concurrency {options.concurrency} each\n"
+        f"\n{os.cpu_count()} cores, load average {load} at the end; wrk closed loop, "
+        f"{options.connections} connections in total, {options.duration:g} s per setup\n"
     )
-    print("| setup | Relay processes | deliveries acked | seconds | deliveries/s |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| setup | Relay processes | deliveries acknowledged | not 2xx | rows stored | deliveries/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        short = "" if row["deliveries"] == row["expected"] else f" (of {row['expected']})"
         print(
-            f"| {row['setup']} | {row['processes']} | {row['deliveries']}{short} | "
-            f"{row['seconds']:.2f} | {row['per_second']:.0f} |"
+            f"| {row['setup']} | {row['processes']} | {row['acknowledged']:,} | {row['failed']} | "
+            f"{row['stored']:,} | {row['per_second']:,.0f} |"
         )
 
 

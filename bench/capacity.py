@@ -2,8 +2,9 @@
 
 Usage:  .venv/bin/python bench/capacity.py [--seconds 3] [--events 2000]
 
-1. Append ceiling: `store.append` (the advisory lock, INSERT, projection upsert, pg_notify,
-   COMMIT: exactly what the group committer runs) from C connections with batches of B
+1. Append ceiling: `store.append` in a transaction (the advisory lock, INSERT, projection
+   upsert, pg_notify, COMMIT: what the group committer runs with encryption on; without it the
+   same statement is autocommitted) from C connections with batches of B
    simulated deliveries (~1.5 KB bodies), for a fixed time. No HTTP: this is the database's
    share of the work and the ceiling every instance together shares.
 2. Fan-out: one `relay serve`, S subscribers on `/events/ws`; E events appended straight to the

@@ -69,8 +69,12 @@ def event_text(row: asyncpg.Record | dict, vault: Vault, *, replayed: bool = Fal
     return f'{head[:-1]},"prediction":{body_bytes(row, vault).decode()}}}'
 
 
+# One encoder for every message: json.dumps builds a new one per call when given separators.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def dumps(message: dict[str, Any]) -> str:
-    return json.dumps(message, separators=(",", ":"))
+    return _COMPACT.encode(message)
 
 
 class EventsResponse(JSONResponse):

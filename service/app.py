@@ -183,10 +183,12 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         relay.pool = await asyncpg.create_pool(dsn, min_size=2, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT)
-        relay.committer = GroupCommitter(relay.pool, prepare=relay.vault.prepare)
-        relay.committer.start()
         relay.hub = Hub(relay.pool, relay.connect, relay.vault)
         await relay.hub.start()
+        # With encryption on, the hub reads (and decrypts) every row from the log instead.
+        handover = None if relay.vault.enabled else relay.hub.committed_here
+        relay.committer = GroupCommitter(relay.pool, prepare=relay.vault.prepare, on_commit=handover)
+        relay.committer.start()
         start_upstream(relay)
         start_budget(relay)
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out

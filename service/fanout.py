@@ -14,7 +14,6 @@ rows and sends them marked replayed, whatever each subscriber's cursor, without 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -84,6 +83,7 @@ class Hub:
         self._subscribers: dict[str | None, set[Subscriber]] = defaultdict(set)
         self._nudge = asyncio.Event()
         self._notified = 0  # the newest seq a notification announced
+        self._stale = True  # rows may have committed unannounced: read the log on the next wake
         self._replays: asyncio.Queue[str] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._closing_code: int | None = None
@@ -132,8 +132,10 @@ class Hub:
             if not group:
                 del self._subscribers[subscriber.prediction_id]
 
-    def dispatch(self, rows: Iterable[asyncpg.Record], *, replayed: bool = False) -> None:
+    def dispatch(self, rows: Iterable[asyncpg.Record | dict], *, replayed: bool = False) -> None:
         for row in rows:
+            if not replayed and row["seq"] <= self.cursor:
+                continue  # handed over by this process's writer while the log was being read
             targets = self._targets(row["prediction_id"])
             if targets:
                 message = Message(
@@ -147,6 +149,32 @@ class Hub:
             if not replayed:
                 self.cursor = max(self.cursor, row["seq"])
 
+    def committed_here(self, rows: list[tuple[int, store.Delivery]]) -> None:
+        """Rows this process's writer has just committed, in clear (encryption off). When they
+        continue the cursor without a gap (no other process's rows before them, no seq lost to a
+        duplicate or a failed batch), no other row can lie between: they are delivered as they
+        are, and the notification they cause finds nothing new to read. Otherwise the
+        notification makes the hub read the log, as for another process's rows."""
+        if not rows or not self._subscribers:
+            return
+        rows = sorted(rows, key=lambda row: row[0])
+        first, last = rows[0][0], rows[-1][0]
+        if first != self.cursor + 1 or last - first != len(rows) - 1:
+            return
+        self.dispatch(
+            {
+                "seq": seq,
+                "prediction_id": d.prediction_id,
+                "status": d.status,
+                "webhook_id": d.webhook_id,
+                "source": d.source,
+                "received_at": d.received_at,
+                "body": d.body,
+                "encrypted": False,
+            }
+            for seq, d in rows
+        )
+
     def _targets(self, prediction_id: str) -> list[Subscriber]:
         return [*self._subscribers.get(prediction_id, ()), *self._subscribers.get(None, ())]
 
@@ -154,14 +182,20 @@ class Hub:
         while True:
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the
             # nudge arrives, and the hub then never stops (SIGTERM under load hung on it).
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(POLL_INTERVAL):
                     await self._nudge.wait()
+            except TimeoutError:
+                self._stale = True  # the periodic read, for a LISTEN connection that died quietly
             self._nudge.clear()
+            if self._notified <= self.cursor and not self._stale:
+                continue  # only notifications of rows already delivered (committed_here)
+            self._stale = False
             try:
                 await self._read_new()
             except Exception as exc:  # noqa: BLE001 - the database may be restarting
                 log.warning("fan-out could not read the log (%s); retrying", type(exc).__name__)
+                self._stale = True
                 await asyncio.sleep(RECONNECT_DELAY)
 
     async def _read_new(self) -> None:
@@ -211,7 +245,8 @@ class Hub:
                     LISTENER_RECONNECTS.inc()
                 first = False
                 self.listening.set()
-                self._nudge.set()  # catch up on whatever was committed while we were away
+                self._stale = True  # catch up on whatever was committed while we were away
+                self._nudge.set()
                 await self._watch(conn, lost)
             except asyncio.CancelledError:
                 raise

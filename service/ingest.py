@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -144,9 +145,15 @@ class GroupCommitter:
     """
 
     def __init__(
-        self, pool: asyncpg.Pool, max_batch: int = MAX_BATCH, *, prepare: store.Prepare | None = None
+        self,
+        pool: asyncpg.Pool,
+        max_batch: int = MAX_BATCH,
+        *,
+        prepare: store.Prepare | None = None,
+        on_commit: Callable[[list[tuple[int, Delivery]]], None] | None = None,
     ):
         self._prepare = prepare
+        self._on_commit = on_commit  # given each batch's new rows (seq, delivery) once committed
         self._writer = HeldConnection(pool, ACQUIRE_TIMEOUT)
         self._max_batch = max_batch
         self._pending: deque[tuple[Delivery, asyncio.Future[Appended]]] = deque()
@@ -199,6 +206,8 @@ class GroupCommitter:
             self._fail(batch, DatabaseUnavailable())
             return
         self.batches += 1
+        if self._on_commit is not None:
+            self._on_commit([(r.seq, d) for (d, _), r in zip(batch, results, strict=True) if not r.duplicate])
         for (delivery, future), result in zip(batch, results, strict=True):
             log.debug(
                 "stored seq %d prediction %s status %s%s",

@@ -114,13 +114,13 @@ def tiny_window_socket(port: int) -> socket.socket:
     return sock
 
 
-def post(client: httpx.Client, body: dict) -> int:
+def post(client: httpx.Client, body: dict | bytes) -> int:
     response = post_webhook(client, body)
     assert response.status_code == 200, response.text
     return response.json()["seq"]
 
 
-async def post_async(client: httpx.Client, body: dict) -> int:
+async def post_async(client: httpx.Client, body: dict | bytes) -> int:
     return await asyncio.to_thread(post, client, body)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 
@@ -57,6 +58,28 @@ def test_backlog_then_caught_up_then_live_events_in_order(client, relay):
     assert first["prediction_id"] == prediction_id and first["source"] == "webhook"
     assert first["replayed"] is False and first["webhook_id"].startswith("msg_")
     assert first["received_at"].endswith("Z")
+
+
+def test_a_live_message_is_the_same_as_the_logs_for_a_late_reader(client, relay):
+    """Events delivered live (handed from this process's writer to its hub) and the same events
+    read back from the log by a client connecting afterwards are the same messages."""
+    prediction_id = new_prediction_id()
+    bodies = lifecycle(prediction_id)
+    bodies[1]["logs"] = "caf\u00e9 \u2615 naïve"  # non-ASCII, as raw UTF-8 in the body
+
+    async def scenario() -> tuple[list[dict], list[dict]]:
+        async with subscribe(stream_url(relay, prediction_id)) as ws:
+            await read_backlog(ws)
+            for body in bodies:
+                await post_async(client, json.dumps(body, ensure_ascii=False).encode())
+            live, _ = await read_to_close(ws)
+        async with subscribe(stream_url(relay, prediction_id)) as late:
+            stored, _ = await read_to_close(late)
+        return live, [m for m in stored if m["type"] == "event"]
+
+    live, stored = asyncio.run(scenario())
+    assert len(live) == len(bodies) and live == stored
+    assert live[1]["prediction"]["logs"] == "caf\u00e9 \u2615 naïve"
 
 
 def test_resume_after_a_disconnect_gets_exactly_the_missing_events(client, relay):

@@ -5,7 +5,9 @@ The writer `pg_notify`s a seq inside its transaction; the hub wakes, reads rows 
 each event's message, serialised once, to every interested subscriber. A subscriber whose queue
 is full is marked overflowed and its socket is closed with 1013; it resumes with `after=`.
 If the LISTEN connection drops, the hub reconnects and catches up from its cursor; a periodic
-poll covers a connection that dies silently.
+poll covers a connection that dies silently. Rows this process's own writer commits are handed
+over directly (`committed_here`) when they continue the cursor without a gap, and then need no
+read; while nobody subscribes, nothing is read at all.
 
 A replay to live subscribers arrives on `relay_replay` as a list of seqs; the hub reads those
 rows and sends them marked replayed, whatever each subscriber's cursor, without moving its own.

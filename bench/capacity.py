@@ -28,6 +28,7 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.pgceiling import rows_per_second  # noqa: E402
 from service import store  # noqa: E402
 from service.ingest import delivery_from  # noqa: E402
 from service.simulate import lifecycle  # noqa: E402
@@ -56,24 +57,15 @@ def deliveries(count: int) -> list[store.Delivery]:
 
 
 async def append_rate(dsn: str, connections: int, batch: int, seconds: float) -> float:
-    conns = [await asyncpg.connect(dsn) for _ in range(connections)]
     pool = deliveries(batch * 50)
-    done = [0] * connections
-    deadline = time.monotonic() + seconds
 
-    async def writer(index: int, conn: asyncpg.Connection) -> None:
-        while time.monotonic() < deadline:
-            fresh = [store.Delivery(**{**d.__dict__, "webhook_id": new_webhook_id()}) for d in pool[:batch]]
-            async with conn.transaction():
-                await store.append(conn, fresh)
-            done[index] += batch
+    async def write(conn: asyncpg.Connection, _index: int) -> int:
+        fresh = [store.Delivery(**{**d.__dict__, "webhook_id": new_webhook_id()}) for d in pool[:batch]]
+        async with conn.transaction():
+            await store.append(conn, fresh)
+        return batch
 
-    started = time.monotonic()
-    await asyncio.gather(*(writer(i, c) for i, c in enumerate(conns)))
-    elapsed = time.monotonic() - started
-    for conn in conns:
-        await conn.close()
-    return sum(done) / elapsed
+    return await rows_per_second(dsn, connections, seconds, write)
 
 
 async def fanout_rate(relay: RelayProcess, dsn: str, subscribers: int, events: int) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -22,20 +23,18 @@ INSERT_MANY = "INSERT INTO ceiling (webhook_id, body) SELECT * FROM unnest($1::t
 BODY = os.urandom(1500)
 
 
-async def _rows_per_second(dsn: str, connections: int, batch: int, seconds: float) -> float:
+async def rows_per_second(
+    dsn: str, connections: int, seconds: float, write: Callable[[asyncpg.Connection, int], Awaitable[int]]
+) -> float:
+    """`connections` connections each calling `write(conn, index)` (which returns the rows it
+    wrote) until `seconds` have passed; the rows written per second, all together."""
     conns = [await asyncpg.connect(dsn) for _ in range(connections)]
     deadline = time.monotonic() + seconds
     counts = [0] * connections
 
     async def worker(index: int, conn: asyncpg.Connection) -> None:
-        prefix = f"{batch}-{index}-"
         while time.monotonic() < deadline:
-            ids = [f"{prefix}{counts[index] + i}" for i in range(batch)]
-            if batch == 1:
-                await conn.execute(INSERT_ONE, ids[0], BODY)
-            else:
-                await conn.execute(INSERT_MANY, ids, [BODY] * batch)
-            counts[index] += batch
+            counts[index] += await write(conn, index)
 
     started = time.monotonic()
     await asyncio.gather(*(worker(i, c) for i, c in enumerate(conns)))
@@ -43,6 +42,21 @@ async def _rows_per_second(dsn: str, connections: int, batch: int, seconds: floa
     for conn in conns:
         await conn.close()
     return sum(counts) / elapsed
+
+
+async def _insert_rate(dsn: str, connections: int, batch: int, seconds: float) -> float:
+    written = [0] * connections
+
+    async def write(conn: asyncpg.Connection, index: int) -> int:
+        ids = [f"{batch}-{index}-{written[index] + i}" for i in range(batch)]
+        if batch == 1:
+            await conn.execute(INSERT_ONE, ids[0], BODY)
+        else:
+            await conn.execute(INSERT_MANY, ids, [BODY] * batch)
+        written[index] += batch
+        return batch
+
+    return await rows_per_second(dsn, connections, seconds, write)
 
 
 async def _commit_latencies_ms(dsn: str, seconds: float) -> list[float]:
@@ -67,8 +81,8 @@ async def measure(dsn: str, seconds: float) -> dict[str, float]:
     await conn.close()
     commits = await _commit_latencies_ms(dsn, seconds)
     return {
-        "single": await _rows_per_second(dsn, 32, 1, seconds),
-        "batched": await _rows_per_second(dsn, 4, 100, seconds),
+        "single": await _insert_rate(dsn, 32, 1, seconds),
+        "batched": await _insert_rate(dsn, 4, 100, seconds),
         "commit_p50": percentile(commits, 0.5),
         "commit_p99": percentile(commits, 0.99),
         "commit_p999": percentile(commits, 0.999),

@@ -6,7 +6,6 @@ made visible in the same order: a reader that has seen seq N never later finds a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -183,7 +182,3 @@ async def fetch_status_runs(conn: asyncpg.Connection, prediction_ids: list[str])
 
 def iso(moment: datetime | None) -> str | None:
     return moment.isoformat().replace("+00:00", "Z") if moment is not None else None
-
-
-def decode_body(body: bytes) -> Any:
-    return json.loads(body)

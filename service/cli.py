@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from . import console, database, usage
 from .auth import DEFAULT_TTL, mint_token
@@ -136,8 +137,24 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line mistakes: `relay events: error: …`, not the usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # Each subcommand's parser refuses its own unknown flags, so the line names the command.
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay", description=__doc__)
+    parser = Parser(prog="relay", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, func, add_arguments in COMMANDS:
         command = sub.add_parser(name, help=help_text)

@@ -127,6 +127,28 @@ def test_an_unreachable_database_is_a_one_line_error_without_the_dsn():
     assert "hunter2" not in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (("events", "--colour", "red"), "unrecognized arguments: --colour red"),
+        (("events", "--limit", "abc"), "argument --limit: invalid int value: 'abc'"),
+        (("export", "--format", "csv"), "unrecognized arguments: --format csv"),
+        (("replay", "--fanout", "--concurrency", "x"), "argument --concurrency: invalid int value: 'x'"),
+        (("replay", "--since", "2026-11-01"), "one of the arguments --to --fanout is required"),
+        (("tail", "--after", "x"), "argument --after: invalid int value: 'x'"),
+        (("usage", "--group", "week"), "argument --group: invalid choice: 'week'"),
+        ((), "the following arguments are required: command"),
+    ],
+)
+def test_a_flag_mistake_is_one_line_naming_the_command_and_exit_2(args, problem):
+    """No usage block: one line with the command, the problem and where to read more."""
+    result = relay_cli(*args, env=relay_env(f"postgresql://127.0.0.1:{free_port()}/unused"))
+    command = " ".join(["relay", *args[:1]])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"{command}: error: {problem}"), result.stderr
+    assert result.stderr.endswith(f" (see {command} --help)\n") and result.stderr.count("\n") == 1
+
+
 def test_token_command_mints_a_token_for_one_prediction(postgres):
     result = relay_cli("token", "pred123", "--ttl", "60", env=relay_env(postgres.admin_dsn))
     assert result.returncode == 0

@@ -42,4 +42,5 @@ def test_events_bad_flags_exit_2_with_one_line(relay):
         assert done.returncode == 2 and done.stderr.startswith(f"relay: error: {message}")
         assert done.stderr.count("\n") == 1, done.stderr
     unknown = relay_cli("events", "--colour", "red", env=relay.env)
-    assert unknown.returncode == 2 and "unrecognized arguments: --colour" in unknown.stderr
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    assert unknown.stderr.startswith("relay events: error: unrecognized arguments: --colour red")

@@ -25,13 +25,15 @@ from service.vault import Vault
 
 from .support import ADMIN_TOKEN, ROOT, deliver_lifecycle, new_prediction_id, post_webhook, query
 from .test_cli import relay_cli
+from .test_metrics import delta, scrape
 
 RECEIVER_SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+HANG_UP = 0  # a scripted answer: close the connection without a response
 
 
 class Receiver(ThreadingHTTPServer):
     """A downstream system: verifies signatures, records what it accepted, can be scripted to
-    answer with errors first. `/moved` redirects to `/hook`."""
+    answer with errors (or hang up) first. `/moved` redirects to `/hook`."""
 
     daemon_threads = True
 
@@ -45,6 +47,7 @@ class Receiver(ThreadingHTTPServer):
         self.held = threading.Event()
         self.released = threading.Event()
         self.accepted: list[tuple[str, bytes]] = []  # (webhook-id, body), in arrival order
+        self.timestamps: dict[str, int] = {}  # webhook-id -> webhook-timestamp it was accepted with
         self.attempts: list[tuple[str, str]] = []  # (path, webhook-id) of every request
         self.bad_signatures = 0
 
@@ -71,6 +74,7 @@ class Receiver(ThreadingHTTPServer):
                 self.bad_signatures += 1
                 return 401, {}
             self.accepted.append((headers["webhook-id"], body))
+            self.timestamps[headers["webhook-id"]] = int(headers["webhook-timestamp"])
             return 200, {}
 
     def accepted_ids(self) -> list[str]:
@@ -84,6 +88,9 @@ class ReceiverHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["content-length"]))
         headers = {k.lower(): v for k, v in self.headers.items()}
         status, extra = self.server.answer(self.path, headers, body)
+        if status == HANG_UP:
+            self.close_connection = True
+            return
         self.send_response(status)
         for name, value in {**extra, "Content-Length": "0"}.items():
             self.send_header(name, value)
@@ -164,6 +171,61 @@ def test_replay_retries_503_and_429_then_delivers(client, admin, receiver):
     ids = [e["webhook_id"] for e in stored(admin, prediction_id=prediction_id)]
     assert receiver.accepted_ids() == ids
     assert [w for _, w in receiver.attempts[:3]] == [ids[0]] * 3
+
+
+def test_replay_retries_503_twice_then_delivers_each_event_once(relay, client, admin, receiver):
+    prediction_id = new_prediction_id()
+    deliver_lifecycle(client, prediction_id)
+    receiver.script = [(503, {}), (503, {})]
+    code, report, stderr = replay_cli(
+        relay, "--prediction", prediction_id, "--to", receiver.url + "/hook", "--secret", RECEIVER_SECRET
+    )
+    ids = [e["webhook_id"] for e in stored(admin, prediction_id=prediction_id)]
+    assert code == 0 and report["delivered"] == len(ids) and report["failed"] == [], stderr
+    assert receiver.accepted_ids() == ids
+    assert [w for _, w in receiver.attempts] == [ids[0]] * 3 + ids[1:]
+
+
+def test_replay_retries_after_the_receiver_hangs_up(client, admin, receiver):
+    """A connection closed without an answer is a network error: retried, then delivered once."""
+    prediction_id = new_prediction_id()
+    deliver_lifecycle(client, prediction_id)
+    receiver.script = [(HANG_UP, {})]
+    before = scrape(admin)
+    body = {
+        "filter": {"prediction_id": prediction_id},
+        "target": {"url": receiver.url + "/hook", "secret": RECEIVER_SECRET},
+    }
+    report = admin.post("/admin/replay", json=body).json()
+    ids = [e["webhook_id"] for e in stored(admin, prediction_id=prediction_id)]
+    assert report["delivered"] == len(ids) and report["failed"] == []
+    assert receiver.accepted_ids() == ids
+    assert [w for _, w in receiver.attempts] == [ids[0]] * 2 + ids[1:]
+    after = scrape(admin)
+    assert delta(before, after, "relay_replay_deliveries_total", outcome="retried") == 1
+    assert delta(before, after, "relay_replay_deliveries_total", outcome="delivered") == len(ids)
+
+
+def test_replay_signs_with_the_original_id_and_a_fresh_timestamp(relay, client, receiver):
+    """Events delivered minutes ago are replayed with their own webhook-id but the time of the replay."""
+    prediction_id = new_prediction_id()
+    original = int(time.time()) - 240
+    for body in lifecycle(prediction_id):
+        assert post_webhook(client, body, timestamp=original).status_code == 200
+    rows = query(
+        relay.env["DATABASE_URL"],
+        "SELECT webhook_id, extract(epoch FROM webhook_timestamp)::bigint AS stamp FROM events"
+        " WHERE prediction_id = $1 ORDER BY seq",
+        prediction_id,
+    )
+    assert {row["stamp"] for row in rows} == {original}
+    started = int(time.time())
+    code, report, stderr = replay_cli(
+        relay, "--prediction", prediction_id, "--to", receiver.url + "/hook", "--secret", RECEIVER_SECRET
+    )
+    assert code == 0 and report["delivered"] == len(rows), stderr
+    assert receiver.accepted_ids() == [row["webhook_id"] for row in rows]
+    assert all(started <= stamp <= time.time() for stamp in receiver.timestamps.values())
 
 
 def test_replay_does_not_follow_redirects(relay, client, receiver):

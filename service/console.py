@@ -29,12 +29,15 @@ from .tail import tail, ws_base
 from .vault import Vault
 
 T = TypeVar("T")
+BAR_WIDTH = 20
 
 
 class Progress:
-    """`label: 12,345 (4,100/s)` redrawn on stderr at most ten times a second, on a terminal only."""
+    """`label: 12,345 (4,100/s)` redrawn on stderr at most ten times a second, on a terminal only.
+    With a `total` (read at each draw: a replay learns it from its plan) it is a bar,
+    `label: [#####...............] 460/1,840 (4,100/s)`."""
 
-    def __init__(self, label: str, quiet: bool, total: int | None = None):
+    def __init__(self, label: str, quiet: bool, total: Callable[[], int] | None = None):
         self.label, self.total = label, total
         self.enabled = not quiet and sys.stderr.isatty()
         self.count = 0
@@ -48,9 +51,15 @@ class Progress:
     def draw(self, end: str = "") -> None:
         self.drawn = time.monotonic()
         rate = self.count / max(self.drawn - self.started, 1e-6)
-        total = f"/{self.total:,}" if self.total is not None else ""
-        sys.stderr.write(f"\r{self.label}: {self.count:,}{total} ({rate:,.0f}/s)\x1b[K{end}")
+        sys.stderr.write(f"\r{self.label}: {self.counted()} ({rate:,.0f}/s)\x1b[K{end}")
         sys.stderr.flush()
+
+    def counted(self) -> str:
+        total = self.total() if self.total is not None else 0
+        if not total:
+            return f"{self.count:,}"
+        filled = min(BAR_WIDTH, BAR_WIDTH * self.count // total)
+        return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {self.count:,}/{total:,}"
 
     def close(self) -> None:
         if self.enabled:
@@ -156,7 +165,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     target = replay_target(args)
     concurrency = bounded("--concurrency", args.concurrency, 1, 64)
     retries = bounded("--retries", args.retries, 0, 20)
-    report, progress = Report(), Progress("replayed", args.quiet)
+    report = Report()
+    progress = Progress("replayed", args.quiet or args.dry_run, total=lambda: report.matched)
 
     async def run(conn: asyncpg.Connection) -> Report:
         return await replay(

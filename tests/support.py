@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import json
 import os
+import pty
 import signal
 import socket
 import subprocess
@@ -248,3 +249,24 @@ async def follow_log(fetch: Callable[..., Awaitable[list]], done: asyncio.Event)
         cursor = rows[-1]["seq"] if rows else cursor
         if finished and not rows:
             return seen
+
+
+def relay_on_terminal(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, bytes]:
+    """Run `relay ARGS` with stderr on a pseudo-terminal (stdout piped); what the terminal showed."""
+    primary, secondary = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "service", *args],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=secondary, text=True, timeout=60,
+        )  # fmt: skip
+        os.close(secondary)
+        secondary = -1
+        terminal = b""
+        with contextlib.suppress(OSError):  # EIO once the terminal's last writer has gone
+            while chunk := os.read(primary, 4096):
+                terminal += chunk
+    finally:
+        os.close(primary)
+        if secondary != -1:
+            os.close(secondary)
+    return done, terminal

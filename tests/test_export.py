@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
-import pty
-import subprocess
-import sys
 from datetime import UTC, datetime
 
-from .support import ROOT, deliver_lifecycle, new_prediction_id, new_webhook_id, post_webhook, query
+from .support import (
+    deliver_lifecycle,
+    new_prediction_id,
+    new_webhook_id,
+    post_webhook,
+    query,
+    relay_on_terminal,
+)
 from .test_cli import relay_cli
 
 FIELDS = {"seq", "webhook_id", "prediction_id", "status", "source", "received_at", "webhook_timestamp"}
@@ -102,23 +104,10 @@ def test_export_bad_input_is_one_line_and_exit_2(relay, tmp_path):
 def test_export_draws_progress_on_a_terminal_only(relay, client):
     prediction_id = new_prediction_id()
     deliver_lifecycle(client, prediction_id)
-    primary, secondary = pty.openpty()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "service", "export", "--prediction", prediction_id],
-            env=relay.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=secondary, timeout=60,
-        )  # fmt: skip
-        os.close(secondary)
-        secondary = -1
-        terminal = b""
-        with contextlib.suppress(OSError):
-            while chunk := os.read(primary, 4096):
-                terminal += chunk
-    finally:
-        os.close(primary)
-        if secondary != -1:
-            os.close(secondary)
+    done, terminal = relay_on_terminal("export", "--prediction", prediction_id, env=relay.env)
     assert done.returncode == 0
     assert b"exported: 6 (" in terminal and b"/s)" in terminal
     piped = relay_cli("export", "--prediction", prediction_id, env=relay.env)
     assert piped.stderr == "exported 6 event(s) to stdout\n"
+    quiet, terminal = relay_on_terminal("export", "--prediction", prediction_id, "--quiet", env=relay.env)
+    assert quiet.returncode == 0 and len(quiet.stdout.splitlines()) == 6 and terminal == b""

@@ -23,7 +23,15 @@ from service.fanout import Hub, Subscriber
 from service.simulate import lifecycle
 from service.vault import Vault
 
-from .support import ADMIN_TOKEN, ROOT, deliver_lifecycle, new_prediction_id, post_webhook, query
+from .support import (
+    ADMIN_TOKEN,
+    ROOT,
+    deliver_lifecycle,
+    new_prediction_id,
+    post_webhook,
+    query,
+    relay_on_terminal,
+)
 from .test_cli import relay_cli
 from .test_metrics import delta, scrape
 
@@ -292,6 +300,19 @@ def test_dry_run_prints_the_plan_and_sends_nothing(relay, client, receiver):
     assert f"matched {len(seqs)} event(s), seq {seqs[0]}..{seqs[-1]}, 1 prediction(s)" in done.stdout
     assert "dry run: nothing sent" in done.stdout
     assert receiver.attempts == []
+
+
+def test_replay_draws_a_progress_bar_on_a_terminal_only(relay, client):
+    """Count out of the planned total, and rate, on a terminal; nothing with --quiet or a pipe."""
+    prediction_id = new_prediction_id()
+    n = len(deliver_lifecycle(client, prediction_id))
+    args = ("replay", "--prediction", prediction_id, "--fanout")
+    done, terminal = relay_on_terminal(*args, env=relay.env)
+    assert done.returncode == 0 and f"delivered {n}, failed 0" in done.stdout
+    assert f"replayed: [{'#' * 20}] {n}/{n} (".encode() in terminal and b"/s)" in terminal
+    quiet, terminal = relay_on_terminal(*args, "--quiet", env=relay.env)
+    assert quiet.returncode == 0 and f"delivered {n}, failed 0" in quiet.stdout and terminal == b""
+    assert relay_cli(*args, env=relay.env).stderr == ""
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import queue
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import httpx
 from service.simulate import lifecycle
 
 from .support import ROOT, RelayProcess, deliver_lifecycle, new_prediction_id, post_webhook, relay_env
+from .test_cli import dev_env, relay_cli
 
 
 class Tail:
@@ -69,6 +72,41 @@ def test_tail_prints_a_prediction_live_and_ends_with_it(relay, client):
     assert lines[0].split()[3] == "starting" and lines[-1].split()[3] == "succeeded"
     assert "100%" in lines[-1] and "1 output" in lines[-1]
     assert "replicate.delivery" not in "\n".join(lines), "output URLs are not printed"
+
+
+def test_tail_after_seq_starts_after_it_with_the_backlog_then_live_events(relay, client):
+    prediction_id = new_prediction_id()
+    bodies = lifecycle(prediction_id)
+    backlog = [post_webhook(client, body).json()["seq"] for body in bodies[:3]]
+    tail = Tail(relay.env, prediction_id, "--after", str(backlog[0]), "--url", relay.url)
+    try:
+        printed = [seq_of(tail.next_line()) for _ in backlog[1:]]
+        live = [post_webhook(client, body).json()["seq"] for body in bodies[3:]]
+        printed += [seq_of(tail.next_line()) for _ in live]
+        assert tail.proc.wait(15) == 0
+    finally:
+        tail.stop()
+    assert printed == backlog[1:] + live
+
+
+def test_tail_in_dev_mode_takes_the_admin_token_from_the_data_dir(tmp_path):
+    data_dir = tmp_path / "relay-data"
+    server = RelayProcess(dev_env(data_dir)).start(timeout=60)
+    tail = Tail(dev_env(data_dir), "--url", server.url)  # no RELAY_ADMIN_TOKEN in its environment
+    try:
+        secret = json.loads((data_dir / "secrets.json").read_text())["webhook_secrets"]
+        key = base64.b64decode(secret.removeprefix("whsec_"))
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            seqs = [
+                post_webhook(http, body, key=key).json()["seq"] for body in lifecycle(new_prediction_id())
+            ]
+        printed = [seq_of(tail.next_line()) for _ in seqs]
+    finally:
+        stderr = tail.stop()
+        server.stop()
+    assert printed == seqs, stderr
+    refused = relay_cli("tail", "--url", server.url, env=dev_env(tmp_path / "empty"))
+    assert refused.returncode == 2 and "no admin token: set RELAY_ADMIN_TOKEN" in refused.stderr
 
 
 def test_tail_resumes_after_the_server_restarts_without_gaps_or_repeats(postgres):

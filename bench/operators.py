@@ -1,11 +1,13 @@
-"""Operator queries on a large log: first-page latency and plan of each filter, export rate.
+"""Operator queries on a large log: first-page latency and plan of each filter, export memory.
 
-    .venv/bin/python bench/operators.py --rows 1000000
+    .venv/bin/python bench/operators.py --rows 1000000 --export-rows 100000
 
 Loads synthetic rows (about 400-byte bodies, 100,000 predictions, a status mix like real
 lifecycles, one row per 20 ms of received_at) into a scratch database on a throwaway embedded
 Postgres (or DATABASE_URL's server), ANALYZEs, then prints one table row per filter: the plan's
-access path, the time of the first page of 100 (best of 5), and the export rate.
+access path and the time of the first page of 100 (best of 5); the full `EXPLAIN (ANALYZE,
+BUFFERS)` of the one-hour window; and, for `relay export` runs (real CLI processes) of 0, N
+and 10N rows, the time, rate and peak RSS of the process (from `wait4`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service import embedded, migrations, store  # noqa: E402
-from service.export import export  # noqa: E402
 from service.filters import parse_filter  # noqa: E402
+from tests.support import relay_env  # noqa: E402
 
 LOAD = """
 INSERT INTO events (webhook_id, prediction_id, status, source, body, webhook_timestamp, received_at)
@@ -66,9 +68,13 @@ async def load(conn: asyncpg.Connection, rows: int) -> float:
     return time.perf_counter() - started
 
 
-async def first_page(conn: asyncpg.Connection, values: dict[str, str]) -> tuple[str, float]:
+def first_page_sql(values: dict[str, str]) -> tuple[str, list]:
     where, args = parse_filter(values).where()
-    sql = f"{store.select_where(where)} LIMIT 100"
+    return f"{store.select_where(where)} LIMIT 100", args
+
+
+async def first_page(conn: asyncpg.Connection, values: dict[str, str]) -> tuple[str, float]:
+    sql, args = first_page_sql(values)
     plan = [r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args)]
     scans = [line.strip().removeprefix("->").strip().split("  (")[0] for line in plan if "Scan" in line]
     access = "; ".join(scans) or plan[0]
@@ -80,9 +86,21 @@ async def first_page(conn: asyncpg.Connection, values: dict[str, str]) -> tuple[
     return access, best
 
 
-class Sink:
-    def write(self, text: str) -> int:
-        return len(text)
+async def explain_one_hour(conn: asyncpg.Connection, rows: int) -> list[str]:
+    sql, args = first_page_sql(dict(filters(rows))["one hour (since/until)"])
+    return [r[0] for r in await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", *args)]
+
+
+def export_process(dsn: str, rows: int) -> tuple[float, float]:
+    """Seconds and peak RSS (MiB) of `relay export` writing the first `rows` rows to /dev/null."""
+    argv = [sys.executable, "-m", "service", "export", "--quiet", "-o", os.devnull, "--before", str(rows + 1)]
+    started = time.perf_counter()
+    pid = os.posix_spawn(sys.executable, argv, relay_env(dsn))
+    _, status, usage = os.wait4(pid, 0)
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"relay export exited {os.waitstatus_to_exitcode(status)}")
+    return elapsed, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 async def bench(dsn: str, rows: int, export_rows: int) -> None:
@@ -95,12 +113,15 @@ async def bench(dsn: str, rows: int, export_rows: int) -> None:
         for name, values in filters(rows):
             access, seconds = await first_page(conn, values)
             print(f"| {name} | {access} | {seconds * 1000:.2f} ms |")
-        started = time.perf_counter()
-        count = await export(conn, parse_filter({"before": str(export_rows + 1)}), Sink())
-        elapsed = time.perf_counter() - started
-        print(f"\nexport: {count:,} rows in {elapsed:.1f} s = {count / elapsed:,.0f} rows/s (to /dev/null)")
+        print("\nEXPLAIN (ANALYZE, BUFFERS), one hour (since/until), first page:\n")
+        print("\n".join(await explain_one_hour(conn, rows)))
     finally:
         await conn.close()
+    print("\n| `relay export` of | time | rows/s | peak RSS |")
+    print("| ---: | ---: | ---: | ---: |")
+    for count in (0, export_rows, min(rows, 10 * export_rows)):
+        elapsed, peak = export_process(dsn, count)
+        print(f"| {count:,} rows | {elapsed:.1f} s | {count / elapsed:,.0f} | {peak:.1f} MiB |")
 
 
 async def scratch_database(admin_dsn: str) -> str:
@@ -116,7 +137,7 @@ async def scratch_database(admin_dsn: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--export-rows", type=int, default=200_000)
+    parser.add_argument("--export-rows", type=int, default=100_000, help="N: exports 0, N and 10N rows")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         server = None

@@ -12,9 +12,17 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from service.simulate import lifecycle
+from service.simulate import MODEL, lifecycle
 
-from .browser import dashboard_url, image_server, launch_browser, new_page, relay_pair, save_screenshot
+from .browser import (
+    TIMEOUT_MS,
+    dashboard_url,
+    image_server,
+    launch_browser,
+    new_page,
+    relay_pair,
+    save_screenshot,
+)
 from .support import (
     ADMIN_TOKEN,
     ROOT,
@@ -24,6 +32,7 @@ from .support import (
     deliver_lifecycle,
     new_prediction_id,
     post_webhook,
+    relay_env,
 )
 
 PHONE = {"width": 390, "height": 844}
@@ -42,7 +51,14 @@ def served(relays) -> RelayProcess:
 
 
 @pytest.fixture(scope="module")
-def browser(relays) -> Iterator[Browser]:
+def spend_dsn(postgres) -> str:
+    """A database of its own for the budget test, made before the browser starts (Playwright's
+    event loop then runs in this thread, and the fixtures' asyncio.run cannot)."""
+    return postgres.new_database()
+
+
+@pytest.fixture(scope="module")
+def browser(relays, spend_dsn) -> Iterator[Browser]:
     with launch_browser() as chromium:
         yield chromium
 
@@ -76,6 +92,16 @@ def with_output(bodies: list[dict], url: str) -> list[dict]:
 def open_live(page: Page, served: RelayProcess, path: str = "/") -> None:
     page.goto(dashboard_url(served, path))
     expect(page.locator("#connection")).to_contain_text("Live")
+
+
+def deliver_priced(http: httpx.Client, predict_time: float) -> str:
+    """A succeeded prediction of MODEL whose final delivery reports `predict_time` seconds."""
+    prediction_id = new_prediction_id()
+    bodies = lifecycle(prediction_id)
+    bodies[-1] = {**bodies[-1], "metrics": {"predict_time": predict_time}}
+    for body in bodies:
+        assert post_webhook(http, body).status_code == 200
+    return prediction_id
 
 
 def test_dashboard_follows_a_prediction_live(page, served, http, images):
@@ -209,3 +235,29 @@ def test_pages_and_client_are_served_from_relay_itself(http):
     client = http.get("/relay.js")
     assert client.status_code == 200 and "javascript" in client.headers["content-type"]
     assert "function subscribe(" in client.text
+
+
+def test_spend_this_month_is_shown_against_the_budget(browser, spend_dsn):
+    """With RELAY_BUDGET the header shows the month's spend, updated as predictions end; without, nothing."""
+    env = relay_env(spend_dsn, RELAY_PRICES=f"{MODEL}=0.5", RELAY_BUDGET="5")
+    with RelayProcess(env) as relay, new_page(browser) as page, httpx.Client(base_url=relay.url) as http:
+        open_live(page, relay)
+        spend, text = page.locator("#spend"), page.locator("#spend-text")
+        meter = page.get_by_role("meter", name="Spend this month")
+        expect(text).to_have_text("Spend this month: $0.00 of $5.00 (0%)")
+
+        deliver_priced(http, 8.0)  # 8 s at $0.50 a second
+        expect(text).to_have_text("Spend this month: $4.00 of $5.00 (80%)", timeout=TIMEOUT_MS)
+        expect(meter).to_have_js_property("value", 0.8)
+        deliver_priced(http, 4.0)
+        expect(text).to_have_text("Spend this month: $6.00 of $5.00 (120%, over budget)", timeout=TIMEOUT_MS)
+        expect(meter).to_have_js_property("value", 1)
+        save_screenshot(page, "dashboard-spend.png")
+
+        relay.stop()
+        relay.env = {name: value for name, value in env.items() if name != "RELAY_BUDGET"}
+        relay.start()
+        expect(page.locator("#connection")).to_contain_text("Live")  # the same page, reconnected
+        ended = deliver_priced(http, 1.0)
+        expect(card(page, ended).locator(".status-text")).to_have_text("succeeded")
+        expect(spend).to_be_hidden(timeout=TIMEOUT_MS)

@@ -6,7 +6,9 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -94,6 +96,13 @@ def open_live(page: Page, served: RelayProcess, path: str = "/") -> None:
     expect(page.locator("#connection")).to_contain_text("Live")
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
 def deliver_priced(http: httpx.Client, predict_time: float) -> str:
     """A succeeded prediction of MODEL whose final delivery reports `predict_time` seconds."""
     prediction_id = new_prediction_id()
@@ -137,23 +146,100 @@ def test_dashboard_follows_a_prediction_live(page, served, http, images):
     save_screenshot(page, "dashboard.png")
 
 
+def simulate_command(relay: RelayProcess, report: Path, *options: str) -> list[str]:
+    """`relay simulate` of six predictions, half of them failing or canceled, into `relay`."""
+    command = [sys.executable, "-m", "service", "simulate", "--url", f"{relay.url}/webhooks/replicate"]
+    command += [
+        "--secret",
+        WEBHOOK_SECRET,
+        "--predictions",
+        "6",
+        "--failures",
+        "0.5",
+        "--report",
+        str(report),
+    ]
+    return [*command, *options]
+
+
+def final_statuses(report: Path) -> dict[str, str]:
+    final = json.loads(report.read_text())["final_status"]
+    assert len(final) == 6 and len(set(final.values())) > 1
+    return final
+
+
+def shown_timeline(page: Page, prediction_id: str) -> list[str]:
+    """The card's timeline runs as shown, e.g. ["starting", "processing ×4", "succeeded"]."""
+    runs = card(page, prediction_id).locator(".timeline li")
+    return runs.evaluate_all("runs => runs.map(run => run.firstChild.textContent.trim())")
+
+
+def log_position(http: httpx.Client) -> int:
+    return http.get("/admin/predictions", params={"limit": 1}, headers=admin_headers()).json()["seq"]
+
+
+def logged_timelines(http: httpx.Client, prediction_ids: list[str]) -> dict[str, list[str]]:
+    """The same runs as the log holds them (GET /admin/predictions groups the events)."""
+    answer = http.get("/admin/predictions", params={"limit": 50}, headers=admin_headers()).json()
+    timelines = {}
+    for prediction in answer["predictions"]:
+        if prediction["id"] in prediction_ids:
+            runs = prediction["timeline"]
+            timelines[prediction["id"]] = [
+                r["status"] + (f" ×{r['events']}" if r["events"] > 1 else "") for r in runs
+            ]
+    return timelines
+
+
 def test_simulated_run_reaches_final_statuses_and_survives_a_reload(page, served, tmp_path):
     open_live(page, served)
     report = tmp_path / "report.json"
-    command = [sys.executable, "-m", "service", "simulate", "--url", f"{served.url}/webhooks/replicate"]
-    command += ["--secret", WEBHOOK_SECRET, "--predictions", "6", "--failures", "0.5", "--seed", "7"]
-    command += ["--report", str(report)]
+    command = simulate_command(served, report, "--seed", "7")
     subprocess.run(command, env=served.env, cwd=ROOT, check=True, capture_output=True, timeout=60)
-    final = json.loads(report.read_text())["final_status"]
-    assert len(final) == 6 and len(set(final.values())) > 1
+    final = final_statuses(report)
 
     for prediction_id, status in final.items():
         expect(card(page, prediction_id).locator(".status-text")).to_have_text(status)
+        if status == "succeeded":  # the last lifecycle body: 50/50 steps and one output image
+            expect(card(page, prediction_id).locator("progress")).to_have_attribute("value", "100")
+            (output,) = lifecycle(prediction_id)[-1]["output"]
+            thumbnail = card(page, prediction_id).get_by_role("img", name=f"Output 1 of {prediction_id}")
+            expect(thumbnail).to_have_attribute("src", output)  # replicate.delivery: not loaded offline
     page.reload()  # now the same statuses come from GET /admin/predictions
     expect(page.locator("#connection")).to_contain_text("Live")
     for prediction_id, status in final.items():
         expect(card(page, prediction_id).locator(".status-text")).to_have_text(status)
         expect(card(page, prediction_id).locator(".timeline li").last).to_contain_text(status)
+
+
+def test_list_page_follows_a_simulated_run_across_a_restart(page, relays, tmp_path):
+    """A restart under the list page mid-run: each card ends as its log, every event shown once."""
+    served, receiver = relays
+    open_live(page, served)
+    cards_before = page.locator("li.prediction").count()
+    report = tmp_path / "report.json"
+    command = simulate_command(receiver, report, "--seed", "11", "--rate", "6")
+    with (
+        subprocess.Popen(command, env=served.env, cwd=ROOT, stdout=subprocess.DEVNULL) as simulate,
+        httpx.Client(base_url=receiver.url, timeout=30) as http,
+    ):
+        expect(page.locator("li.prediction")).not_to_have_count(cards_before)  # the run has begun
+        served.stop()
+        assert simulate.poll() is None  # the run goes on, into the other instance
+        expect(page.locator("#connection")).to_contain_text("reconnecting")
+        at_stop = log_position(http)
+        wait_until(lambda: log_position(http) > at_stop)  # events committed while the page's server is down
+        served.start()
+        assert simulate.wait(timeout=60) == 0
+        final = final_statuses(report)
+
+        for prediction_id, status in final.items():
+            expect(card(page, prediction_id).locator(".status-text")).to_have_text(status)
+        logged = logged_timelines(http, list(final))
+    assert sorted(logged) == sorted(final)
+    for prediction_id, runs in logged.items():
+        assert runs[-1].startswith(final[prediction_id])
+        assert shown_timeline(page, prediction_id) == runs, prediction_id
 
 
 def test_missing_and_wrong_tokens_are_explained(page, served):

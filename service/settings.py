@@ -12,7 +12,7 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,13 +80,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
-def _usd(raw: str, name: str) -> float:
+def _usd(raw: str, name: str, *, rule: str = "0 or more", positive: bool = False) -> float:
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a number of US dollars (0 or more), got {raw[:40]!r}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{name} must be a number of US dollars ({rule}), got {raw[:40]!r}")
     return value
 
 
@@ -108,10 +108,7 @@ def _budget(env: Mapping[str, str]) -> float | None:
     raw = env.get("RELAY_BUDGET", "").strip()
     if not raw:
         return None
-    budget = _usd(raw, "RELAY_BUDGET")
-    if budget == 0:
-        raise ConfigError("RELAY_BUDGET must be more than 0 US dollars a month (unset it for no budget)")
-    return budget
+    return _usd(raw, "RELAY_BUDGET", rule="more than 0 a month; unset it for no budget", positive=True)
 
 
 def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -202,12 +199,14 @@ def load_settings(
     *,
     overrides: Mapping[str, str | None] | None = None,
     generate_missing: bool = True,
+    required: Collection[str] | None = None,
 ) -> Settings:
     """Read the environment; in dev mode (no DATABASE_URL) fill missing secrets from the data dir.
 
     With DATABASE_URL set, a missing required secret is a ConfigError, never generated silently.
     `overrides` are command-line flags, named like the variables they replace.
     `generate_missing=False` is for commands that only read (they use stored dev secrets if any).
+    `required` names the secrets the command needs when DATABASE_URL is set (default: all).
     """
     env = dict(os.environ if env is None else env)
     env.update({name: value for name, value in (overrides or {}).items() if value is not None})
@@ -253,7 +252,7 @@ def load_settings(
         values.update(_dev_secrets(values, data_dir, generate_missing))
     settings = Settings(**values)  # type: ignore[arg-type]
     if database_url is not None:
-        _require_secrets(settings)
+        _require_secrets(settings, required)
     return settings
 
 
@@ -264,9 +263,9 @@ _REQUIRED = {
 }
 
 
-def _require_secrets(settings: Settings) -> None:
+def _require_secrets(settings: Settings, required: Collection[str] | None) -> None:
     for attr, name in _REQUIRED.items():
-        if not getattr(settings, attr):
+        if (required is None or attr in required) and not getattr(settings, attr):
             raise ConfigError(
                 f"{name} is not set; with DATABASE_URL Relay generates no secrets, "
                 f"so set {name} in the environment"

@@ -18,6 +18,7 @@ from service.simulate import lifecycle
 from service.vault import Vault
 
 from .fake_replicate import QWEN, api_client, relay_for
+from .receiver import RECEIVER_SECRET, Receiver
 from .support import (
     ADMIN_TOKEN,
     WEBHOOK_SECRET,
@@ -31,7 +32,6 @@ from .support import (
 )
 from .test_cli import relay_cli
 from .test_reconcile import reconcile_cli
-from .test_replay import RECEIVER_SECRET, Receiver, receiver  # noqa: F401 - the fixture
 
 KEK_A = bytes(range(32))
 KEK_B = bytes(range(100, 132))
@@ -148,7 +148,7 @@ def test_exact_bytes_round_trip_through_api_and_websocket(sealed):
     assert [body_bytes(row, Vault([KEK_A])) for row in rows] == raw
 
 
-def test_every_reader_decrypts_the_exact_bytes(sealed, receiver):  # noqa: F811
+def test_every_reader_decrypts_the_exact_bytes(sealed, receiver):
     """Export, replay (URL and fan-out), `relay events --json` and the dashboard's list read the
     plaintext: the exact bytes received (non-ASCII, an escaped NUL, the sender's whitespace)."""
     prediction_id = new_prediction_id()
@@ -205,7 +205,7 @@ def test_swapped_ciphertexts_are_detected_not_shown(sealed):
     assert [m.get("prediction") for m in streamed[1:4]] == [{"unreadable": True}] * 3
 
 
-def test_erasure_keeps_seq_status_and_times_and_hides_content_everywhere(sealed, receiver):  # noqa: F811
+def test_erasure_keeps_seq_status_and_times_and_hides_content_everywhere(sealed, receiver):
     """API, live and backlog streams, export and replay all show seq/status/times, content erased."""
     prediction_id, bystander = new_prediction_id(), new_prediction_id()
     deliver(sealed.http, personal_lifecycle(prediction_id))
@@ -326,7 +326,7 @@ def one_line_refusal(dsn: str, **extra: str) -> str:
     [(None, "RELAY_ENCRYPTION_KEY is not set"), (KEY_B, f"lacks key-encryption key {crypto.key_id(KEK_A)}")],
     ids=["no key", "wrong key"],
 )
-def test_cli_readers_refuse_a_missing_or_wrong_key(sealed, receiver, tmp_path, key, refusal):  # noqa: F811
+def test_cli_readers_refuse_a_missing_or_wrong_key(sealed, receiver, tmp_path, key, refusal):
     """events, export and replay stop with one line before reading: no file of unreadable
     bodies, nothing sent under the original webhook ids."""
     prediction_id = new_prediction_id()

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from websockets.sync.client import connect
 
 from service.fanout import Hub, Subscriber
 from service.simulate import lifecycle
 from service.vault import Vault
 
+from .receiver import HANG_UP, RECEIVER_SECRET
 from .support import (
     ADMIN_TOKEN,
     ROOT,
@@ -34,92 +29,6 @@ from .support import (
 )
 from .test_cli import relay_cli
 from .test_metrics import delta, scrape
-
-RECEIVER_SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-HANG_UP = 0  # a scripted answer: close the connection without a response
-
-
-class Receiver(ThreadingHTTPServer):
-    """A downstream system: verifies signatures, records what it accepted, can be scripted to
-    answer with errors (or hang up) first. `/moved` redirects to `/hook`."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), ReceiverHandler)
-        self.verifier = Webhook(RECEIVER_SECRET)
-        self.lock = threading.Lock()
-        self.script: list[tuple[int, dict[str, str]]] = []
-        self.fail_after: int | None = None  # answer 500 once this many were accepted
-        self.hold_after: int | None = None  # then hold requests until `released`, and refuse them
-        self.held = threading.Event()
-        self.released = threading.Event()
-        self.accepted: list[tuple[str, bytes]] = []  # (webhook-id, body), in arrival order
-        self.timestamps: dict[str, int] = {}  # webhook-id -> webhook-timestamp it was accepted with
-        self.attempts: list[tuple[str, str]] = []  # (path, webhook-id) of every request
-        self.bad_signatures = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def answer(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str]]:
-        if self.hold_after is not None and len(self.accepted) >= self.hold_after:
-            self.held.set()
-            self.released.wait(30)
-            return 503, {}
-        with self.lock:
-            self.attempts.append((path, headers.get("webhook-id", "")))
-            if path == "/moved":
-                return 302, {"Location": "/hook"}
-            if self.script:
-                return self.script.pop(0)
-            if self.fail_after is not None and len(self.accepted) >= self.fail_after:
-                return 500, {}
-            try:
-                self.verifier.verify(body, headers, json_parse=False)
-            except WebhookVerificationError:
-                self.bad_signatures += 1
-                return 401, {}
-            self.accepted.append((headers["webhook-id"], body))
-            self.timestamps[headers["webhook-id"]] = int(headers["webhook-timestamp"])
-            return 200, {}
-
-    def accepted_ids(self) -> list[str]:
-        return [webhook_id for webhook_id, _ in self.accepted]
-
-
-class ReceiverHandler(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
-        body = self.rfile.read(int(self.headers["content-length"]))
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        status, extra = self.server.answer(self.path, headers, body)
-        if status == HANG_UP:
-            self.close_connection = True
-            return
-        self.send_response(status)
-        for name, value in {**extra, "Content-Length": "0"}.items():
-            self.send_header(name, value)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.released.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def stored(admin: httpx.Client, **params: object) -> list[dict]:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -131,6 +132,31 @@ def test_malformed_configuration_is_a_one_line_error(postgres, name, value, ment
     assert result.returncode == 2 and mentions in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "secret-value" not in result.stderr
+
+
+def test_serve_flags_take_effect_and_beat_the_environment(postgres):
+    """Each flag replaces its variable: here the environment's database, secret, tolerance and
+    body limit are all wrong or looser, and the flags' values are the ones a delivery meets."""
+    other_secret = "whsec_" + base64.b64encode(b"the-environment-secret").decode()
+    env = relay_env(
+        f"postgresql://nobody@127.0.0.1:{free_port()}/nothing",
+        REPLICATE_WEBHOOK_SECRET=other_secret,
+        RELAY_WEBHOOK_TOLERANCE="3600",
+        RELAY_MAX_BODY="10000000",
+    )
+    flags = ("--database-url", postgres.new_database(), "--webhook-secret", WEBHOOK_SECRET)
+    limits = ("--webhook-tolerance", "30", "--max-body", "2000")
+    with RelayProcess(env, args=flags + limits) as relay, httpx.Client(base_url=relay.url) as http:
+        body = lifecycle(new_prediction_id())[0]
+        assert len(json.dumps(body)) < 2000
+        assert post_webhook(http, body, timestamp=int(time.time()) - 20).status_code == 200
+        stale = post_webhook(http, body, timestamp=int(time.time()) - 60)
+        assert stale.status_code == 401 and "30s" in stale.json()["error"]["message"]
+        large = post_webhook(http, {**body, "logs": "x" * 2000})
+        assert large.status_code == 413
+        signed_with_env_secret = base64.b64decode(other_secret.removeprefix("whsec_"))
+        assert post_webhook(http, body, key=signed_with_env_secret).status_code == 401
+    assert WEBHOOK_SECRET not in relay.read_output()
 
 
 def test_an_unreachable_database_is_a_one_line_error_without_the_dsn():

@@ -66,6 +66,10 @@ def merged(url: str) -> dict[str, float]:
     return samples(httpx.get(url + "/metrics", headers={"Connection": "close"}).text)
 
 
+def stored_deliveries(url: str) -> float:
+    return merged(url)[METRICS[0]]
+
+
 def own_samples(metrics_dir: Path, pid: int, tmp_path: Path) -> dict[str, float]:
     """One worker's own samples: its files alone, read by the collector `/metrics` uses."""
     alone = tmp_path / f"worker-{pid}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,7 +33,7 @@ from . import (
     usage,
     webhooks,
 )
-from .errors import DatabaseUnavailable, RelayError
+from .errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError, error_class
 from .fanout import Hub
 from .ingest import GroupCommitter
 from .origins import ApiCors
@@ -46,6 +47,7 @@ log = logging.getLogger("relay")
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 5.0
 POOL_CLOSE_TIMEOUT = 5.0
+HTTP_ERRORS = {404: NotFound, 405: MethodNotAllowed}
 
 
 @dataclass
@@ -130,6 +132,15 @@ async def metrics_page(request: Request) -> Response:
 async def relay_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RelayError)
     return error.response()
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    """Starlette's own 404 and 405 in Relay's error shape instead of plain text."""
+    assert isinstance(error, HTTPException)
+    error_type = HTTP_ERRORS.get(error.status_code) or error_class(
+        "HttpError", error.status_code, "INVALID_REQUEST"
+    )
+    return error_type(error.detail, headers=error.headers).response()
 
 
 def start_upstream(relay: Relay) -> None:
@@ -222,7 +233,11 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     ]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
-    handlers = {RelayError: relay_error, **dict.fromkeys(DATABASE_DOWN, database_down)}
+    handlers = {
+        RelayError: relay_error,
+        HTTPException: http_error,
+        **dict.fromkeys(DATABASE_DOWN, database_down),
+    }
     app = RelayApp(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
     app.state.relay = relay
     return app

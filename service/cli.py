@@ -71,7 +71,7 @@ def add_usage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(required=("subscribe_key",))
     if args.ttl <= 0:
         raise ConfigError("--ttl must be a positive number of seconds")
     print(mint_token(settings.subscribe_key, args.prediction, args.ttl))
@@ -81,7 +81,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulate import run_simulation
 
-    return run_simulation(args, load_settings())
+    # A sender needs no server secrets: only --secret, or the configured or stored webhook secret.
+    return run_simulation(args, load_settings(generate_missing=False, required=()))
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ InvalidRequest = error_class("InvalidRequest", 400, "INVALID_REQUEST")
 Unauthorized = error_class("Unauthorized", 401, "UNAUTHORIZED")
 Forbidden = error_class("Forbidden", 403, "FORBIDDEN")
 NotFound = error_class("NotFound", 404, "NOT_FOUND")
+MethodNotAllowed = error_class("MethodNotAllowed", 405, "METHOD_NOT_ALLOWED")
 BodyIncomplete = error_class("BodyIncomplete", 400, "BODY_INCOMPLETE")
 
 

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,12 +250,14 @@ def load_settings(
     *,
     overrides: Mapping[str, str | None] | None = None,
     generate_missing: bool = True,
+    required: Collection[str] | None = None,
 ) -> Settings:
     """Read the environment; in dev mode (no DATABASE_URL) fill missing secrets from the data dir.
 
     With DATABASE_URL set, a missing required secret is a ConfigError, never generated silently.
     `overrides` are command-line flags, named like the variables they replace.
     `generate_missing=False` is for commands that only read (they use stored dev secrets if any).
+    `required` names the secrets the command needs when DATABASE_URL is set (default: all).
     """
     flags = {name: value for name, value in (overrides or {}).items() if value is not None}
     env = {**(os.environ if env is None else env), **flags}
@@ -302,7 +304,7 @@ def load_settings(
         values.update(_dev_secrets(values, data_dir, generate_missing))
     settings = Settings(**values)  # type: ignore[arg-type]
     if database_url is not None:
-        _require_secrets(settings)
+        _require_secrets(settings, required)
     return settings
 
 
@@ -313,9 +315,9 @@ _REQUIRED = {
 }
 
 
-def _require_secrets(settings: Settings) -> None:
+def _require_secrets(settings: Settings, required: Collection[str] | None) -> None:
     for attr, name in _REQUIRED.items():
-        if not getattr(settings, attr):
+        if (required is None or attr in required) and not getattr(settings, attr):
             raise ConfigError(
                 f"{name} is not set; with DATABASE_URL Relay generates no secrets, "
                 f"so set {name} in the environment"

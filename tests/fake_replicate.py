@@ -72,7 +72,7 @@ def error_body(status: int, title: str, detail: str) -> dict[str, Any]:
 
 class FakeReplicate:
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port = 0  # the port the server bound, known once it has started
         self.predictions: dict[str, dict[str, Any]] = {}
         self.requests: list[Seen] = []
         self.scripts: deque[tuple[str, re.Pattern[str], Answer]] = deque()
@@ -255,7 +255,7 @@ class FakeReplicate:
     def __enter__(self) -> FakeReplicate:
         app = Starlette(routes=[Route("/v1/{path:path}", self.handle, methods=["GET", "POST"])])
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", ws="none", http="h11"
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none", http="h11"
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
@@ -265,6 +265,7 @@ class FakeReplicate:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError("the fake Replicate did not start")
             time.sleep(0.02)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
         return self
 
     def __exit__(self, *exc: object) -> None:

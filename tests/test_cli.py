@@ -252,6 +252,22 @@ def test_simulate_reports_rejections_with_a_nonzero_exit(relay):
     assert result.returncode == 1 and "rejected" in result.stderr
 
 
+def test_a_sender_needs_no_server_secrets(relay, tmp_path):
+    """`relay simulate --url --secret` and `relay token` ask only for what they use."""
+    server_secrets = ("REPLICATE_WEBHOOK_SECRET", "RELAY_ADMIN_TOKEN", "RELAY_SUBSCRIBE_KEY")
+    deployed = {k: v for k, v in relay.env.items() if k not in server_secrets}
+    data_dir = tmp_path / "untouched"
+    for env in (deployed, dev_env(data_dir)):
+        args = ("simulate", "--url", relay.url + "/webhooks/replicate", "--secret", WEBHOOK_SECRET)
+        result = relay_cli(*args, "--predictions", "2", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "acknowledged 12" in result.stdout
+    assert not data_dir.exists()  # nothing generated for a command that only sends
+    token = relay_cli("token", "p1", env={**deployed, "RELAY_SUBSCRIBE_KEY": SUBSCRIBE_KEY})
+    assert token.returncode == 0, token.stderr
+    assert jwt.decode(token.stdout.strip(), SUBSCRIBE_KEY, algorithms=["HS256"])["prediction"] == "p1"
+
+
 def test_simulate_refuses_bad_flags(relay):
     result = relay_cli("simulate", "--duplicates", "2", env=relay.env)
     assert result.returncode == 2 and "--duplicates" in result.stderr

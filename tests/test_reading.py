@@ -64,6 +64,14 @@ def test_unknown_prediction_is_404(admin):
     assert response.status_code == 404 and response.json()["error"]["code"] == "NOT_FOUND"
 
 
+def test_unknown_paths_and_wrong_methods_answer_in_the_error_shape(client):
+    missing = client.get("/no/such/route")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "NOT_FOUND"
+    wrong = client.get("/webhooks/replicate")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+    assert "POST" in wrong.headers["Allow"]
+
+
 def test_subscriber_token_reads_only_its_prediction(client):
     mine, other = new_prediction_id(), new_prediction_id()
     deliver_lifecycle(client, mine)

@@ -9,8 +9,10 @@ import time
 import httpx
 import pytest
 
+from service.simulate import lifecycle
+
 from .fake_replicate import CREATE, TOKEN, FakeReplicate, api_client, metric, relay_for, watch
-from .support import ROOT, RelayProcess, admin_headers, relay_env
+from .support import ROOT, RelayProcess, admin_headers, new_prediction_id, post_webhook, relay_env
 
 ALL_EVENTS = frozenset({"start", "logs", "output", "completed"})
 
@@ -140,3 +142,23 @@ def test_a_subscriber_sees_the_end_when_the_completed_webhook_never_arrived(post
     assert code == 1000 and appended == 1
     assert events[-1]["status"] == "succeeded" and events[-1]["source"] == "reconcile"
     assert [e["source"] for e in events[:-1]] == ["webhook"] * (len(events) - 1)
+
+
+def test_without_an_upstream_token_nothing_is_reconciled(postgres, fake):
+    """With no REPLICATE_API_TOKEN the periodic reconcile is off: no upstream call, no appended event."""
+    fake.reset()
+    with relay_for(
+        postgres.new_database(),
+        fake,
+        REPLICATE_API_TOKEN="",
+        RELAY_RECONCILE_AFTER="1",
+        RELAY_RECONCILE_INTERVAL="1",
+    ) as relay:
+        prediction_id = new_prediction_id()
+        with httpx.Client(base_url=relay.url) as client:
+            post_webhook(client, lifecycle(prediction_id)[0])
+        time.sleep(4)  # four intervals past the age: a running reconcile would have asked Replicate
+        events = events_of(relay, prediction_id)
+        reconciled = metric(relay, "relay_reconciled_total", 'result="appended"')
+    assert [e["status"] for e in events] == ["starting"] and reconciled == 0
+    assert fake.requests == []

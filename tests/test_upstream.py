@@ -9,7 +9,17 @@ import pytest
 
 from service.upstream import retry_after_seconds
 
-from .fake_replicate import CREATE, QWEN, Answer, FakeReplicate, api_client, error_of, metric, relay_for
+from .fake_replicate import (
+    CREATE,
+    QWEN,
+    TOKEN,
+    Answer,
+    FakeReplicate,
+    api_client,
+    error_of,
+    metric,
+    relay_for,
+)
 from .support import free_port
 
 CREATE_PATH = f"/models/{QWEN}/predictions"
@@ -142,9 +152,32 @@ def test_an_unreachable_upstream_is_a_network_error(postgres, fake):
         ) as relay,
         api_client(relay) as client,
     ):
+        series = ("relay_upstream_requests_total", 'outcome="NETWORK_ERROR"')
         status, code, message = error_of(client.get("/api/predictions/p1"))
         assert (status, code) == (502, "NETWORK_ERROR") and "cannot reach" in message
+        assert metric(relay, *series) == 3  # a read is retried: 1 + RELAY_UPSTREAM_RETRIES attempts
         assert error_of(client.post("/api/predictions", json=CREATE))[:2] == (502, "NETWORK_ERROR")
+        assert metric(relay, *series) == 4  # a create is tried once: it may have reached Replicate
+
+
+def test_replicate_api_key_is_accepted_in_place_of_replicate_api_token(postgres, fake):
+    fake.reset()
+    with (
+        relay_for(postgres.new_database(), fake, REPLICATE_API_TOKEN="", REPLICATE_API_KEY=TOKEN) as relay,
+        api_client(relay) as client,
+    ):
+        response = client.post("/api/predictions", json=CREATE)
+    assert response.status_code == 201, response.text
+    assert [call.authorization for call in fake.calls("POST", CREATE_PATH)] == [f"Bearer {TOKEN}"]
+
+
+def test_the_rate_limit_defaults_to_100_requests_an_hour(postgres, fake):
+    with (
+        relay_for(postgres.new_database(), fake, RELAY_API_RATE_LIMIT="") as relay,
+        api_client(relay) as client,
+    ):
+        response = client.get("/api/predictions")
+    assert response.headers["RateLimit-Limit"] == "100" and response.headers["RateLimit-Remaining"] == "99"
 
 
 def test_retry_after_is_read_as_seconds_or_an_http_date():

@@ -17,6 +17,7 @@ import httpx
 import jwt
 import pytest
 
+from service.migrations import migration_files
 from service.simulate import lifecycle
 
 from .support import (
@@ -66,7 +67,7 @@ def postmaster_running(pgdata: Path) -> bool:
     return (pgdata / "postmaster.pid").exists() and alive(postmaster_pid(pgdata))
 
 
-def test_dev_mode_generates_secrets_keeps_data_across_restarts_and_stops_postgres(tmp_path):
+def test_dev_mode_generates_secrets_keeps_data_and_stops_postgres_on_ctrl_c_and_sigterm(tmp_path):
     """Ctrl-C (SIGINT) and SIGTERM both exit 0 and stop the embedded postmaster; the first start
     prints the banner and nothing else (migrations are applied quietly)."""
     data_dir = tmp_path / "relay-data"
@@ -190,9 +191,12 @@ def test_two_concurrent_migrations_apply_each_file_once(postgres):
         for _ in range(2)
     ]
     assert [p.wait(60) for p in procs] == [0, 0]
+    reports = sorted(p.stdout.read() for p in procs)
     for p in procs:
         p.stdout.close()
         p.stderr.close()
+    every = [path.stem for path in migration_files()]
+    assert reports == ["applied 0 migration(s)\n", f"applied {len(every)} migration(s): {', '.join(every)}\n"]
 
     async def versions() -> list[str]:
         conn = await asyncpg.connect(dsn)

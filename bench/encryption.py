@@ -1,9 +1,10 @@
-"""What encryption at rest costs: sealing/opening one body in-process, and ingest end to end.
+"""Where encryption at rest spends: sealing/opening one body in-process, and `store.append`.
 
-    .venv/bin/python bench/encryption.py [--predictions N] [--concurrency C] [--rounds R]
+    .venv/bin/python bench/encryption.py [--rounds R]
 
-Starts a throwaway embedded Postgres and, per round, one `relay serve` without and one with
-RELAY_ENCRYPTION_KEY (fresh database each), drives each with `relay simulate`, and prints a table.
+Starts a throwaway embedded Postgres and, per round, appends the same deliveries without and with
+a key (fresh database each), and prints the tables. The cost seen over HTTP, plain versus
+encrypted `relay serve`, is measured by `bench/ingest.py --encryption`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import base64
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +28,7 @@ from service import crypto, store  # noqa: E402
 from service.ingest import delivery_from  # noqa: E402
 from service.simulate import lifecycle  # noqa: E402
 from service.vault import Vault  # noqa: E402
-from tests.support import ROOT, WEBHOOK_SECRET, Postgres, RelayProcess, relay_env  # noqa: E402
+from tests.support import Postgres  # noqa: E402
 
 KEY = base64.b64encode(os.urandom(32)).decode()
 
@@ -71,25 +71,9 @@ async def append_rate(dsn: str, vault: Vault, batches: int, batch_size: int = 12
         await conn.close()
 
 
-def ingest_rate(postgres: Postgres, encrypted: bool, options: argparse.Namespace) -> float:
-    extra = {"RELAY_ENCRYPTION_KEY": KEY} if encrypted else {}
-    env = relay_env(postgres.new_database(), **extra)
-    with RelayProcess(env) as relay:
-        command = [sys.executable, "-m", "service", "simulate", "--url", f"{relay.url}/webhooks/replicate"]
-        command += ["--predictions", str(options.predictions), "--concurrency", str(options.concurrency)]
-        command += ["--secret", WEBHOOK_SECRET, "--seed", "1"]
-        started = time.perf_counter()
-        result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-        elapsed = time.perf_counter() - started
-    acknowledged = int(result.stdout.split("acknowledged ")[1].split(",")[0])
-    return acknowledged / elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--predictions", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     options = parser.parse_args()
 
     print("| in-process operation | µs |\n| --- | ---: |")
@@ -98,25 +82,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         postgres = Postgres(Path(tmp))
-        rates: dict[bool, list[float]] = {False: [], True: []}
         appends: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(options.rounds):
             for encrypted in (False, True):
                 vault = Vault([base64.b64decode(KEY)] if encrypted else [])
                 appends[encrypted].append(asyncio.run(append_rate(postgres.new_database(), vault, 50)))
-                rates[encrypted].append(ingest_rate(postgres, encrypted, options))
     print("\n| store.append, 50 batches of 120 deliveries | deliveries/s, each round | median |")
     print("| --- | --- | ---: |")
     for encrypted, label in ((False, "plain"), (True, "encrypted")):
         each = ", ".join(f"{r:.0f}" for r in appends[encrypted])
         print(f"| {label} | {each} | {statistics.median(appends[encrypted]):.0f} |")
-    print(
-        f"\n| ingest ({options.predictions} predictions × 6 deliveries, concurrency {options.concurrency}) "
-        "| deliveries/s, each round | median |\n| --- | --- | ---: |"
-    )
-    for encrypted, label in ((False, "plain"), (True, "encrypted")):
-        each = ", ".join(f"{r:.0f}" for r in rates[encrypted])
-        print(f"| {label} | {each} | {statistics.median(rates[encrypted]):.0f} |")
 
 
 if __name__ == "__main__":

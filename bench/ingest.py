@@ -8,13 +8,15 @@ each server (started as its own process on uvicorn with uvloop/httptools):
 - open loop: `openloop.py` at fixed offered rates -> latency from when each request was due;
 - CPU of the server, of Postgres and of the load generator, and the server's peak RSS.
 Relay is the real `relay serve` in production mode (DATABASE_URL and secrets set), with
-WebSocket subscribers following the all-events stream throughout.
+WebSocket subscribers following the all-events stream throughout; "relay (encrypted)" is the same
+run with RELAY_ENCRYPTION_KEY set, right after it (`--encryption` runs just those two).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -48,6 +50,7 @@ RATES = (1000, 2000, 5000)
 WRK_THREADS = 2
 WARMUP_SECONDS = 2.0
 PRESIGNED_PER_SECOND = 20_000  # closed-loop requests signed per second of run; beyond, wrk wraps
+ENCRYPTION_KEY = base64.b64encode(os.urandom(32)).decode()
 
 
 @dataclass
@@ -164,8 +167,10 @@ class Server:
         stored: tuple[str, str] | None = None,
         relay: bool = False,
         subscribers: int = 0,
+        kind: str | None = None,
     ):
         self.name, self.command, self.env, self.port = name, command, env, port
+        self.kind = kind or name  # what --only selects
         self.stored, self.relay, self.subscribers = stored, relay, subscribers
         self.process: subprocess.Popen | None = None
 
@@ -372,17 +377,29 @@ def servers(admin_dsn: str, relay_workers: list[int], subscriber_counts: list[in
     # Every subscriber count with one worker; more workers only with the first count (run time).
     runs = [(workers, count) for workers in relay_workers for count in subscriber_counts]
     for workers, count in [(w, c) for w, c in runs if w == 1 or c == subscriber_counts[0]]:
-        dsn, port = new_database(admin_dsn, f"relay_{workers}_{count}"), free_port()
-        env = relay_env(dsn)  # production mode: DATABASE_URL and every secret set
-        command = [python(), "-m", "service", "serve", "--port", str(port)]
         name = "relay"
         if workers > 1:
-            command += ["--workers", str(workers)]
             name += f" ({workers} workers)"
         if count != subscriber_counts[0]:
             name += f", {count or 'no'} subscribers"
-        stored = (dsn, "SELECT count(*) FROM events")
-        yield Server(name, command, env, port, stored=stored, relay=True, subscribers=count)
+        yield relay_server(admin_dsn, name, f"relay_{workers}_{count}", workers, count)
+        if workers == 1 and count == subscriber_counts[0]:  # its encrypted twin, right after it
+            yield relay_server(admin_dsn, "relay (encrypted)", "relay_encrypted", 1, count, encrypted=True)
+
+
+def relay_server(
+    admin_dsn: str, name: str, database: str, workers: int, count: int, encrypted: bool = False
+) -> Server:
+    dsn, port = new_database(admin_dsn, database), free_port()
+    # Production mode: DATABASE_URL and every secret set.
+    env = relay_env(dsn, RELAY_ENCRYPTION_KEY=ENCRYPTION_KEY) if encrypted else relay_env(dsn)
+    command = [python(), "-m", "service", "serve", "--port", str(port)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    # Counting only encrypted rows shows that every stored body was sealed.
+    stored = (dsn, f"SELECT count(*) FROM events{' WHERE encrypted' if encrypted else ''}")
+    kind = "encrypted" if encrypted else "relay"
+    return Server(name, command, env, port, stored=stored, relay=True, subscribers=count, kind=kind)
 
 
 @contextlib.contextmanager
@@ -482,9 +499,23 @@ def print_tables(results: list[Result], ceiling: dict[str, float], options: argp
                     f"- {relay.name} p99 at {o.offered:,}/s: {ms(o.p99)} ms "
                     f"(naive: {ms(naive_p99[o.offered])} ms)"
                 )
+    print_encryption_cost(by_name.get("relay"), by_name.get("relay (encrypted)"))
     for r in results:
         for note in r.notes:
             print(f"- {r.name}: {note}")
+
+
+def print_encryption_cost(plain: Result | None, sealed: Result | None) -> None:
+    if not (plain and sealed and plain.closed and sealed.closed):
+        return
+    p, e = plain.closed, sealed.closed
+    print(
+        f"- relay (encrypted) / relay: {e.rate / p.rate:.2f}× req/s ({e.rate:,.0f} vs {p.rate:,.0f}), "
+        f"closed-loop p99 {ms(e.p99)} vs {ms(p.p99)} ms, server CPU "
+        f"{e.server_cpu / e.requests * 1e6:.0f} vs {p.server_cpu / p.requests * 1e6:.0f} µs/req"
+    )
+    for po, eo in zip(plain.open, sealed.open, strict=False):
+        print(f"- relay (encrypted) p99 at {eo.offered:,}/s: {ms(eo.p99)} ms (plain: {ms(po.p99)} ms)")
 
 
 def machine() -> str:
@@ -507,7 +538,17 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per load phase")
     parser.add_argument("--connections", type=int, default=128, help="wrk connections (closed loop)")
     parser.add_argument("--rates", type=lambda s: [int(r) for r in s.split(",")], default=list(RATES))
-    parser.add_argument("--only", action="append", choices=["ceiling", "naive", "relay"], help="repeatable")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=["ceiling", "naive", "relay", "encrypted"],
+        help="repeatable; relay = the plain Relay runs, encrypted = relay (encrypted)",
+    )
+    parser.add_argument(
+        "--encryption",
+        action="store_true",
+        help="just relay and relay (encrypted), back to back, with the first --subscribers count",
+    )
     parser.add_argument(
         "--relay-workers",
         type=lambda s: [int(w) for w in s.split(",")],
@@ -525,6 +566,9 @@ def main() -> int:
     parser.add_argument("--profile-servers", default="relay", help="comma-separated; default relay")
     options = parser.parse_args()
     options.profile_servers = options.profile_servers.split(",")
+    if options.encryption:
+        options.only, options.relay_workers, options.no_postgres_ceiling = ["relay", "encrypted"], [1], True
+        options.subscribers = options.subscribers[:1]
     if shutil.which("wrk") is None:
         print("wrk is not installed; install it with `apt-get install -y wrk`", file=sys.stderr)
         return 2
@@ -544,7 +588,7 @@ def main() -> int:
         workers = [w for w in options.relay_workers if w == 1 or relay_has_workers_flag()]
         skipped = sorted(set(options.relay_workers) - set(workers))
         for server in servers(admin_dsn, workers, options.subscribers):
-            if options.only and server.name.split()[0].rstrip(",") not in options.only:
+            if options.only and server.kind not in options.only:
                 continue
             print(f"measuring {server.name}…", file=sys.stderr, flush=True)
             with (

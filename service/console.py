@@ -22,6 +22,7 @@ from .errors import ConfigError, RelayError
 from .events import event_message
 from .export import export
 from .filters import add_filter_arguments, filter_from_args
+from .privacy import ready_connection
 from .reading import MAX_PAGE, parse_int
 from .replay import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, FanoutTarget, Report, Target, replay, url_target
 from .settings import load_settings
@@ -58,11 +59,12 @@ class Progress:
 
 
 def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """Run `work` on a connection to the configured database."""
+    """Run `work` on a connection to the configured database, once the configured key is known
+    to open its payloads: a wrong or missing key is a one-line error, never unreadable output."""
     settings = load_settings(generate_missing=False)
 
     async def run(dsn: str) -> T:
-        conn = await database.connect(dsn)
+        conn = await ready_connection(dsn, cli_vault())
         try:
             return await work(conn)
         finally:
@@ -91,7 +93,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     rows = with_connection(lambda conn: store.fetch_where(conn, where, params, limit))
     next_after = rows[-1]["seq"] if rows else event_filter.after
     if args.json:
-        events = [event_message(row, cli_vault()) for row in rows]
+        vault = cli_vault()
+        events = [event_message(row, vault) for row in rows]
         print(json.dumps({"events": events, "next_after": next_after}))
         return 0
     print_table(rows, sys.stdout)
@@ -130,8 +133,12 @@ def output_file(path: str | None) -> Iterator[TextIO]:
 def cmd_export(args: argparse.Namespace) -> int:
     event_filter = filter_from_args(args)
     progress = Progress("exported", args.quiet)
-    with output_file(args.output) as out:
-        count = with_connection(lambda conn: export(conn, event_filter, out, cli_vault(), progress))
+
+    async def run(conn: asyncpg.Connection) -> int:
+        with output_file(args.output) as out:  # opened once the key is checked: no file of garbage
+            return await export(conn, event_filter, out, cli_vault(), progress)
+
+    count = with_connection(run)
     progress.close()
     if not args.quiet:
         print(f"exported {count} event(s) to {args.output or 'stdout'}", file=sys.stderr)

@@ -80,13 +80,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
-def _usd(raw: str, name: str) -> float:
+def _usd(raw: str, name: str, *, rule: str = "0 or more", positive: bool = False) -> float:
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a number of US dollars (0 or more), got {raw[:40]!r}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{name} must be a number of US dollars ({rule}), got {raw[:40]!r}")
     return value
 
 
@@ -108,10 +108,7 @@ def _budget(env: Mapping[str, str]) -> float | None:
     raw = env.get("RELAY_BUDGET", "").strip()
     if not raw:
         return None
-    budget = _usd(raw, "RELAY_BUDGET")
-    if budget == 0:
-        raise ConfigError("RELAY_BUDGET must be more than 0 US dollars a month (unset it for no budget)")
-    return budget
+    return _usd(raw, "RELAY_BUDGET", rule="more than 0 a month; unset it for no budget", positive=True)
 
 
 def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:

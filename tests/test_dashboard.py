@@ -6,15 +6,25 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from service.simulate import lifecycle
+from service.simulate import MODEL, lifecycle
 
-from .browser import dashboard_url, image_server, launch_browser, new_page, relay_pair, save_screenshot
+from .browser import (
+    TIMEOUT_MS,
+    dashboard_url,
+    image_server,
+    launch_browser,
+    new_page,
+    relay_pair,
+    save_screenshot,
+)
 from .support import (
     ADMIN_TOKEN,
     ROOT,
@@ -24,6 +34,7 @@ from .support import (
     deliver_lifecycle,
     new_prediction_id,
     post_webhook,
+    relay_env,
 )
 
 PHONE = {"width": 390, "height": 844}
@@ -42,7 +53,14 @@ def served(relays) -> RelayProcess:
 
 
 @pytest.fixture(scope="module")
-def browser(relays) -> Iterator[Browser]:
+def spend_dsn(postgres) -> str:
+    """A database of its own for the budget test, made before the browser starts (Playwright's
+    event loop then runs in this thread, and the fixtures' asyncio.run cannot)."""
+    return postgres.new_database()
+
+
+@pytest.fixture(scope="module")
+def browser(relays, spend_dsn) -> Iterator[Browser]:
     with launch_browser() as chromium:
         yield chromium
 
@@ -78,6 +96,23 @@ def open_live(page: Page, served: RelayProcess, path: str = "/") -> None:
     expect(page.locator("#connection")).to_contain_text("Live")
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def deliver_priced(http: httpx.Client, predict_time: float) -> str:
+    """A succeeded prediction of MODEL whose final delivery reports `predict_time` seconds."""
+    prediction_id = new_prediction_id()
+    bodies = lifecycle(prediction_id)
+    bodies[-1] = {**bodies[-1], "metrics": {"predict_time": predict_time}}
+    for body in bodies:
+        assert post_webhook(http, body).status_code == 200
+    return prediction_id
+
+
 def test_dashboard_follows_a_prediction_live(page, served, http, images):
     open_live(page, served)
     assert "token" not in page.url  # taken out of the address bar at once
@@ -111,23 +146,100 @@ def test_dashboard_follows_a_prediction_live(page, served, http, images):
     save_screenshot(page, "dashboard.png")
 
 
+def simulate_command(relay: RelayProcess, report: Path, *options: str) -> list[str]:
+    """`relay simulate` of six predictions, half of them failing or canceled, into `relay`."""
+    command = [sys.executable, "-m", "service", "simulate", "--url", f"{relay.url}/webhooks/replicate"]
+    command += [
+        "--secret",
+        WEBHOOK_SECRET,
+        "--predictions",
+        "6",
+        "--failures",
+        "0.5",
+        "--report",
+        str(report),
+    ]
+    return [*command, *options]
+
+
+def final_statuses(report: Path) -> dict[str, str]:
+    final = json.loads(report.read_text())["final_status"]
+    assert len(final) == 6 and len(set(final.values())) > 1
+    return final
+
+
+def shown_timeline(page: Page, prediction_id: str) -> list[str]:
+    """The card's timeline runs as shown, e.g. ["starting", "processing ×4", "succeeded"]."""
+    runs = card(page, prediction_id).locator(".timeline li")
+    return runs.evaluate_all("runs => runs.map(run => run.firstChild.textContent.trim())")
+
+
+def log_position(http: httpx.Client) -> int:
+    return http.get("/admin/predictions", params={"limit": 1}, headers=admin_headers()).json()["seq"]
+
+
+def logged_timelines(http: httpx.Client, prediction_ids: list[str]) -> dict[str, list[str]]:
+    """The same runs as the log holds them (GET /admin/predictions groups the events)."""
+    answer = http.get("/admin/predictions", params={"limit": 50}, headers=admin_headers()).json()
+    timelines = {}
+    for prediction in answer["predictions"]:
+        if prediction["id"] in prediction_ids:
+            runs = prediction["timeline"]
+            timelines[prediction["id"]] = [
+                r["status"] + (f" ×{r['events']}" if r["events"] > 1 else "") for r in runs
+            ]
+    return timelines
+
+
 def test_simulated_run_reaches_final_statuses_and_survives_a_reload(page, served, tmp_path):
     open_live(page, served)
     report = tmp_path / "report.json"
-    command = [sys.executable, "-m", "service", "simulate", "--url", f"{served.url}/webhooks/replicate"]
-    command += ["--secret", WEBHOOK_SECRET, "--predictions", "6", "--failures", "0.5", "--seed", "7"]
-    command += ["--report", str(report)]
+    command = simulate_command(served, report, "--seed", "7")
     subprocess.run(command, env=served.env, cwd=ROOT, check=True, capture_output=True, timeout=60)
-    final = json.loads(report.read_text())["final_status"]
-    assert len(final) == 6 and len(set(final.values())) > 1
+    final = final_statuses(report)
 
     for prediction_id, status in final.items():
         expect(card(page, prediction_id).locator(".status-text")).to_have_text(status)
+        if status == "succeeded":  # the last lifecycle body: 50/50 steps and one output image
+            expect(card(page, prediction_id).locator("progress")).to_have_attribute("value", "100")
+            (output,) = lifecycle(prediction_id)[-1]["output"]
+            thumbnail = card(page, prediction_id).get_by_role("img", name=f"Output 1 of {prediction_id}")
+            expect(thumbnail).to_have_attribute("src", output)  # replicate.delivery: not loaded offline
     page.reload()  # now the same statuses come from GET /admin/predictions
     expect(page.locator("#connection")).to_contain_text("Live")
     for prediction_id, status in final.items():
         expect(card(page, prediction_id).locator(".status-text")).to_have_text(status)
         expect(card(page, prediction_id).locator(".timeline li").last).to_contain_text(status)
+
+
+def test_list_page_follows_a_simulated_run_across_a_restart(page, relays, tmp_path):
+    """A restart under the list page mid-run: each card ends as its log, every event shown once."""
+    served, receiver = relays
+    open_live(page, served)
+    cards_before = page.locator("li.prediction").count()
+    report = tmp_path / "report.json"
+    command = simulate_command(receiver, report, "--seed", "11", "--rate", "6")
+    with (
+        subprocess.Popen(command, env=served.env, cwd=ROOT, stdout=subprocess.DEVNULL) as simulate,
+        httpx.Client(base_url=receiver.url, timeout=30) as http,
+    ):
+        expect(page.locator("li.prediction")).not_to_have_count(cards_before)  # the run has begun
+        served.stop()
+        assert simulate.poll() is None  # the run goes on, into the other instance
+        expect(page.locator("#connection")).to_contain_text("reconnecting")
+        at_stop = log_position(http)
+        wait_until(lambda: log_position(http) > at_stop)  # events committed while the page's server is down
+        served.start()
+        assert simulate.wait(timeout=60) == 0
+        final = final_statuses(report)
+
+        for prediction_id, status in final.items():
+            expect(card(page, prediction_id).locator(".status-text")).to_have_text(status)
+        logged = logged_timelines(http, list(final))
+    assert sorted(logged) == sorted(final)
+    for prediction_id, runs in logged.items():
+        assert runs[-1].startswith(final[prediction_id])
+        assert shown_timeline(page, prediction_id) == runs, prediction_id
 
 
 def test_missing_and_wrong_tokens_are_explained(page, served):
@@ -209,3 +321,29 @@ def test_pages_and_client_are_served_from_relay_itself(http):
     client = http.get("/relay.js")
     assert client.status_code == 200 and "javascript" in client.headers["content-type"]
     assert "function subscribe(" in client.text
+
+
+def test_spend_this_month_is_shown_against_the_budget(browser, spend_dsn):
+    """With RELAY_BUDGET the header shows the month's spend, updated as predictions end; without, nothing."""
+    env = relay_env(spend_dsn, RELAY_PRICES=f"{MODEL}=0.5", RELAY_BUDGET="5")
+    with RelayProcess(env) as relay, new_page(browser) as page, httpx.Client(base_url=relay.url) as http:
+        open_live(page, relay)
+        spend, text = page.locator("#spend"), page.locator("#spend-text")
+        meter = page.get_by_role("meter", name="Spend this month")
+        expect(text).to_have_text("Spend this month: $0.00 of $5.00 (0%)")
+
+        deliver_priced(http, 8.0)  # 8 s at $0.50 a second
+        expect(text).to_have_text("Spend this month: $4.00 of $5.00 (80%)", timeout=TIMEOUT_MS)
+        expect(meter).to_have_js_property("value", 0.8)
+        deliver_priced(http, 4.0)
+        expect(text).to_have_text("Spend this month: $6.00 of $5.00 (120%, over budget)", timeout=TIMEOUT_MS)
+        expect(meter).to_have_js_property("value", 1)
+        save_screenshot(page, "dashboard-spend.png")
+
+        relay.stop()
+        relay.env = {name: value for name, value in env.items() if name != "RELAY_BUDGET"}
+        relay.start()
+        expect(page.locator("#connection")).to_contain_text("Live")  # the same page, reconnected
+        ended = deliver_priced(http, 1.0)
+        expect(card(page, ended).locator(".status-text")).to_have_text("succeeded")
+        expect(spend).to_be_hidden(timeout=TIMEOUT_MS)

@@ -12,7 +12,7 @@ import httpx
 from service.simulate import lifecycle
 
 from .streams import (
-    flood,
+    bulky,
     log_seqs,
     metric,
     post,
@@ -208,41 +208,55 @@ def test_subscribers_miss_nothing_across_postgres_outages(tmp_path):
     assert seqs(everyone) == everything
 
 
-async def flood_until_a_slow_close(http: httpx.Client, prediction_id: str) -> None:
-    """Post large, incompressible deliveries until the server reports closing a slow client."""
-    for step in range(0, 3000, 4):
+PROMPTLY = 5.0  # seconds: a liveness bound for one event to reach the reader, not a speed target
+QUEUE = 64  # RELAY_WS_QUEUE of the slow-client test
+
+
+async def read_each_until_a_slow_close(
+    http: httpx.Client, reader, prediction_id: str
+) -> tuple[list[dict], int]:
+    """Post large, incompressible deliveries one at a time, the reader receiving each before the
+    next is posted, until the server reports closing a slow client. Returns what the reader got,
+    and how many of those it got while that client was still subscribed (all but the last round)."""
+    received: list[dict] = []
+    for step in range(3000):
+        seq = await post_async(http, bulky(prediction_id, step))
+        while_open = len(received)
+        received += await asyncio.wait_for(read_through(reader, seq), PROMPTLY)
         if metric(http, "relay_slow_client_closes_total") > 0:
-            return
-        await flood(http, prediction_id, 4, step)
+            return received, while_open
     raise AssertionError("the client that never reads was never closed")
 
 
 def test_a_client_that_never_reads_is_closed_1013_and_others_get_everything(postgres):
-    """One stuck socket overflows its own bounded queue; a reader on the same prediction misses nothing."""
+    """One stuck socket overflows its own bounded queue; meanwhile a reader of the same prediction
+    receives each event before the next is posted, and the stuck client resumes with after=."""
     prediction_id = new_prediction_id()
     with (
-        RelayProcess(relay_env(postgres.new_database(), RELAY_WS_QUEUE="64")) as relay,
+        RelayProcess(relay_env(postgres.new_database(), RELAY_WS_QUEUE=str(QUEUE))) as relay,
         httpx.Client(base_url=relay.url, timeout=30) as http,
     ):
         url = stream_url(relay, prediction_id)
 
-        async def scenario() -> tuple[tuple[list[dict], int | None], ...]:
+        async def scenario() -> tuple[tuple[list[dict], int], tuple[list[dict], int | None], ...]:
             async with (
                 subscribe(url, sock=tiny_window_socket(relay.port), max_queue=1) as stuck,
                 subscribe(url) as reader,
             ):
-                reading = asyncio.create_task(read_to_close(reader, timeout=120))
-                await flood_until_a_slow_close(http, prediction_id)
+                await read_backlog(reader)
+                promptly = await read_each_until_a_slow_close(http, reader, prediction_id)
                 for body in lifecycle(prediction_id)[-2:]:
                     await post_async(http, body)
                 stopped = await read_to_close(stuck)
-                everything = await reading
+                rest_of_reader = await read_to_close(reader)
             async with subscribe(stream_url(relay, prediction_id, after=seqs(stopped[0])[-1])) as resumed:
-                return everything, stopped, await read_to_close(resumed)
+                return promptly, rest_of_reader, stopped, await read_to_close(resumed)
 
-        (read, code), (stuck, stuck_code), (rest, rest_code) = asyncio.run(scenario())
+        (promptly, while_open), (read, code), (stuck, stuck_code), (rest, rest_code) = asyncio.run(scenario())
         assert metric(http, "relay_slow_client_closes_total") == 1
     stored = log_seqs(relay.env["DATABASE_URL"], prediction_id)
-    assert seqs(read) == stored and code == 1000
+    # At its close the stuck client had QUEUE events queued that the reader had already received.
+    assert while_open >= QUEUE
+    assert seqs(promptly) + seqs(read) == stored and code == 1000
     assert stuck_code == 1013 and seqs(stuck) == stored[: len(seqs(stuck))]
     assert seqs(stuck) + seqs(rest) == stored and rest_code == 1000

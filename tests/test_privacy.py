@@ -31,6 +31,7 @@ from .support import (
 )
 from .test_cli import relay_cli
 from .test_reconcile import reconcile_cli
+from .test_replay import RECEIVER_SECRET, Receiver, receiver  # noqa: F401 - the fixture
 
 KEK_A = bytes(range(32))
 KEK_B = bytes(range(100, 132))
@@ -96,6 +97,23 @@ def ws_messages(relay: RelayProcess, path: str) -> list[dict]:
         return messages
 
 
+def cli_lines(sealed: Sealed, *args: str) -> list[dict]:
+    """The JSON lines a CLI reader prints, run with the sealed relay's key."""
+    done = relay_cli(*args, env=sealed.process.env)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def to(downstream: Receiver) -> tuple[str, ...]:
+    return "--to", f"{downstream.url}/hook", "--secret", RECEIVER_SECRET
+
+
+def replay(sealed: Sealed, prediction_id: str, *target: str) -> dict:
+    [report] = cli_lines(sealed, "replay", "--prediction", prediction_id, "--json", "--quiet", *target)
+    assert report["failed"] == [], report
+    return report
+
+
 def test_stored_rows_hold_no_plaintext(sealed):
     """With a key, the log and the keys table hold no prompt, URL or input value in clear."""
     prediction_id = new_prediction_id()
@@ -130,6 +148,36 @@ def test_exact_bytes_round_trip_through_api_and_websocket(sealed):
     assert [body_bytes(row, Vault([KEK_A])) for row in rows] == raw
 
 
+def test_every_reader_decrypts_the_exact_bytes(sealed, receiver):  # noqa: F811
+    """Export, replay (URL and fan-out), `relay events --json` and the dashboard's list read the
+    plaintext: the exact bytes received (non-ASCII, an escaped NUL, the sender's whitespace)."""
+    prediction_id = new_prediction_id()
+    bodies = personal_lifecycle(prediction_id)
+    for body in bodies:
+        body["input"]["prompt"] = PROMPT + " \u2014 caf\u00e9 \x00"
+    raw = [json.dumps(body, indent=1, ensure_ascii=False).encode() for body in bodies]
+    last = deliver(sealed.http, raw)[-1]
+    webhook_ids = [e["webhook_id"] for e in sealed.events(prediction_id)]
+
+    exported = cli_lines(sealed, "export", "--prediction", prediction_id, "--quiet")
+    assert [line["body"].encode() for line in exported] == raw
+    [listed] = cli_lines(sealed, "events", "--prediction", prediction_id, "--json")
+    assert [e["prediction"] for e in listed["events"]] == bodies
+    assert replay(sealed, prediction_id, *to(receiver))["delivered"] == 6
+    assert receiver.accepted == list(zip(webhook_ids, raw, strict=True))
+
+    url = f"{sealed.process.ws_url}/events/ws?after={last}&token={ADMIN_TOKEN}"
+    with ws_connect(url, open_timeout=10) as subscriber:
+        assert json.loads(subscriber.recv(timeout=10))["type"] == "caught_up"
+        assert replay(sealed, prediction_id, "--fanout")["delivered"] == 6
+        pushed = [json.loads(subscriber.recv(timeout=10)) for _ in raw]
+    assert [(m["replayed"], m["prediction"]) for m in pushed] == [(True, body) for body in bodies]
+
+    recent = sealed.admin.get("/admin/predictions", params={"limit": 500}).json()["predictions"]
+    [state] = [p for p in recent if p["id"] == prediction_id]
+    assert state["output"] == bodies[-1]["output"] and state["logs"] == bodies[-1]["logs"]
+
+
 def swap_bodies(sealed: Sealed, first: int, second: int) -> None:
     """What an attacker or a bad restore could do: move ciphertexts between two rows."""
     sealed.query(
@@ -157,7 +205,8 @@ def test_swapped_ciphertexts_are_detected_not_shown(sealed):
     assert [m.get("prediction") for m in streamed[1:4]] == [{"unreadable": True}] * 3
 
 
-def test_erasure_keeps_seq_status_and_times_and_hides_content_everywhere(sealed):
+def test_erasure_keeps_seq_status_and_times_and_hides_content_everywhere(sealed, receiver):  # noqa: F811
+    """API, live and backlog streams, export and replay all show seq/status/times, content erased."""
     prediction_id, bystander = new_prediction_id(), new_prediction_id()
     deliver(sealed.http, personal_lifecycle(prediction_id))
     last = deliver(sealed.http, personal_lifecycle(bystander))[-1]
@@ -190,6 +239,12 @@ def test_erasure_keeps_seq_status_and_times_and_hides_content_everywhere(sealed)
     assert [m["prediction"] for m in streamed if m["type"] == "event"] == [{"erased": True}] * len(after)
     assert sealed.query("SELECT 1 FROM data_keys WHERE prediction_id = $1", prediction_id) == []
     assert sealed.events(bystander)[0]["prediction"]["input"]["prompt"] == PROMPT
+
+    exported = cli_lines(sealed, "export", "--prediction", prediction_id, "--quiet")
+    assert [json.loads(line.pop("body")) for line in exported] == [{"erased": True}] * len(after)
+    assert [{k: line[k] for k in keep} for line in exported] == [{k: e[k] for k in keep} for e in after]
+    assert replay(sealed, prediction_id, *to(receiver))["delivered"] == len(after)
+    assert receiver.accepted == [(e["webhook_id"], b'{"erased":true}') for e in after]
 
 
 def test_forgetting_twice_is_harmless_and_late_deliveries_stay_forgotten(sealed):
@@ -266,6 +321,33 @@ def one_line_refusal(dsn: str, **extra: str) -> str:
     return result.stderr
 
 
+@pytest.mark.parametrize(
+    ("key", "refusal"),
+    [(None, "RELAY_ENCRYPTION_KEY is not set"), (KEY_B, f"lacks key-encryption key {crypto.key_id(KEK_A)}")],
+    ids=["no key", "wrong key"],
+)
+def test_cli_readers_refuse_a_missing_or_wrong_key(sealed, receiver, tmp_path, key, refusal):  # noqa: F811
+    """events, export and replay stop with one line before reading: no file of unreadable
+    bodies, nothing sent under the original webhook ids."""
+    prediction_id = new_prediction_id()
+    deliver(sealed.http, personal_lifecycle(prediction_id))
+    env = {k: v for k, v in sealed.process.env.items() if k != "RELAY_ENCRYPTION_KEY"}
+    if key is not None:
+        env["RELAY_ENCRYPTION_KEY"] = key
+    target = tmp_path / "export.jsonl"
+    for command in (
+        ("events", "--json"),
+        ("export", "-o", str(target)),
+        ("replay", *to(receiver)),
+        ("replay", "--fanout"),
+    ):
+        result = relay_cli(*command, "--prediction", prediction_id, env=env)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.count("\n") == 1 and refusal in result.stderr, result.stderr
+        assert result.stdout == "" and "Traceback" not in result.stderr
+    assert not target.exists() and receiver.attempts == []
+
+
 def test_rotation_then_restart_with_only_the_new_key_reads_everything(postgres):
     dsn = postgres.new_database()
     predictions = [new_prediction_id() for _ in range(3)]
@@ -326,8 +408,9 @@ def test_relay_log_lines_carry_no_prompts_urls_or_input_values(postgres):
         assert http.delete(f"/admin/predictions/{prediction_id}", headers=admin_headers()).status_code == 200
     output = relay.read_output()
     assert f"prediction {prediction_id} status succeeded" in output, "DEBUG lines were expected"
+    assert "acknowledged 18" in simulated.stdout, "simulate's summary was expected"
     for personal in (PROMPT, "Zebulon", IMAGE_URL, "8675309", "replicate.delivery", "Remove the background"):
-        assert personal not in output
+        assert personal not in output and personal not in simulated.stdout + simulated.stderr
 
 
 def test_predictions_created_and_reconciled_through_relay_are_sealed_and_never_logged(postgres, fake):

@@ -120,6 +120,9 @@ def test_totals_are_exact_with_duplicates_reordering_and_reconcile_events(usage_
     for body in late:
         log.add(body, t)
     log.add({**late[-1], "status": "aborted", "metrics": {"predict_time": 99.0}}, t, source="reconcile")
+    aborted = bodies("aborted")  # ended before it ran (e.g. its deadline passed): no predict_time
+    for body in [aborted[0], {**aborted[-1], "started_at": None, "logs": "", "metrics": {}}]:
+        log.add(body, t)
     open_one = bodies("succeeded")[:3]  # still running: started, no terminal yet
     for body in open_one:
         log.add(body, t)
@@ -127,13 +130,16 @@ def test_totals_are_exact_with_duplicates_reordering_and_reconcile_events(usage_
 
     report = usage_of(admin, "2021-03-01", "2021-04-01")
     line = by_key(report)[MODEL]
-    assert line["started"] == 11 and line["running"] == 1
-    assert (line["succeeded"], line["failed"], line["canceled"], line["aborted"]) == (8, 1, 1, 0)
+    assert line["started"] == 12 and line["running"] == 1
+    assert (line["succeeded"], line["failed"], line["canceled"], line["aborted"]) == (8, 1, 1, 1)
     seconds = expected_seconds + 3.0 + 5.0 + 2.0 + 7.0
     assert line["predict_time"] == pytest.approx(seconds)
     assert line["cost"] == pytest.approx(seconds * PRICE)
-    assert line["predict_time_p50"] == pytest.approx(3.5)  # of 1,2,3,4,5,6 and 3,5,2,7
-    assert report["total"]["started"] == 11 and report["total"]["cost"] == pytest.approx(seconds * PRICE)
+    # Of 1,2,3,4,5,6 and 3,5,2,7 (the aborted and the open one have none): sorted
+    # 1,2,2,3,3,4,5,5,6,7; p50 halfway between 3 and 4, p95 at 0.95 × 9 = 8.55 → 6 + 0.55 × (7 - 6).
+    assert line["predict_time_p50"] == pytest.approx(3.5)
+    assert line["predict_time_p95"] == pytest.approx(6.55)
+    assert report["total"]["started"] == 12 and report["total"]["cost"] == pytest.approx(seconds * PRICE)
 
 
 def test_month_boundaries_split_by_the_terminal_time(usage_relay, admin):
@@ -240,7 +246,7 @@ def test_relay_usage_prints_the_same_report_as_the_api(usage_relay, admin):
         ([], {"RELAY_PRICES": "qwen/qwen-image-edit-plus"}, "RELAY_PRICES entry"),
         ([], {"RELAY_PRICES": "qwen/qwen-image-edit-plus=cheap"}, "RELAY_PRICES price"),
         ([], {"RELAY_BUDGET": "-5"}, "RELAY_BUDGET must be a number"),
-        ([], {"RELAY_BUDGET": "0"}, "RELAY_BUDGET must be more than 0"),
+        ([], {"RELAY_BUDGET": "0"}, "RELAY_BUDGET must be a number of US dollars (more than 0 a month"),
     ],
 )
 def test_relay_usage_bad_input_exits_2_with_one_line(usage_relay, args, extra, mentions):

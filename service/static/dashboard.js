@@ -2,6 +2,7 @@
  * The dashboard. At `/`: recent predictions, then every event live over /events/ws.
  * At `/p/{id}`: one prediction, its events and logs, over /predictions/{id}/ws.
  * Both go through relay.js, which resumes after a disconnect without gap or duplicate.
+ * With RELAY_BUDGET set, the header shows this month's spend against it (GET /admin/usage).
  * The admin token comes from the URL fragment (#token=…, as `relay serve` prints it) and is kept
  * in sessionStorage; it is removed from the address bar at once.
  */
@@ -15,6 +16,9 @@
   const SYMBOLS = { starting: "○", processing: "◔", succeeded: "✓", failed: "✗", canceled: "⊘", aborted: "⊘" };
   const IMAGE = /\.(png|jpe?g|webp|gif|avif|svg)([?#]|$)/i;
   const MAX_OUTPUTS = 8;
+  const SPEND_EVERY = 60000;
+  const SPEND_AT_MOST_EVERY = 3000; // the usage query scans the month: not once per event
+  const USD = new Intl.NumberFormat("en-US", { style: "currency", currency: "USD" });
 
   const $ = (id) => document.getElementById(id);
   const views = new Map();
@@ -67,6 +71,53 @@
     sessionStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
     location.reload();
   });
+
+  // --- this month's spend against RELAY_BUDGET ---------------------------------------------
+
+  const spend = { token: null, timer: null, due: 0, last: 0, asked: 0 };
+
+  function showSpend(month) {
+    $("spend").hidden = !month || month.budget == null;
+    if ($("spend").hidden) return;
+    const percent = Math.round(month.used * 100) + "%";
+    const over = month.used >= 1 ? ", over budget" : "";
+    $("spend-text").textContent =
+      "Spend this month: " + USD.format(month.spend) + " of " + USD.format(month.budget) + " (" + percent + over + ")";
+    $("spend-meter").value = month.used; // a meter clamps the bar at its max; the text does not
+    $("spend-meter").textContent = percent;
+  }
+
+  async function loadSpend() {
+    spend.timer = null;
+    spend.last = Date.now();
+    const asked = ++spend.asked;
+    try {
+      const response = await fetch("/admin/usage", { headers: { Authorization: "Bearer " + spend.token }, cache: "no-store" });
+      // A refused token is reported by the page's main load; other failures keep what is shown.
+      if (response.ok) {
+        const month = (await response.json()).this_month;
+        if (asked === spend.asked) showSpend(month);
+      }
+    } catch (error) {
+      // Relay is unreachable: the next refresh tries again.
+    }
+    if (spend.timer === null) refreshSpend(false);
+  }
+
+  /** Reload the spend: `soon` after a prediction ended (at most every few seconds), else later. */
+  function refreshSpend(soon) {
+    const delay = soon ? Math.max(0, spend.last + SPEND_AT_MOST_EVERY - Date.now()) : SPEND_EVERY;
+    const due = Date.now() + delay;
+    if (spend.timer !== null && spend.due <= due) return;
+    clearTimeout(spend.timer);
+    spend.due = due;
+    spend.timer = setTimeout(loadSpend, delay);
+  }
+
+  function watchSpend(token) {
+    spend.token = token;
+    loadSpend();
+  }
 
   // --- one prediction's view ------------------------------------------------------------------
 
@@ -246,6 +297,7 @@
         const view = applyEvent(event);
         if (!known) addCard(view, true);
         render(view);
+        if (Relay.isTerminal(event.status)) refreshSpend(true);
       },
       onConnection: showConnection,
       onError: tokenRefused,
@@ -285,6 +337,7 @@
       onConnection: showConnection,
       onError: tokenRefused,
       onDone(event) {
+        refreshSpend(true);
         setConnection("Finished: " + (event ? event.status : view.status || "ended") + ".");
       },
     });
@@ -301,6 +354,7 @@
     return;
   }
   $("content").hidden = false;
+  watchSpend(token);
   const match = /^\/p\/(.+)$/.exec(location.pathname);
   if (match) startPrediction(token, decodeURIComponent(match[1]));
   else startDashboard(token);

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import store
 from .auth import require_admin, token_from
 from .errors import InvalidRequest
-from .events import EventsResponse, event_message
+from .events import events_page
 from .filters import parse_filter
 from .reading import MAX_PAGE, int_param
 from .replay import replay, target_from_json
@@ -22,7 +22,7 @@ def authorize_admin(request: Request) -> None:
     require_admin(token, request.app.state.relay.settings.admin_token)
 
 
-async def list_events(request: Request) -> JSONResponse:
+async def list_events(request: Request) -> Response:
     """`GET /admin/events?<filters>&limit=` → `{"events": [...], "next_after": SEQ}`."""
     authorize_admin(request)
     event_filter = parse_filter(dict(request.query_params), extra=("limit", "token"))
@@ -32,8 +32,7 @@ async def list_events(request: Request) -> JSONResponse:
     async with relay.pool.acquire() as conn:
         rows = await store.fetch_where(conn, where, args, limit)
     next_after = rows[-1]["seq"] if rows else event_filter.after
-    events = [event_message(row, relay.vault) for row in rows]
-    return EventsResponse({"events": events, "next_after": next_after})
+    return events_page(rows, relay.vault, next_after)
 
 
 async def post_replay(request: Request) -> JSONResponse:

@@ -13,19 +13,27 @@ from . import console, database, usage
 from .auth import DEFAULT_TTL, mint_token
 from .errors import ConfigError
 from .privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
-from .settings import load_settings
+from .settings import SERVE_FLAGS, load_settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    overrides = {
-        "RELAY_HOST": args.host,
-        "RELAY_PORT": None if args.port is None else str(args.port),
-        "RELAY_WORKERS": None if args.workers is None else str(args.workers),
-    }
-    serve(load_settings(overrides=overrides))
+    given = {flag.variable: getattr(args, flag.variable) for flag in SERVE_FLAGS}
+    serve(load_settings(overrides={name: str(value) for name, value in given.items() if value is not None}))
     return 0
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag in SERVE_FLAGS:
+        hint = " (visible in ps: prefer the environment)" if flag.secret else ""
+        parser.add_argument(
+            flag.name,
+            dest=flag.variable,
+            type=flag.type,
+            metavar="N" if flag.type is int else "VALUE",
+            help=f"{flag.variable}: {flag.help}{hint}",
+        )
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -102,16 +110,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
-    (
-        "serve",
-        "run the HTTP/WebSocket service",
-        cmd_serve,
-        lambda p: (
-            p.add_argument("--host"),
-            p.add_argument("--port", type=int),
-            p.add_argument("--workers", type=int, help="worker processes sharing the database (default 1)"),
-        ),
-    ),
+    ("serve", "run the HTTP/WebSocket service", cmd_serve, add_serve_arguments),
     ("migrate", "apply database migrations", cmd_migrate, None),
     (
         "token",

@@ -48,7 +48,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             async with conn.transaction():
                 await conn.execute(path.read_text())
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.stem)
-            log.info("applied migration %s", path.stem)
+            log.debug("applied migration %s", path.stem)
             applied.append(path.stem)
         return applied
     finally:

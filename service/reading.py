@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from . import store
 from .auth import require_reader, token_from
 from .errors import InvalidRequest, NotFound
-from .events import EventsResponse, event_message, prediction_state
+from .events import EventsResponse, events_page, prediction_state
 
 MAX_PAGE = 1000
 
@@ -47,7 +48,7 @@ async def get_prediction(request: Request) -> EventsResponse:
     return EventsResponse(prediction_state(row, relay.vault))
 
 
-async def list_prediction_events(request: Request) -> EventsResponse:
+async def list_prediction_events(request: Request) -> Response:
     prediction_id = request.path_params["prediction_id"]
     authorize(request, prediction_id)
     after = int_param(request, "after", 0)
@@ -55,8 +56,7 @@ async def list_prediction_events(request: Request) -> EventsResponse:
     relay = request.app.state.relay
     async with relay.pool.acquire() as conn:
         rows = await store.fetch_events(conn, prediction_id=prediction_id, after=after, limit=limit)
-    events = [event_message(row, relay.vault) for row in rows]
-    return EventsResponse({"events": events, "next_after": rows[-1]["seq"] if rows else after})
+    return events_page(rows, relay.vault, rows[-1]["seq"] if rows else after)
 
 
 routes = [

@@ -126,6 +126,53 @@ def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class Flag:
+    """A `relay serve` flag: the command-line form of one variable (the flag wins)."""
+
+    name: str
+    variable: str
+    help: str
+    type: type = str
+    secret: bool = False
+
+
+# Every variable `relay serve` reads, as a flag. Secrets are accepted as flags too, but a flag is
+# visible to every user of the machine (`ps`), so the environment is the place for them.
+SERVE_FLAGS = (
+    Flag("--host", "RELAY_HOST", "interface to listen on (default 127.0.0.1)"),
+    Flag("--port", "RELAY_PORT", "port to listen on (default 8000)", int),
+    Flag("--workers", "RELAY_WORKERS", "worker processes sharing the database (default 1)", int),
+    Flag("--database-url", "DATABASE_URL", "Postgres DSN (default: embedded Postgres)", secret=True),
+    Flag("--data-dir", "RELAY_DATA_DIR", "local state: embedded cluster, dev secrets (default ./.relay)"),
+    Flag("--webhook-secret", "REPLICATE_WEBHOOK_SECRET", "whsec_… secret(s), space-separated", secret=True),
+    Flag("--webhook-tolerance", "RELAY_WEBHOOK_TOLERANCE", "max webhook-timestamp skew, seconds", int),
+    Flag("--max-body", "RELAY_MAX_BODY", "largest webhook body, bytes", int),
+    Flag("--admin-token", "RELAY_ADMIN_TOKEN", "bearer token for /admin/* and /events/ws", secret=True),
+    Flag("--subscribe-key", "RELAY_SUBSCRIBE_KEY", "HS256 key for subscriber tokens", secret=True),
+    Flag("--api-keys", "RELAY_API_KEYS", "API keys for /api/*, space-separated", secret=True),
+    Flag("--replicate-api-token", "REPLICATE_API_TOKEN", "token for the predictions API proxy", secret=True),
+    Flag("--replicate-api-base", "REPLICATE_API_BASE", "upstream API base URL"),
+    Flag("--public-url", "RELAY_PUBLIC_URL", "public base URL, for the webhook URL"),
+    Flag("--encryption-key", "RELAY_ENCRYPTION_KEY", "key-encryption key(s), space-separated", secret=True),
+    Flag("--log-level", "RELAY_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+    Flag("--ws-queue", "RELAY_WS_QUEUE", "messages queued per subscriber before 1013", int),
+    Flag("--ws-ping", "RELAY_WS_PING", "WebSocket ping interval, seconds", int),
+    Flag("--prices", "RELAY_PRICES", "model=USD-per-second pairs, space-separated"),
+    Flag("--budget", "RELAY_BUDGET", "monthly budget, USD"),
+    Flag("--budget-interval", "RELAY_BUDGET_INTERVAL", "budget check period, seconds", int),
+    Flag("--metrics-dir", "PROMETHEUS_MULTIPROC_DIR", "where --workers processes write metrics"),
+    Flag("--upstream-timeout", "RELAY_UPSTREAM_TIMEOUT", "Replicate API timeout, seconds", int),
+    Flag("--upstream-retries", "RELAY_UPSTREAM_RETRIES", "Replicate API retries", int),
+    Flag("--api-max-body", "RELAY_API_MAX_BODY", "largest /api/* request body, bytes", int),
+    Flag("--api-rate-limit", "RELAY_API_RATE_LIMIT", "/api/* requests per key per hour", int),
+    Flag("--reconcile-after", "RELAY_RECONCILE_AFTER", "seconds without an event before reconciling", int),
+    Flag("--reconcile-interval", "RELAY_RECONCILE_INTERVAL", "reconcile period, seconds", int),
+    Flag("--allowed-origins", "RELAY_ALLOWED_ORIGINS", "origins that may open streams, comma-separated"),
+    Flag("--cors-origins", "RELAY_CORS_ORIGINS", "origins that may call /api/*, comma-separated"),
+)
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -158,6 +205,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     generated: frozenset[str] = field(default_factory=frozenset)
+    flags: dict[str, str] = field(default_factory=dict, repr=False)  # given on the command line
 
     @property
     def webhook_keys(self) -> tuple[bytes, ...]:
@@ -208,8 +256,8 @@ def load_settings(
     `generate_missing=False` is for commands that only read (they use stored dev secrets if any).
     `required` names the secrets the command needs when DATABASE_URL is set (default: all).
     """
-    env = dict(os.environ if env is None else env)
-    env.update({name: value for name, value in (overrides or {}).items() if value is not None})
+    flags = {name: value for name, value in (overrides or {}).items() if value is not None}
+    env = {**(os.environ if env is None else env), **flags}
     database_url = _secret(env, "DATABASE_URL")
     data_dir = Path(env.get("RELAY_DATA_DIR") or ".relay")
     values: dict[str, object] = {
@@ -243,6 +291,7 @@ def load_settings(
         "reconcile_interval": _int(env, "RELAY_RECONCILE_INTERVAL", 60),
         "allowed_origins": _origins(env, "RELAY_ALLOWED_ORIGINS"),
         "cors_origins": _origins(env, "RELAY_CORS_ORIGINS"),
+        "flags": flags,
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
         decode_webhook_secret(secret)
@@ -302,6 +351,7 @@ def worker_environment(settings: Settings, dsn: str, metrics_dir: Path) -> dict[
     """What `relay serve --workers N` hands its workers: the database it started or was given,
     the secrets it read or generated, its flags, and where the metrics of all workers meet."""
     return {
+        **settings.flags,
         "DATABASE_URL": dsn,
         "REPLICATE_WEBHOOK_SECRET": " ".join(settings.webhook_secrets),
         "RELAY_ADMIN_TOKEN": str(settings.admin_token),

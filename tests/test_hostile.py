@@ -71,6 +71,9 @@ def test_odd_but_valid_bodies_are_stored_exactly_and_served(client, relay, path)
     events = client.get(f"/predictions/{pid}/events", headers=admin_headers())
     assert events.status_code == 200
     assert [e["prediction"] for e in events.json()["events"]] == [prediction]
+    assert events.text.endswith(
+        f'"prediction":{body.decode()}}}],"next_after":{events.json()["next_after"]}}}'
+    )
     assert client.get(f"/predictions/{pid}", headers=admin_headers()).json()["status"] == prediction["status"]
     assert client.get("/admin/predictions", headers=admin_headers()).status_code == 200
     with connect(f"{relay.ws_url}/predictions/{pid}/ws?token={ADMIN_TOKEN}", max_size=None) as ws:

@@ -1,4 +1,5 @@
-"""A database that goes away: 503 with Retry-After (never a hang or a 500), then service resumes."""
+"""A database that goes away (503 with Retry-After, never a hang or a 500, then service resumes),
+and a schema that is behind (/readyz 503)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import time
 
 import httpx
 
+from service.migrations import migration_files
 from service.simulate import lifecycle
 
-from .support import RelayProcess, admin_headers, new_prediction_id, post_webhook, relay_env
+from .support import RelayProcess, admin_headers, new_prediction_id, post_webhook, query, relay_env
+
+LAST = migration_files()[-1].stem
 
 
 def test_database_down_gives_503_then_service_resumes(own_postgres):
@@ -39,3 +43,22 @@ def test_database_down_gives_503_then_service_resumes(own_postgres):
         for prediction in (before, during):
             state = http.get(f"/predictions/{prediction['id']}", headers=admin_headers())
             assert state.status_code == 200 and state.json()["event_count"] == 1
+
+
+def test_readyz_is_503_while_a_migration_is_pending(relay, client):
+    """A schema behind the code (a migration not recorded as applied) is not ready, with the
+    migration named and the fix; once it is applied again the instance is ready."""
+    dsn = relay.env["DATABASE_URL"]
+    assert client.get("/readyz").json() == {"status": "ok"}
+    applied_at = query(dsn, "DELETE FROM schema_migrations WHERE version = $1 RETURNING applied_at", LAST)
+    try:
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json() == {
+            "status": "unavailable",
+            "reason": f"migrations not applied: {LAST}; run relay migrate",
+        }
+        assert client.get("/healthz").status_code == 200
+    finally:
+        query(dsn, "INSERT INTO schema_migrations VALUES ($1, $2)", LAST, applied_at[0][0])
+    assert client.get("/readyz").status_code == 200

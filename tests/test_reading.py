@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+from websockets.sync.client import connect
+
 from service.auth import mint_token
 from service.simulate import lifecycle
 
-from .support import SUBSCRIBE_KEY, deliver_lifecycle, new_prediction_id, post_webhook
+from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, deliver_lifecycle, new_prediction_id, post_webhook
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -106,3 +108,24 @@ def test_bad_query_parameters_are_400(admin):
     response = admin.get("/predictions/x/events", params={"after": "-1"})
     assert response.status_code == 400 and "after" in response.json()["error"]["message"]
     assert admin.get("/predictions/x/events", params={"limit": "100000"}).status_code == 400
+
+
+def test_events_are_served_with_the_exact_text_delivered(client, admin, relay):
+    """HTTP pages (prediction and admin) and WebSocket messages carry each body as delivered:
+    number spelling, whitespace, key order, escapes and raw UTF-8 are kept, never re-encoded."""
+    prediction_id = new_prediction_id()
+    text = (
+        '{ "status":"succeeded" ,\n\t"id": "ID",  "metrics": {"predict_time": 1.50e3},'
+        ' "z": {"b": 1, "a": 2}, "logs": "nul \\u0000 and caf\u00e9 \\ud83d\\ude00" }'
+    ).replace("ID", prediction_id)
+    assert post_webhook(client, text.encode()).status_code == 200
+
+    page = admin.get(f"/predictions/{prediction_id}/events")
+    assert page.status_code == 200 and page.headers["content-type"] == "application/json"
+    assert f'"prediction":{text}}}]' in page.text
+    assert page.json()["events"][0]["prediction"]["metrics"]["predict_time"] == 1500.0
+    search = admin.get("/admin/events", params={"prediction_id": prediction_id})
+    assert search.status_code == 200 and f'"prediction":{text}}}]' in search.text
+    with connect(f"{relay.ws_url}/predictions/{prediction_id}/ws?token={ADMIN_TOKEN}") as ws:
+        message = ws.recv(timeout=5)
+    assert message.endswith(f'"prediction":{text}}}')

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import re
+import shutil
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -48,10 +52,33 @@ def postmasters(pgdata: Path) -> int:
     return count
 
 
+METRICS = ('relay_deliveries_total{outcome="stored"}', "relay_ingest_seconds_count", "relay_subscribers")
+
+
+def samples(text: str) -> dict[str, float]:
+    """The METRICS samples of a Prometheus text page (0 when absent)."""
+    found = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(found.get(name, 0)) for name in METRICS}
+
+
+def merged(url: str) -> dict[str, float]:
+    """What `/metrics` reports, from whichever worker answers (a fresh connection each time)."""
+    return samples(httpx.get(url + "/metrics", headers={"Connection": "close"}).text)
+
+
 def stored_deliveries(url: str) -> float:
-    text = httpx.get(url + "/metrics", headers={"Connection": "close"}).text
-    match = re.search(r'^relay_deliveries_total\{outcome="stored"\} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return merged(url)[METRICS[0]]
+
+
+def own_samples(metrics_dir: Path, pid: int, tmp_path: Path) -> dict[str, float]:
+    """One worker's own samples: its files alone, read by the collector `/metrics` uses."""
+    alone = tmp_path / f"worker-{pid}"
+    alone.mkdir(exist_ok=True)
+    for path in metrics_dir.glob(f"*_{pid}.db"):
+        shutil.copy(path, alone / path.name)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(alone))
+    return samples(generate_latest(registry).decode())
 
 
 def deliver_concurrently(url: str, predictions: int) -> int:
@@ -67,28 +94,59 @@ def deliver_concurrently(url: str, predictions: int) -> int:
         return sum(pool.map(one, range(predictions)))
 
 
+def until_every_worker_has(name: str, workers: list[int], act: Callable[[], None], tmp_path: Path) -> None:
+    """Repeat `act` (bounded) until each worker's own `name` sample is above 0: which worker
+    accepts a connection is the kernel's choice."""
+    metrics_dir = tmp_path / "metrics"
+    for _ in range(20):
+        act()
+        if all(own_samples(metrics_dir, pid, tmp_path)[name] > 0 for pid in workers):
+            return
+    pytest.fail(f"one worker never accepted a connection ({name})")
+
+
 def test_workers_share_one_embedded_postgres_and_report_merged_metrics(tmp_path):
+    """Every worker answers /metrics with all workers' totals: the stored-deliveries counter, the
+    ingest-latency histogram's count and the live subscriber gauge."""
     env = relay_env("", RELAY_DATA_DIR=str(tmp_path))
     del env["DATABASE_URL"]  # dev mode: the parent starts the embedded cluster once
     pgdata = tmp_path / "pg"
     relay = RelayProcess(env, args=("--workers", str(WORKERS))).start(timeout=60)
+    subscribers = []
+    stack = contextlib.ExitStack()
     try:
         workers = children(relay.proc.pid)
         assert len(workers) == WORKERS
         assert postmasters(pgdata) == 1
-        count = deliver_concurrently(relay.url, predictions=6)
-        files = {p.name for p in (tmp_path / "metrics").glob("counter_*.db")}
-        assert files == {f"counter_{pid}.db" for pid in workers}  # one sample file per worker
-        answers = {stored_deliveries(relay.url) for _ in range(10)}
-        assert answers == {float(count)}  # whichever worker answers, it reports all workers' total
-        with connect(f"{relay.ws_url}/events/ws?token={ADMIN_TOKEN}") as subscriber:
+        delivered = []
+        until_every_worker_has(
+            METRICS[0], workers, lambda: delivered.append(deliver_concurrently(relay.url, 4)), tmp_path
+        )
+        count = sum(delivered)
+        answers = [merged(relay.url) for _ in range(10)]  # whichever worker answers, all the totals
+        assert all(answer == dict(zip(METRICS, (count, count, 0), strict=True)) for answer in answers)
+
+        def subscribe() -> None:
+            subscriber = stack.enter_context(connect(f"{relay.ws_url}/events/ws?token={ADMIN_TOKEN}"))
+            subscribers.append(subscriber)
             while json.loads(subscriber.recv(timeout=5))["type"] != "caught_up":
                 pass  # the backlog: the deliveries above
-            assert relay.stop() == 0
-            with pytest.raises(ConnectionClosed):
-                subscriber.recv(timeout=5)
-        assert subscriber.close_code == 1001  # going away, as with one process; uvicorn says 1012
+
+        until_every_worker_has(METRICS[2], workers, subscribe, tmp_path)
+        assert {merged(relay.url)["relay_subscribers"] for _ in range(10)} == {len(subscribers)}
+        for subscriber in subscribers[1:]:
+            subscriber.close()
+        deadline = time.monotonic() + 5
+        while merged(relay.url)["relay_subscribers"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert {merged(relay.url)["relay_subscribers"] for _ in range(10)} == {1}
+
+        assert relay.stop() == 0
+        with pytest.raises(ConnectionClosed):
+            subscribers[0].recv(timeout=5)
+        assert subscribers[0].close_code == 1001  # going away, as with one process; uvicorn says 1012
     finally:
+        stack.close()
         relay.stop()
     assert not postmaster_running(pgdata)
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)

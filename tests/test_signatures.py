@@ -6,9 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import InvalidPayload, RelayError
+from service.errors import InvalidPayload, RelayError, TimestampOutOfTolerance
 from service.ingest import MAX_DEPTH, parse_prediction
+from service.settings import load_settings
 from service.signatures import sign, signed_headers, verify
+
+from .support import relay_env
 
 KEY = b"property-test-key-0123456789"
 NOW = 1_760_000_000
@@ -88,3 +91,22 @@ def test_nesting_is_bounded_explicitly(depth, accepted):
     else:
         with pytest.raises(InvalidPayload):
             parse_prediction(body)
+
+
+DEFAULT_TOLERANCE = 300
+
+
+def test_the_configured_default_tolerance_is_300_seconds():
+    env = relay_env("postgresql://unused/db")
+    assert load_settings(env).webhook_tolerance == DEFAULT_TOLERANCE
+
+
+@pytest.mark.parametrize("skew, accepted", [(-300, True), (300, True), (-301, False), (301, False)])
+def test_the_tolerance_is_exact_in_both_directions(skew, accepted):
+    """With the default 300 s, a timestamp exactly 300 s off verifies and 301 s off is refused."""
+    headers = signed_headers(KEY, "msg_edge", b"{}", NOW + skew)
+    if accepted:
+        assert verify(headers, b"{}", [KEY], DEFAULT_TOLERANCE, now=NOW) == ("msg_edge", NOW + skew)
+    else:
+        with pytest.raises(TimestampOutOfTolerance):
+            verify(headers, b"{}", [KEY], DEFAULT_TOLERANCE, now=NOW)

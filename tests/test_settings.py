@@ -1,0 +1,89 @@
+"""`relay serve` flags: one for every configuration variable, and a flag wins over the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from service.cli import build_parser
+from service.settings import SERVE_FLAGS, Settings, load_settings, worker_environment
+
+from .support import relay_env
+
+# The variables of DESIGN.md's "Configuration" table, each of which must also be a serve flag.
+DESIGN_VARIABLES = {
+    "RELAY_HOST": "--host",
+    "RELAY_PORT": "--port",
+    "DATABASE_URL": "--database-url",
+    "RELAY_DATA_DIR": "--data-dir",
+    "REPLICATE_WEBHOOK_SECRET": "--webhook-secret",
+    "RELAY_WEBHOOK_TOLERANCE": "--webhook-tolerance",
+    "RELAY_MAX_BODY": "--max-body",
+    "RELAY_ADMIN_TOKEN": "--admin-token",
+    "RELAY_SUBSCRIBE_KEY": "--subscribe-key",
+    "REPLICATE_API_TOKEN": "--replicate-api-token",
+    "REPLICATE_API_BASE": "--replicate-api-base",
+    "RELAY_PUBLIC_URL": "--public-url",
+    "RELAY_ENCRYPTION_KEY": "--encryption-key",
+}
+# A valid value, different from the suite's environment and the default, for every flag.
+SAMPLES = {
+    "RELAY_HOST": "0.0.0.0",
+    "RELAY_PORT": "9123",
+    "RELAY_WORKERS": "3",
+    "DATABASE_URL": "postgresql://other@db.example/relay",
+    "RELAY_DATA_DIR": "/var/lib/relay-flag",
+    "REPLICATE_WEBHOOK_SECRET": "whsec_ZmxhZy1zZWNyZXQ=",
+    "RELAY_WEBHOOK_TOLERANCE": "60",
+    "RELAY_MAX_BODY": "1000",
+    "RELAY_ADMIN_TOKEN": "flag-admin-token",
+    "RELAY_SUBSCRIBE_KEY": "flag-subscribe-key",
+    "RELAY_API_KEYS": "key-one key-two",
+    "REPLICATE_API_TOKEN": "r8_flag",
+    "REPLICATE_API_BASE": "http://127.0.0.1:9/v1",
+    "RELAY_PUBLIC_URL": "https://relay.example.com",
+    "RELAY_ENCRYPTION_KEY": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    "RELAY_LOG_LEVEL": "DEBUG",
+    "RELAY_WS_QUEUE": "5",
+    "RELAY_WS_PING": "7",
+    "RELAY_PRICES": "a/b=0.5",
+    "RELAY_BUDGET": "20",
+    "RELAY_BUDGET_INTERVAL": "9",
+    "PROMETHEUS_MULTIPROC_DIR": "/tmp/relay-flag-metrics",
+    "RELAY_UPSTREAM_TIMEOUT": "4",
+    "RELAY_UPSTREAM_RETRIES": "0",
+    "RELAY_API_MAX_BODY": "99",
+    "RELAY_API_RATE_LIMIT": "8",
+    "RELAY_RECONCILE_AFTER": "11",
+    "RELAY_RECONCILE_INTERVAL": "12",
+    "RELAY_ALLOWED_ORIGINS": "https://app.example.com",
+    "RELAY_CORS_ORIGINS": "*",
+}
+FLAGS = {flag.variable: flag.name for flag in SERVE_FLAGS}
+
+
+def test_every_variable_of_the_design_table_is_a_serve_flag():
+    assert {name: FLAGS.get(name) for name in DESIGN_VARIABLES} == DESIGN_VARIABLES
+
+
+def without_flags(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, flags={})
+
+
+@pytest.mark.parametrize("flag", SERVE_FLAGS, ids=lambda flag: flag.name)
+def test_each_flag_sets_its_variable_over_the_environment(flag):
+    env = relay_env("postgresql://suite@db.example/relay")
+    args = build_parser().parse_args(["serve", flag.name, SAMPLES[flag.variable]])
+    value = getattr(args, flag.variable)
+    from_flag = load_settings(env, overrides={flag.variable: str(value)})
+    from_env = load_settings({**env, flag.variable: SAMPLES[flag.variable]})
+    assert without_flags(from_flag) == from_env != load_settings(env)
+
+
+def test_flags_reach_the_workers_of_relay_serve_workers():
+    """`--workers N` workers load their settings from the environment the parent gives them."""
+    env = relay_env("postgresql://suite@db.example/relay")
+    parent = load_settings(env, overrides={"RELAY_MAX_BODY": "1000", "RELAY_WORKERS": "2"})
+    workers_env = worker_environment(parent, str(parent.database_url), parent.data_dir / "metrics")
+    assert load_settings({**env, **workers_env}).max_body == 1000

@@ -13,7 +13,7 @@ from . import console, database, usage
 from .auth import DEFAULT_TTL, mint_token
 from .errors import ConfigError
 from .privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
-from .settings import SERVE_FLAGS, load_settings
+from .settings import SERVE_FLAGS, load_settings, tool_settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    settings = load_settings(generate_missing=False)
+    settings = tool_settings()
     with database.database_dsn(settings) as dsn:
         applied = asyncio.run(database.migrate(dsn))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
@@ -45,7 +45,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    settings = load_settings(generate_missing=False)
+    settings = tool_settings()
     try:
         when = usage.period(args.since, args.until, args.group)
     except usage.UsageInputError as error:
@@ -83,13 +83,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulate import run_simulation
 
     # A sender needs no server secrets: only --secret, or the configured or stored webhook secret.
-    return run_simulation(args, load_settings(generate_missing=False, required=()))
+    return run_simulation(args, tool_settings())
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from .reconcile import run_reconcile
 
-    return run_reconcile(args.prediction, load_settings(generate_missing=False))
+    return run_reconcile(args.prediction, tool_settings())
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ from .filters import add_filter_arguments, filter_from_args
 from .privacy import ready_connection
 from .reading import MAX_PAGE, parse_int
 from .replay import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, FanoutTarget, Report, Target, replay, url_target
-from .settings import load_settings
+from .settings import tool_settings
 from .tail import tail, ws_base
 from .vault import Vault
 
@@ -70,7 +70,7 @@ class Progress:
 def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     """Run `work` on a connection to the configured database, once the configured key is known
     to open its payloads: a wrong or missing key is a one-line error, never unreadable output."""
-    settings = load_settings(generate_missing=False)
+    settings = tool_settings()
 
     async def run(dsn: str) -> T:
         conn = await ready_connection(dsn, cli_vault())
@@ -85,7 +85,7 @@ def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
 
 def cli_vault() -> Vault:
     """What CLI readers decrypt with: the configured RELAY_ENCRYPTION_KEY(s)."""
-    return Vault(load_settings(generate_missing=False).key_encryption_keys)
+    return Vault(tool_settings().key_encryption_keys)
 
 
 def bounded(flag: str, value: int, minimum: int, maximum: int) -> int:
@@ -220,7 +220,7 @@ def describe(report: Report) -> str:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    settings = load_settings(generate_missing=False)
+    settings = tool_settings()
     if settings.admin_token is None:
         raise ConfigError("no admin token: set RELAY_ADMIN_TOKEN (or run relay serve once in dev mode)")
     base = ws_base(args.url or settings.base_url)

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from . import database, migrations, store
 from .auth import require_admin, token_from
 from .errors import ConfigError, NotFound, RelayError, error_class
-from .settings import load_settings
+from .settings import tool_settings
 from .store import Appended, Delivery
 from .vault import ERASED_BODY, ERASURE_SOURCE, Vault
 
@@ -117,7 +117,7 @@ async def forget_all(dsn: str, vault: Vault, prediction_ids: list[str]) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    settings = load_settings(generate_missing=False)
+    settings = tool_settings()
     vault = Vault(settings.key_encryption_keys)
     if not vault.enabled:
         raise ConfigError(ENCRYPTION_OFF)
@@ -136,7 +136,7 @@ async def rotate(dsn: str, vault: Vault) -> int:
 
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:
-    settings = load_settings(generate_missing=False)
+    settings = tool_settings()
     vault = Vault(settings.key_encryption_keys)
     with database.database_dsn(settings) as dsn:
         count = asyncio.run(rotate(dsn, vault))

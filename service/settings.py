@@ -305,6 +305,12 @@ def load_settings(
     return settings
 
 
+def tool_settings() -> Settings:
+    """Settings for an operator command: it uses stored dev secrets if any, generates none, and
+    needs none of the server's secrets (each command checks what it actually uses)."""
+    return load_settings(generate_missing=False, required=())
+
+
 _REQUIRED = {
     "webhook_secrets": "REPLICATE_WEBHOOK_SECRET",
     "admin_token": "RELAY_ADMIN_TOKEN",

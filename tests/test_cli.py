@@ -294,6 +294,17 @@ def test_a_sender_needs_no_server_secrets(relay, tmp_path):
     assert jwt.decode(token.stdout.strip(), SUBSCRIBE_KEY, algorithms=["HS256"])["prediction"] == "p1"
 
 
+def test_relay_migrate_needs_only_the_database(postgres):
+    """A migration Job gets the owner's DATABASE_URL and none of the service's secrets."""
+    server_secrets = ("REPLICATE_WEBHOOK_SECRET", "RELAY_ADMIN_TOKEN", "RELAY_SUBSCRIBE_KEY")
+    env = {
+        k: v for k, v in relay_env(postgres.new_database(migrate=False)).items() if k not in server_secrets
+    }
+    result = relay_cli("migrate", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "001_event_log" in result.stdout
+
+
 def test_simulate_refuses_bad_flags(relay):
     result = relay_cli("simulate", "--duplicates", "2", env=relay.env)
     assert result.returncode == 2 and "--duplicates" in result.stderr

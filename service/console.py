@@ -19,7 +19,7 @@ import asyncpg
 
 from . import database, store
 from .errors import ConfigError, RelayError
-from .events import event_message
+from .events import page_text
 from .export import export
 from .filters import add_filter_arguments, filter_from_args
 from .privacy import ready_connection
@@ -102,9 +102,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     rows = with_connection(lambda conn: store.fetch_where(conn, where, params, limit))
     next_after = rows[-1]["seq"] if rows else event_filter.after
     if args.json:
-        vault = cli_vault()
-        events = [event_message(row, vault) for row in rows]
-        print(json.dumps({"events": events, "next_after": next_after}))
+        print(page_text(rows, cli_vault(), next_after))  # the bodies' exact text, as /admin/events
         return 0
     print_table(rows, sys.stdout)
     if len(rows) == limit:

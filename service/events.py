@@ -77,12 +77,15 @@ def dumps(message: dict[str, Any]) -> str:
     return _COMPACT.encode(message)
 
 
-def events_page(rows: list[asyncpg.Record], vault: Vault, next_after: int) -> Response:
-    """`{"events": [...], "next_after": SEQ}` for HTTP readers, each body spliced in as
-    delivered (`event_text`): a page serves the same bytes that were stored."""
+def page_text(rows: list[asyncpg.Record], vault: Vault, next_after: int) -> str:
+    """`{"events": [...], "next_after": SEQ}`, each body spliced in as delivered (`event_text`):
+    a page serves the same bytes that were stored."""
     events = ",".join(event_text(row, vault) for row in rows)
-    page = f'{{"events":[{events}],"next_after":{int(next_after)}}}'
-    return Response(page.encode(), media_type="application/json")
+    return f'{{"events":[{events}],"next_after":{int(next_after)}}}'
+
+
+def events_page(rows: list[asyncpg.Record], vault: Vault, next_after: int) -> Response:
+    return Response(page_text(rows, vault, next_after).encode(), media_type="application/json")
 
 
 class EventsResponse(JSONResponse):

@@ -10,6 +10,7 @@ from service.auth import mint_token
 from service.simulate import lifecycle
 
 from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, deliver_lifecycle, new_prediction_id, post_webhook
+from .test_cli import relay_cli
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -129,3 +130,5 @@ def test_events_are_served_with_the_exact_text_delivered(client, admin, relay):
     with connect(f"{relay.ws_url}/predictions/{prediction_id}/ws?token={ADMIN_TOKEN}") as ws:
         message = ws.recv(timeout=5)
     assert message.endswith(f'"prediction":{text}}}')
+    cli = relay_cli("events", "--prediction", prediction_id, "--json", env=relay.env)
+    assert cli.returncode == 0 and f'"prediction":{text}}}]' in cli.stdout

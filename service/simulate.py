@@ -46,6 +46,7 @@ def lifecycle(
     *,
     start: datetime | None = None,
     webhook: str | None = None,
+    predict_time: float = 4.61,
 ) -> list[dict[str, Any]]:
     """The bodies Replicate would deliver for one prediction (to `webhook`), in sending order."""
     created = start or datetime.now(UTC)
@@ -87,8 +88,8 @@ def lifecycle(
     final = {
         **running,
         "logs": logs,
-        "completed_at": _ts(created + timedelta(seconds=6)),
-        "metrics": {"predict_time": 4.61, "total_time": 6.0},
+        "completed_at": _ts(created + timedelta(seconds=predict_time + 1.39)),
+        "metrics": {"predict_time": predict_time, "total_time": round(predict_time + 1.39, 2)},
     }
     if outcome == "succeeded":
         bodies.append({**running, "logs": logs, "output": output})
@@ -96,7 +97,7 @@ def lifecycle(
     elif outcome == "failed":
         bodies.append({**final, "status": "failed", "error": "CUDA out of memory"})
     else:
-        bodies.append({**final, "status": outcome, "metrics": {"predict_time": 2.1}})
+        bodies.append({**final, "status": outcome, "metrics": {"predict_time": round(predict_time / 2, 2)}})
     return bodies
 
 
@@ -166,12 +167,15 @@ class Simulator:
             return self.rng.choice(["failed", "canceled"])
         return "succeeded"
 
+    def _predict_time(self) -> float:
+        return round(self.rng.uniform(2.0, 12.0), 2)  # seconds on the GPU, as Replicate reports
+
     async def run_one(self) -> None:
         prediction_id = new_id(self.rng)
         outcome = self._outcome()
         deliveries = [
             (f"msg_{new_id(self.rng, 24)}", json.dumps(b).encode())
-            for b in lifecycle(prediction_id, outcome, webhook=self.url)
+            for b in lifecycle(prediction_id, outcome, webhook=self.url, predict_time=self._predict_time())
         ]
         if self.rng.random() < self.options.reorder and len(deliveries) > 3:
             i = self.rng.randrange(1, len(deliveries) - 2)

@@ -210,7 +210,9 @@ def describe(report: Report) -> str:
     ]
     if report.dry_run:
         return lines[0] + "\ndry run: nothing sent"
-    lines.append(f"delivered {report.delivered}, failed {len(report.failed)}")
+    unsent = report.matched - report.delivered - len(report.failed)
+    stopped = f", not sent {unsent} (the run stops at a failure)" if unsent > 0 else ""
+    lines.append(f"delivered {report.delivered}, failed {len(report.failed)}{stopped}")
     lines += [f"failed seq {f['seq']}: {f['reason']}" for f in report.failed]
     if report.failed:
         lines.append(f"resume with --after {report.resume_after}")

@@ -167,6 +167,10 @@ def test_interrupted_replay_resumes_with_after_and_sends_nothing_twice(relay, cl
     assert code == 1 and report["delivered"] == 4
     assert report["failed"] == [{"seq": events[4]["seq"], "reason": "HTTP 500 after 1 attempts"}]
     assert report["resume_after"] == events[3]["seq"]
+    readable = relay_cli("replay", "--quiet", "--after", str(after), *target, *once, env=relay.env)
+    unsent = len(events) - 1  # the receiver still fails: the first event fails, nothing else is sent
+    assert f"delivered 0, failed 1, not sent {unsent} (the run stops at a failure)" in readable.stdout
+    assert f"resume with --after {after}" in readable.stdout
     receiver.fail_after = None
     code, report, stderr = replay_cli(relay, "--after", str(report["resume_after"]), *target)
     assert code == 0, stderr

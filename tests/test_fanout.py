@@ -27,7 +27,7 @@ from .streams import (
     subscribe,
     tiny_window_socket,
 )
-from .support import Postgres, RelayProcess, new_prediction_id, new_webhook_id, post_webhook, relay_env
+from .support import RelayProcess, new_prediction_id, new_webhook_id, post_webhook, relay_env
 
 SUBSCRIBERS = 200
 POSTING_THREADS = 3
@@ -168,10 +168,10 @@ def post_until_stored(http: httpx.Client, body: dict, timeout: float = 30) -> in
         time.sleep(0.2)
 
 
-def test_subscribers_miss_nothing_across_postgres_outages(tmp_path):
+def test_subscribers_miss_nothing_across_postgres_outages(own_postgres):
     """While the database is down a new subscriber is closed with 1011 (it retries), the connected
     ones wait; after a stop/start and a crash restart, the hub listens again and catches up."""
-    postgres = Postgres(tmp_path)
+    postgres = own_postgres
     prediction_id = new_prediction_id()
     bodies = lifecycle(prediction_id)
     with (

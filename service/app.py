@@ -33,7 +33,7 @@ from . import (
     usage,
     webhooks,
 )
-from .errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError, error_class
+from .errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
 from .fanout import Hub
 from .ingest import GroupCommitter
 from .origins import ApiCors
@@ -137,10 +137,7 @@ async def relay_error(request: Request, error: Exception) -> Response:
 async def http_error(request: Request, error: Exception) -> Response:
     """Starlette's own 404 and 405 in Relay's error shape instead of plain text."""
     assert isinstance(error, HTTPException)
-    error_type = HTTP_ERRORS.get(error.status_code) or error_class(
-        "HttpError", error.status_code, "INVALID_REQUEST"
-    )
-    return error_type(error.detail, headers=error.headers).response()
+    return HTTP_ERRORS[error.status_code](error.detail, headers=error.headers).response()
 
 
 def start_upstream(relay: Relay) -> None:
@@ -235,7 +232,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
     handlers = {
         RelayError: relay_error,
-        HTTPException: http_error,
+        **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files
         **dict.fromkeys(DATABASE_DOWN, database_down),
     }
     app = RelayApp(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)

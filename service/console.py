@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -83,8 +84,10 @@ def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         return asyncio.run(run(dsn))
 
 
+@functools.cache
 def cli_vault() -> Vault:
-    """What CLI readers decrypt with: the configured RELAY_ENCRYPTION_KEY(s)."""
+    """What CLI readers decrypt with: the configured RELAY_ENCRYPTION_KEY(s). One per command, so
+    the vault checked on connecting is the one that reads, with one data-key cache."""
     return Vault(tool_settings().key_encryption_keys)
 
 

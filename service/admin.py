@@ -31,8 +31,7 @@ async def list_events(request: Request) -> Response:
     relay = request.app.state.relay
     async with relay.pool.acquire() as conn:
         rows = await store.fetch_where(conn, where, args, limit)
-    next_after = rows[-1]["seq"] if rows else event_filter.after
-    return events_page(rows, relay.vault, next_after)
+    return events_page(rows, relay.vault, event_filter.after)
 
 
 async def post_replay(request: Request) -> JSONResponse:

@@ -103,13 +103,12 @@ def cmd_events(args: argparse.Namespace) -> int:
     limit = bounded("--limit", args.limit, 1, MAX_PAGE)
     where, params = event_filter.where()
     rows = with_connection(lambda conn: store.fetch_where(conn, where, params, limit))
-    next_after = rows[-1]["seq"] if rows else event_filter.after
     if args.json:
-        print(page_text(rows, cli_vault(), next_after))  # the bodies' exact text, as /admin/events
+        print(page_text(rows, cli_vault(), event_filter.after))  # exact bodies, as /admin/events
         return 0
     print_table(rows, sys.stdout)
     if len(rows) == limit:
-        print(f"more events: add --after {next_after}", file=sys.stderr)
+        print(f"more events: add --after {rows[-1]['seq']}", file=sys.stderr)
     return 0
 
 

@@ -77,15 +77,17 @@ def dumps(message: dict[str, Any]) -> str:
     return _COMPACT.encode(message)
 
 
-def page_text(rows: list[asyncpg.Record], vault: Vault, next_after: int) -> str:
-    """`{"events": [...], "next_after": SEQ}`, each body spliced in as delivered (`event_text`):
-    a page serves the same bytes that were stored."""
+def page_text(rows: list[asyncpg.Record], vault: Vault, after: int) -> str:
+    """`{"events": [...], "next_after": SEQ}` for the rows read past `after`, each body spliced in
+    as delivered (`event_text`): a page serves the same bytes that were stored. `next_after` is
+    the last row's seq, or `after` again when there are none."""
     events = ",".join(event_text(row, vault) for row in rows)
+    next_after = rows[-1]["seq"] if rows else after
     return f'{{"events":[{events}],"next_after":{int(next_after)}}}'
 
 
-def events_page(rows: list[asyncpg.Record], vault: Vault, next_after: int) -> Response:
-    return Response(page_text(rows, vault, next_after).encode(), media_type="application/json")
+def events_page(rows: list[asyncpg.Record], vault: Vault, after: int) -> Response:
+    return Response(page_text(rows, vault, after).encode(), media_type="application/json")
 
 
 class EventsResponse(JSONResponse):

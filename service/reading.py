@@ -56,7 +56,7 @@ async def list_prediction_events(request: Request) -> Response:
     relay = request.app.state.relay
     async with relay.pool.acquire() as conn:
         rows = await store.fetch_events(conn, prediction_id=prediction_id, after=after, limit=limit)
-    return events_page(rows, relay.vault, rows[-1]["seq"] if rows else after)
+    return events_page(rows, relay.vault, after)
 
 
 routes = [

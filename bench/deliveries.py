@@ -12,8 +12,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.signatures import signed_headers
-from service.simulate import lifecycle
+from service.core.signatures import signed_headers
+from service.ops.simulate import lifecycle
 
 PATH = "/webhooks/replicate"
 

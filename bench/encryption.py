@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncpg  # noqa: E402
 
 from service import crypto, store  # noqa: E402
-from service.ingest import delivery_from  # noqa: E402
-from service.simulate import lifecycle  # noqa: E402
-from service.vault import Vault  # noqa: E402
+from service.db.vault import Vault  # noqa: E402
+from service.ingest.committer import delivery_from  # noqa: E402
+from service.ops.simulate import lifecycle  # noqa: E402
 from tests.support import Postgres  # noqa: E402
 
 KEY = base64.b64encode(os.urandom(32)).decode()

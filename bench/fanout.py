@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service import embedded  # noqa: E402
-from service.auth import mint_token  # noqa: E402
-from service.signatures import signed_headers  # noqa: E402
-from service.simulate import lifecycle  # noqa: E402
+from service.core.auth import mint_token  # noqa: E402
+from service.core.signatures import signed_headers  # noqa: E402
+from service.ops.simulate import lifecycle  # noqa: E402
 from tests.support import SUBSCRIBE_KEY, WEBHOOK_KEY, free_port, relay_env  # noqa: E402
 
 POST_CONNECTIONS = 256

@@ -29,8 +29,8 @@ from starlette.routing import Route
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from service.signatures import signed_headers
-from service.simulate import lifecycle
+from service.core.signatures import signed_headers
+from service.ops.simulate import lifecycle
 
 from .support import WEBHOOK_KEY, RelayProcess, free_port, relay_env
 

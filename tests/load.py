@@ -17,8 +17,8 @@ import httpx
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from service.signatures import signed_headers
-from service.simulate import lifecycle
+from service.core.signatures import signed_headers
+from service.ops.simulate import lifecycle
 
 from .support import ADMIN_TOKEN, WEBHOOK_KEY, new_prediction_id, new_webhook_id
 

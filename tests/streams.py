@@ -15,8 +15,8 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from service.auth import mint_token
-from service.simulate import lifecycle
+from service.core.auth import mint_token
+from service.ops.simulate import lifecycle
 
 from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, RelayProcess, post_webhook
 

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 
-from service import embedded
-from service.signatures import signed_headers
-from service.simulate import lifecycle
+from service.core.signatures import signed_headers
+from service.db import embedded
+from service.ops.simulate import lifecycle
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_KEY = b"relay-test-webhook-key-0123456789"
@@ -70,7 +70,7 @@ class Postgres:
         """A fresh, empty database (migrated unless told otherwise) for one test or module."""
         import asyncio
 
-        from service import database
+        from service.db import database
 
         name = f"relay_test_{os.getpid()}_{next(_names)}"
         asyncio.run(self._admin(f'CREATE DATABASE "{name}"'))

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from service.auth import mint_token
+from service.core.auth import mint_token
 
 from .support import SUBSCRIBE_KEY, WEBHOOK_SECRET, deliver_lifecycle, new_prediction_id
 

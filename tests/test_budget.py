@@ -12,9 +12,9 @@ import asyncpg
 import httpx
 import pytest
 
-from service import budget
-from service.settings import Settings
-from service.simulate import MODEL, lifecycle
+from service.core.settings import Settings
+from service.ops.simulate import MODEL, lifecycle
+from service.usage import budget
 
 from .support import RelayProcess, admin_headers, new_prediction_id, post_webhook, relay_env
 from .test_usage import PRICE, Log, bodies

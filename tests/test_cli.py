@@ -17,8 +17,8 @@ import httpx
 import jwt
 import pytest
 
-from service.migrations import migration_files
-from service.simulate import lifecycle
+from service.db.migrations import migration_files
+from service.ops.simulate import lifecycle
 
 from .support import (
     ROOT,

@@ -9,13 +9,14 @@ import json
 import asyncpg
 import pytest
 
-from service import crypto, store
-from service.errors import ConfigError
-from service.events import body_bytes
-from service.ingest import delivery_from
-from service.settings import load_settings
-from service.simulate import lifecycle
-from service.vault import Vault
+from service.core import crypto
+from service.core.errors import ConfigError
+from service.core.settings import load_settings
+from service.db import store
+from service.db.events import body_bytes
+from service.db.vault import Vault
+from service.ingest.committer import delivery_from
+from service.ops.simulate import lifecycle
 
 from .support import new_prediction_id, new_webhook_id
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from service.simulate import MODEL, lifecycle
+from service.ops.simulate import MODEL, lifecycle
 
 from .browser import (
     TIMEOUT_MS,

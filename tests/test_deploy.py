@@ -24,8 +24,8 @@ import pytest
 import yaml
 from websockets.asyncio.client import connect
 
-from service.auth import mint_token
-from service.simulate import lifecycle
+from service.core.auth import mint_token
+from service.ops.simulate import lifecycle
 
 from .support import (
     ROOT,

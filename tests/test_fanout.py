@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from service.simulate import lifecycle
+from service.ops.simulate import lifecycle
 
 from .streams import (
     bulky,

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from service import store
-from service.errors import InvalidRequest
-from service.filters import EventFilter, parse_filter
+from service.core.errors import InvalidRequest
+from service.core.filters import EventFilter, parse_filter
+from service.db import store
 
 ROWS = 40_000
 BASE = datetime(2026, 11, 20, tzinfo=UTC)

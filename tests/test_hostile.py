@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect as asyncio_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from service.signatures import signed_headers
+from service.core.signatures import signed_headers
 
 from .support import (
     ADMIN_TOKEN,

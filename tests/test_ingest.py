@@ -8,8 +8,8 @@ import json
 import asyncpg
 import httpx
 
-from service.signatures import signed_headers
-from service.simulate import lifecycle
+from service.core.signatures import signed_headers
+from service.ops.simulate import lifecycle
 
 from .support import WEBHOOK_KEY, follow_log, new_prediction_id, new_webhook_id
 

@@ -11,7 +11,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
-from service.simulate import lifecycle
+from service.ops.simulate import lifecycle
 
 from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, WEBHOOK_KEY, WEBHOOK_SECRET, new_prediction_id, post_webhook
 

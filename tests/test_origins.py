@@ -11,8 +11,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from service.errors import ConfigError
-from service.settings import load_settings
+from service.core.errors import ConfigError
+from service.core.settings import load_settings
 
 from .browser import image_server, launch_browser, new_page
 from .streams import stream_url

@@ -7,8 +7,8 @@ import time
 
 import httpx
 
-from service.migrations import migration_files
-from service.simulate import lifecycle
+from service.db.migrations import migration_files
+from service.ops.simulate import lifecycle
 
 from .support import RelayProcess, admin_headers, new_prediction_id, post_webhook, query, relay_env
 

@@ -12,10 +12,11 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from service import crypto, store
-from service.events import body_bytes
-from service.simulate import lifecycle
-from service.vault import Vault
+from service.core import crypto
+from service.db import store
+from service.db.events import body_bytes
+from service.db.vault import Vault
+from service.ops.simulate import lifecycle
 
 from .fake_replicate import QWEN, api_client, relay_for
 from .receiver import RECEIVER_SECRET, Receiver

@@ -6,8 +6,8 @@ import time
 
 from websockets.sync.client import connect
 
-from service.auth import mint_token
-from service.simulate import lifecycle
+from service.core.auth import mint_token
+from service.ops.simulate import lifecycle
 
 from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, deliver_lifecycle, new_prediction_id, post_webhook
 from .test_cli import relay_cli

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from service.simulate import lifecycle
+from service.ops.simulate import lifecycle
 
 from .fake_replicate import CREATE, TOKEN, FakeReplicate, api_client, metric, relay_for, watch
 from .support import ROOT, RelayProcess, admin_headers, new_prediction_id, post_webhook, relay_env

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from playwright.sync_api import Page
 
-from service.auth import mint_token
-from service.simulate import lifecycle, progress_line
+from service.core.auth import mint_token
+from service.ops.simulate import lifecycle, progress_line
 
 from .browser import launch_browser, new_page, relay_pair
 from .support import (

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from service.fanout import Hub, Subscriber
-from service.simulate import lifecycle
-from service.vault import Vault
+from service.db.vault import Vault
+from service.live.hub import Hub, Subscriber
+from service.ops.simulate import lifecycle
 
 from .receiver import HANG_UP, RECEIVER_SECRET
 from .support import (

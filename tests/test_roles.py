@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
-from service.simulate import MODEL
+from service.ops.simulate import MODEL
 
 from .fake_replicate import CREATE, api_client, relay_for, watch
 from .support import (

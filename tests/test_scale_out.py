@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from websockets.asyncio.client import connect
 
-from service.auth import mint_token
-from service.signatures import signed_headers
-from service.simulate import lifecycle
+from service.core.auth import mint_token
+from service.core.signatures import signed_headers
+from service.ops.simulate import lifecycle
 
 from .support import (
     SUBSCRIBE_KEY,

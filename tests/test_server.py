@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from service.simulate import lifecycle
+from service.ops.simulate import lifecycle
 
 from .support import ADMIN_TOKEN, RelayProcess, new_prediction_id, post_webhook, relay_env
 from .test_cli import postmaster_running, relay_cli

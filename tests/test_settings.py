@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from service.cli import build_parser
-from service.settings import SERVE_FLAGS, Settings, load_settings, worker_environment
+from service.cli.main import build_parser
+from service.core.settings import SERVE_FLAGS, Settings, load_settings, worker_environment
 
 from .support import relay_env
 

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import InvalidPayload, RelayError, TimestampOutOfTolerance
-from service.ingest import MAX_DEPTH, parse_prediction
-from service.settings import load_settings
-from service.signatures import sign, signed_headers, verify
+from service.core.errors import InvalidPayload, RelayError, TimestampOutOfTolerance
+from service.core.settings import load_settings
+from service.core.signatures import sign, signed_headers, verify
+from service.ingest.committer import MAX_DEPTH, parse_prediction
 
 from .support import relay_env
 

@@ -9,7 +9,7 @@ from itertools import pairwise
 import httpx
 import pytest
 
-from service.simulate import lifecycle
+from service.ops.simulate import lifecycle
 
 from .support import RelayProcess, free_port, new_prediction_id
 from .test_cli import dev_env, relay_cli

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from service.simulate import lifecycle
+from service.ops.simulate import lifecycle
 
 from .streams import (
     flood,

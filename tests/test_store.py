@@ -10,10 +10,10 @@ import asyncpg
 import httpx
 import pytest
 
-from service import store
-from service.ingest import delivery_from
-from service.simulate import lifecycle
-from service.statuses import Rank, rank, supersedes
+from service.core.statuses import Rank, rank, supersedes
+from service.db import store
+from service.ingest.committer import delivery_from
+from service.ops.simulate import lifecycle
 
 from .support import follow_log, new_prediction_id, new_webhook_id, post_webhook
 
@@ -95,7 +95,7 @@ def test_concurrent_deliveries_for_one_prediction_all_land_and_the_state_is_righ
 
     async def post_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
-            from service.signatures import signed_headers
+            from service.core.signatures import signed_headers
 
             from .support import WEBHOOK_KEY, body_of
 

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from service.simulate import lifecycle
+from service.ops.simulate import lifecycle
 
 from .support import ROOT, RelayProcess, deliver_lifecycle, new_prediction_id, post_webhook, relay_env
 from .test_cli import dev_env, relay_cli

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 
-from service.signatures import signed_headers
+from service.core.signatures import signed_headers
 
 from .support import WEBHOOK_KEY, new_prediction_id, new_webhook_id
 

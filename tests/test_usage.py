@@ -11,9 +11,10 @@ import asyncpg
 import httpx
 import pytest
 
-from service import store, usage
-from service.ingest import delivery_from
-from service.simulate import MODEL, lifecycle
+from service.db import store
+from service.ingest.committer import delivery_from
+from service.ops.simulate import MODEL, lifecycle
+from service.usage import report as usage
 
 from .support import (
     Postgres,

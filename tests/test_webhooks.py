@@ -14,7 +14,7 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from service.simulate import lifecycle
+from service.ops.simulate import lifecycle
 
 from .support import (
     WEBHOOK_KEY,
@@ -109,7 +109,7 @@ def test_wrong_secret_is_refused_and_nothing_is_stored(client, relay):
 
 def test_tampered_body_is_refused(client):
     body = json.dumps(a_prediction()).encode()
-    from service.signatures import signed_headers
+    from service.core.signatures import signed_headers
 
     headers = signed_headers(WEBHOOK_KEY, new_webhook_id(), body)
     response = client.post("/webhooks/replicate", content=body + b" ", headers=headers)
@@ -119,7 +119,7 @@ def test_tampered_body_is_refused(client):
 @pytest.mark.parametrize("missing", ["webhook-id", "webhook-timestamp", "webhook-signature"])
 def test_missing_signature_header_is_401(client, missing):
     body = json.dumps(a_prediction()).encode()
-    from service.signatures import signed_headers
+    from service.core.signatures import signed_headers
 
     headers = signed_headers(WEBHOOK_KEY, new_webhook_id(), body)
     del headers[missing]
@@ -146,7 +146,7 @@ def test_missing_signature_header_is_401(client, missing):
 )
 def test_malformed_signature_headers_are_a_clean_401(client, header, value):
     body = json.dumps(a_prediction()).encode()
-    from service.signatures import signed_headers
+    from service.core.signatures import signed_headers
 
     headers = {**signed_headers(WEBHOOK_KEY, new_webhook_id(), body), header: value.encode("latin-1")}
     response = client.post("/webhooks/replicate", content=body, headers=headers)
@@ -157,7 +157,7 @@ def test_malformed_signature_headers_are_a_clean_401(client, header, value):
 def test_a_valid_signature_among_many_wrong_ones_is_accepted(client):
     """Rotation at the sender: any v1 entry may match."""
     body = json.dumps(a_prediction()).encode()
-    from service.signatures import signed_headers
+    from service.core.signatures import signed_headers
 
     headers = signed_headers(WEBHOOK_KEY, new_webhook_id(), body)
     wrong = " ".join(["v1," + base64.b64encode(b"w" * 32).decode()] * 50)
@@ -186,7 +186,7 @@ def test_body_over_the_limit_is_413_by_content_length(client):
 
 
 def test_body_over_the_limit_is_413_when_streamed_without_length(client):
-    from service.signatures import signed_headers
+    from service.core.signatures import signed_headers
 
     headers = signed_headers(WEBHOOK_KEY, new_webhook_id(), b"irrelevant")
 

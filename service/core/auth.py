@@ -1,0 +1,83 @@
+"""Who may read what: the admin token, API keys, and subscriber tokens (HS256 JWT).
+
+A subscriber token carries `prediction` (an id, or `*` for all) and `exp`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Iterable, Mapping
+
+import jwt
+
+from service.core.errors import Forbidden, Unauthorized
+
+ALL_PREDICTIONS = "*"
+DEFAULT_TTL = 3600
+
+
+def mint_token(key: str, prediction: str, ttl: int = DEFAULT_TTL) -> str:
+    claims = {"prediction": prediction, "exp": int(time.time()) + ttl}
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+def token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The bearer token from `Authorization: Bearer …`, else from `?token=`."""
+    header = headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return query.get("token") or None
+
+
+def matches_any(token: str, secrets: Iterable[str]) -> bool:
+    """Constant-time comparison against each configured secret."""
+    found = False
+    for secret in secrets:
+        found |= hmac.compare_digest(token.encode(), secret.encode())
+    return found
+
+
+def token_prediction(token: str, key: str) -> str:
+    """The `prediction` claim of a valid subscriber token; Forbidden otherwise."""
+    try:
+        claims = jwt.decode(token, key, algorithms=["HS256"], options={"require": ["exp"]})
+    except jwt.ExpiredSignatureError:
+        raise Forbidden("the subscriber token has expired; mint a new one") from None
+    except jwt.InvalidTokenError:
+        raise Forbidden("the subscriber token is not valid") from None
+    prediction = claims.get("prediction")
+    if not isinstance(prediction, str) or not prediction:
+        raise Forbidden("the subscriber token has no prediction claim")
+    return prediction
+
+
+def require_admin(token: str | None, admin_token: str) -> None:
+    if token is None:
+        raise Unauthorized("an admin token is required: Authorization: Bearer <RELAY_ADMIN_TOKEN>")
+    if not matches_any(token, [admin_token]):
+        raise Forbidden("the admin token is not valid")
+
+
+def require_api_key(token: str | None, admin_token: str, api_keys: Iterable[str]) -> str:
+    """The caller's key for the predictions API: the admin token or one of RELAY_API_KEYS."""
+    if token is None:
+        raise Unauthorized("an API key is required: Authorization: Bearer <a key from RELAY_API_KEYS>")
+    if not matches_any(token, [admin_token, *api_keys]):
+        raise Forbidden("the API key is not valid; use the admin token or a key from RELAY_API_KEYS")
+    return token
+
+
+def require_reader(token: str | None, prediction_id: str | None, admin_token: str, key: str) -> None:
+    """Allow the admin token, or a subscriber token for this prediction (or `*`).
+
+    `prediction_id=None` means "all predictions", which only the admin token or `*` may read.
+    """
+    if token is None:
+        raise Unauthorized("a token is required: ?token=<subscriber token> or Authorization: Bearer")
+    if matches_any(token, [admin_token]):
+        return
+    allowed = token_prediction(token, key)
+    if allowed != ALL_PREDICTIONS and allowed != prediction_id:
+        raise Forbidden("the subscriber token is for another prediction")

@@ -1,0 +1,213 @@
+"""Replicate's REST API: one pooled `httpx.AsyncClient` per process, retries, and error mapping.
+
+Safe calls (get, list, cancel) retry rate limits, 5xx answers and network errors with capped
+exponential backoff and jitter, waiting at least what `Retry-After` asks. A create is retried
+only after a 429, the one answer that proves the prediction was not made.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.stop import stop_base
+from tenacity.wait import wait_exponential_jitter
+
+from service.core.errors import NotFound, RelayError, error_class
+from service.core.metrics import UPSTREAM_REQUESTS
+from service.core.settings import Settings
+from service.core.validation import check_prediction_id
+
+CONNECT_TIMEOUT = 5.0
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 5.0
+# A longer Retry-After is not waited out inside a request: the caller gets the 429 instead.
+RETRY_AFTER_MAX = 10.0
+
+UpstreamInvalid = error_class("UpstreamInvalid", 400, "INVALID_REQUEST")
+AuthenticationError = error_class("AuthenticationError", 401, "AUTHENTICATION_ERROR")
+FileTooLarge = error_class("FileTooLarge", 413, "FILE_TOO_LARGE")
+ProcessingError = error_class("ProcessingError", 502, "PROCESSING_ERROR")
+NetworkError = error_class("NetworkError", 502, "NETWORK_ERROR")
+UpstreamTimeout = error_class("UpstreamTimeout", 504, "TIMEOUT")
+UnknownError = error_class("UnknownError", 502, "UNKNOWN_ERROR")
+
+
+class RateLimitError(RelayError):
+    status = 429
+    code = "RATE_LIMIT_ERROR"
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after)))})
+        self.retry_after = retry_after
+
+
+RETRYABLE_WHEN_SAFE = (RateLimitError, ProcessingError, NetworkError, UpstreamTimeout)
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """`Retry-After` as seconds: a number, or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+def _detail(response: httpx.Response) -> str:
+    """Replicate's own explanation (`detail`, or `title`), shortened; never the request."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    text = body.get("detail") or body.get("title") if isinstance(body, dict) else None
+    return str(text)[:500] if text else ""
+
+
+def error_for(response: httpx.Response, what: str) -> RelayError:
+    """The Relay error for a non-2xx answer from Replicate."""
+    status, detail = response.status_code, _detail(response)
+    said = f": {detail}" if detail else ""
+    if status in (400, 422):
+        return UpstreamInvalid(f"Replicate refused the request ({status}){said}")
+    if status in (401, 403):
+        return AuthenticationError(
+            f"Replicate refused REPLICATE_API_TOKEN ({status}); check the token configured for Relay"
+        )
+    if status == 404:
+        return NotFound(f"Replicate has no {what}")
+    if status == 413:
+        return FileTooLarge(f"Replicate says the request or a file in it is too large{said}")
+    if status == 429:
+        wait = retry_after_seconds(response.headers.get("retry-after"))
+        return RateLimitError(
+            f"Replicate's rate limit was hit{said}; retry later", 1.0 if wait is None else wait
+        )
+    if status >= 500:
+        return ProcessingError(f"Replicate failed with {status}{said}")
+    return UnknownError(f"Replicate answered {status} unexpectedly{said}")
+
+
+BACKOFF = wait_exponential_jitter(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_INITIAL)
+
+
+def _wait(retry_state: RetryCallState) -> float:
+    error = retry_state.outcome.exception() if retry_state.outcome else None
+    asked = error.retry_after if isinstance(error, RateLimitError) else 0.0
+    return max(asked, BACKOFF(retry_state))
+
+
+class StopOnLongRetryAfter(stop_base):
+    """Give up at once when Replicate asks for a wait longer than RETRY_AFTER_MAX."""
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        return isinstance(error, RateLimitError) and error.retry_after > RETRY_AFTER_MAX
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A 2xx answer: its JSON object and the exact bytes Replicate sent."""
+
+    data: dict[str, Any]
+    body: bytes
+
+
+class Upstream:
+    """Replicate's API at `REPLICATE_API_BASE`, authenticated with `REPLICATE_API_TOKEN`."""
+
+    def __init__(self, settings: Settings):
+        assert settings.replicate_api_token is not None
+        self.retries = settings.upstream_retries
+        self.client = httpx.AsyncClient(
+            base_url=settings.replicate_api_base + "/",
+            headers={"Authorization": f"Bearer {settings.replicate_api_token}"},
+            timeout=httpx.Timeout(settings.upstream_timeout, connect=CONNECT_TIMEOUT),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def create(self, path: str, payload: dict[str, Any]) -> Reply:
+        return await self._call("POST", path, "such model or version", safe=False, json=payload)
+
+    async def get(self, prediction_id: str) -> Reply:
+        path = f"predictions/{check_prediction_id(prediction_id)}"
+        return await self._call("GET", path, f"prediction {prediction_id!r}")
+
+    async def cancel(self, prediction_id: str) -> Reply:
+        # Canceling twice is harmless, so a cancel may be retried like a read.
+        path = f"predictions/{check_prediction_id(prediction_id)}/cancel"
+        return await self._call("POST", path, f"prediction {prediction_id!r}")
+
+    async def list(self, cursor: str | None) -> Reply:
+        params = {"cursor": cursor} if cursor else None
+        return await self._call("GET", "predictions", "prediction list", params=params)
+
+    async def _call(self, method: str, path: str, what: str, safe: bool = True, **kwargs: Any) -> Reply:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(RETRYABLE_WHEN_SAFE if safe else RateLimitError),
+            stop=stop_after_attempt(self.retries + 1) | StopOnLongRetryAfter(),
+            wait=_wait,
+            reraise=True,
+        )
+        return await retrying(self._send, method, path, what, **kwargs)
+
+    async def _send(self, method: str, path: str, what: str, **kwargs: Any) -> Reply:
+        try:
+            reply = await self._attempt(method, path, what, **kwargs)
+        except RelayError as error:
+            UPSTREAM_REQUESTS.labels(error.code).inc()
+            raise
+        UPSTREAM_REQUESTS.labels("ok").inc()
+        return reply
+
+    async def _attempt(self, method: str, path: str, what: str, **kwargs: Any) -> Reply:
+        try:
+            response = await self.client.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("Replicate did not answer in time (RELAY_UPSTREAM_TIMEOUT)") from None
+        except httpx.TransportError as exc:
+            raise NetworkError(f"cannot reach Replicate's API ({type(exc).__name__})") from None
+        if not response.is_success:
+            raise error_for(response, what)
+        return _reply(response)
+
+
+def _reply(response: httpx.Response) -> Reply:
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise UnknownError(f"Replicate answered {response.status_code} with a body that is not a JSON object")
+    return Reply(data, response.content)
+
+
+def relay_list_url(upstream_url: str | None, base_url: str) -> str | None:
+    """Replicate's `next`/`previous` page URL as the same page of Relay's list route."""
+    if not upstream_url:
+        return None
+    cursor = httpx.URL(upstream_url).params.get("cursor")
+    if not cursor:
+        return None
+    return str(httpx.URL(f"{base_url}/api/predictions", params={"cursor": cursor}))
+
+
+def list_page(data: Mapping[str, Any], base_url: str) -> dict[str, Any]:
+    return {
+        **data,
+        "next": relay_list_url(data.get("next"), base_url),
+        "previous": relay_list_url(data.get("previous"), base_url),
+    }

@@ -1,0 +1,196 @@
+"""Usage and cost, computed from what happened: the per-prediction projection of the log.
+
+Each prediction counts once, at one instant: when its terminal state landed (`terminal_at`,
+kept by the ingest transaction), or its first event while it is still open. Duplicates,
+retries and reconcile events only ever touch that one projection row, so they cannot double
+a count. Cost is `predict_time × RELAY_PRICES[model]`; a model without a price costs `None`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import asyncpg
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.core.auth import require_admin, token_from
+from service.core.errors import InvalidRequest
+from service.db.store import iso
+
+GROUPS = ("model", "day")
+TERMINAL_COUNTS = ("succeeded", "failed", "canceled", "aborted")
+AT = "coalesce(terminal_at, first_received_at)"  # matches the predictions_usage_at index
+KEYS = {"model": "model", "day": f"({AT} AT TIME ZONE 'UTC')::date"}
+
+USAGE_SQL = """
+SELECT GROUPING(key, model) AS level, key, model,
+       count(*) AS started,
+       {counts},
+       count(*) FILTER (WHERE status_rank < 3) AS running,
+       coalesce(sum(predict_time), 0) AS predict_time,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY predict_time) AS predict_time_p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY predict_time) AS predict_time_p95
+FROM (SELECT {key} AS key, model, status, status_rank, predict_time
+      FROM predictions WHERE {at} >= $1 AND {at} < $2) AS counted
+GROUP BY GROUPING SETS ((key, model), (key), ())
+ORDER BY key, model
+"""
+
+
+# The budget check needs only seconds per model: no percentiles, so no sort.
+SPEND_SQL = f"""
+SELECT model, sum(predict_time) AS seconds FROM predictions
+WHERE {AT} >= $1 AND {AT} < $2 AND status_rank = 3 GROUP BY model
+"""
+
+
+def usage_sql(group: str) -> str:
+    counts = ",\n       ".join(f"count(*) FILTER (WHERE status = '{s}') AS {s}" for s in TERMINAL_COUNTS)
+    return USAGE_SQL.format(counts=counts, key=KEYS[group], at=AT)
+
+
+class UsageInputError(ValueError):
+    """A bad `since`, `until` or `group`; the message names it."""
+
+
+@dataclass(frozen=True)
+class Period:
+    since: datetime
+    until: datetime
+    group: str
+
+
+def month_start(moment: datetime) -> datetime:
+    return datetime(moment.year, moment.month, 1, tzinfo=UTC)
+
+
+def next_month(moment: datetime) -> datetime:
+    year, month = divmod(moment.year * 12 + moment.month, 12)  # month is 0-based here
+    return datetime(year, month + 1, 1, tzinfo=UTC)
+
+
+def parse_moment(text: str, name: str) -> datetime:
+    """An ISO 8601 date or date-time; without an offset it is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageInputError(
+            f"{name} must be an ISO 8601 date or time such as 2026-11-01 or 2026-11-01T12:00:00Z, "
+            f"got {text[:40]!r}"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def period(since: str | None, until: str | None, group: str | None, now: datetime | None = None) -> Period:
+    """The reporting window: by default this UTC calendar month up to now, grouped by model."""
+    now = now or datetime.now(UTC)
+    group = group or "model"
+    if group not in GROUPS:
+        raise UsageInputError(f"group must be one of {', '.join(GROUPS)}, got {group[:40]!r}")
+    start = parse_moment(since, "since") if since else month_start(now)
+    end = parse_moment(until, "until") if until else now
+    if start >= end:
+        raise UsageInputError(f"since ({iso(start)}) must be before until ({iso(end)})")
+    return Period(start, end, group)
+
+
+def _cost(seconds: dict[str | None, float], prices: dict[str, float]) -> float | None:
+    if any(model not in prices for model in seconds):
+        return None
+    return round(sum(s * prices[model] for model, s in seconds.items() if model is not None), 6)
+
+
+def _line(row: asyncpg.Record) -> dict[str, Any]:
+    line = {name: row[name] for name in ("started", *TERMINAL_COUNTS, "running")}
+    for name in ("predict_time", "predict_time_p50", "predict_time_p95"):
+        line[name] = None if row[name] is None else round(row[name], 3)
+    return line
+
+
+def _key(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, date) else value
+
+
+async def report(conn: asyncpg.Connection, when: Period, prices: dict[str, float]) -> dict[str, Any]:
+    """`{since, until, group, groups: [...], total}`; each line has counts, seconds and cost."""
+    rows = await conn.fetch(usage_sql(when.group), when.since, when.until)
+    seconds: dict[Any, dict[str | None, float]] = {}
+    for row in rows:
+        if row["level"] == 0:
+            seconds.setdefault(row["key"], {})[row["model"]] = row["predict_time"]
+    everything = {m: s for by_model in seconds.values() for m, s in by_model.items()}
+    groups, total = [], {}
+    for row in rows:
+        if row["level"] == 1:
+            cost = _cost(seconds[row["key"]], prices)
+            groups.append({when.group: _key(row["key"]), **_line(row), "cost": cost})
+        elif row["level"] == 3:  # the grand total: always one row, even over no predictions
+            total = {**_line(row), "cost": _cost(everything, prices)}
+    return {
+        "since": iso(when.since),
+        "until": iso(when.until),
+        "group": when.group,
+        "currency": "USD",
+        "groups": groups,
+        "total": total,
+    }
+
+
+async def month_spend(conn: asyncpg.Connection, prices: dict[str, float], now: datetime) -> float:
+    """Estimated spend of `now`'s UTC calendar month; unpriced models add nothing."""
+    rows = await conn.fetch(SPEND_SQL, month_start(now), next_month(now))
+    return round(sum(r["seconds"] * prices.get(r["model"], 0.0) for r in rows if r["seconds"]), 6)
+
+
+async def budget_status(conn: asyncpg.Connection, prices: dict[str, float], budget: float | None) -> dict:
+    """This UTC month's spend against `RELAY_BUDGET` (what a dashboard shows)."""
+    now = datetime.now(UTC)
+    spend = await month_spend(conn, prices, now)
+    used = round(spend / budget, 4) if budget else None
+    return {"month": now.strftime("%Y-%m"), "spend": spend, "budget": budget, "used": used}
+
+
+COLUMNS = ("started", *TERMINAL_COUNTS, "running", "predict_time", "predict_time_p50", "predict_time_p95")
+HEADINGS = ("started", *TERMINAL_COUNTS, "running", "seconds", "p50 s", "p95 s", "cost USD")
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def format_table(usage: dict[str, Any]) -> str:
+    """The report as an aligned text table, one line per group and a total; no price shows "-"."""
+    lines = [(usage["group"], *HEADINGS)]
+    for line in [*usage["groups"], {usage["group"]: "total", **usage["total"]}]:
+        lines.append((_cell(line[usage["group"]]), *(_cell(line[c]) for c in (*COLUMNS, "cost"))))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    title = f"usage {usage['since']} .. {usage['until']}"
+    return "\n".join([title, *(_aligned(row, widths) for row in lines)])
+
+
+def _aligned(row: tuple[str, ...], widths: list[int]) -> str:
+    cells = [row[0].ljust(widths[0])]
+    cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+    return "  ".join(cells)
+
+
+async def get_usage(request: Request) -> JSONResponse:
+    relay = request.app.state.relay
+    require_admin(token_from(request.headers, request.query_params), relay.settings.admin_token)
+    params = request.query_params
+    try:
+        when = period(params.get("since"), params.get("until"), params.get("group"))
+    except UsageInputError as error:
+        raise InvalidRequest(str(error)) from None
+    settings = relay.settings
+    async with relay.pool.acquire() as conn:
+        body = await report(conn, when, settings.prices)
+        body["this_month"] = await budget_status(conn, settings.prices, settings.budget)
+    return JSONResponse(body)
+
+
+routes = [Route("/admin/usage", get_usage)]

@@ -1,0 +1,65 @@
+"""The admin API: search the log and replay it, behind the admin token."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service.core.auth import require_admin, token_from
+from service.core.errors import InvalidRequest
+from service.core.filters import parse_filter
+from service.db import store
+from service.db.events import events_page
+from service.ops.replay import replay, target_from_json
+from service.web.routes.reading import MAX_PAGE, int_param
+
+
+def authorize_admin(request: Request) -> None:
+    token = token_from(request.headers, request.query_params)
+    require_admin(token, request.app.state.relay.settings.admin_token)
+
+
+async def list_events(request: Request) -> Response:
+    """`GET /admin/events?<filters>&limit=` → `{"events": [...], "next_after": SEQ}`."""
+    authorize_admin(request)
+    event_filter = parse_filter(dict(request.query_params), extra=("limit", "token"))
+    limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
+    where, args = event_filter.where()
+    relay = request.app.state.relay
+    async with relay.pool.acquire() as conn:
+        rows = await store.fetch_where(conn, where, args, limit)
+    return events_page(rows, relay.vault, event_filter.after)
+
+
+async def post_replay(request: Request) -> JSONResponse:
+    """`POST /admin/replay` with `{"filter", "target", "dry_run"}` → the report, once done."""
+    authorize_admin(request)
+    try:
+        payload = json.loads(await request.body())
+    except ValueError:
+        raise InvalidRequest('the body must be JSON: {"filter": {...}, "target": {...}}') from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    unknown = sorted(set(payload) - {"filter", "target", "dry_run"})
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}; expected filter, target, dry_run")
+    filter_values = payload.get("filter") or {}
+    if not isinstance(filter_values, dict):
+        raise InvalidRequest("filter must be an object of filters")
+    event_filter = parse_filter(filter_values)
+    target = target_from_json(payload.get("target"))
+    dry_run = payload.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise InvalidRequest("dry_run must be true or false")
+    async with request.app.state.relay.pool.acquire() as conn:
+        report = await replay(conn, event_filter, target, request.app.state.relay.vault, dry_run=dry_run)
+    return JSONResponse(report.as_json())
+
+
+routes = [
+    Route("/admin/events", list_events),
+    Route("/admin/replay", post_replay, methods=["POST"]),
+]

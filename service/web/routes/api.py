@@ -1,0 +1,102 @@
+"""`/api/predictions`: create, get, cancel and list Replicate predictions through Relay.
+
+Every call needs the admin token or a key from RELAY_API_KEYS and counts against that key's
+hourly quota. A create always points Replicate's webhook at Relay, and each prediction comes
+back with `relay: {ws, token}` so the caller can watch it live.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.core.auth import mint_token, require_api_key, token_from
+from service.core.errors import InvalidRequest, RelayError
+from service.core.validation import create_request
+from service.upstream import ratelimit
+from service.upstream.client import Upstream, list_page
+from service.upstream.ratelimit import Quota
+from service.web.routes.webhooks import read_body
+
+
+class ProxyDisabled(RelayError):
+    status = 503
+    code = "PROXY_DISABLED"
+
+
+async def admit(request: Request) -> tuple[Upstream, Quota]:
+    """Authenticate, count the request against the key's quota, and require the upstream."""
+    relay = request.app.state.relay
+    settings = relay.settings
+    key = require_api_key(
+        token_from(request.headers, request.query_params), settings.admin_token, settings.api_keys
+    )
+    quota = await ratelimit.take(relay.pool, key, settings.api_rate_limit)
+    if relay.upstream is None:
+        raise ProxyDisabled(
+            "the predictions API is off: set REPLICATE_API_TOKEN (or REPLICATE_API_KEY) "
+            "to a Replicate API token and restart Relay",
+            headers=quota.headers(),
+        )
+    return relay.upstream, quota
+
+
+def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
+    """Replicate's prediction plus where and with what token to watch it on Relay."""
+    settings = request.app.state.relay.settings
+    prediction_id = prediction.get("id")
+    if not isinstance(prediction_id, str):
+        return prediction
+    return {
+        **prediction,
+        "relay": {
+            "ws": f"{settings.ws_base_url}/predictions/{prediction_id}/ws",
+            "token": mint_token(settings.subscribe_key, prediction_id),
+        },
+    }
+
+
+async def read_json(request: Request) -> Any:
+    body = await read_body(request, request.app.state.relay.settings.api_max_body)
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("the body is not valid JSON") from None
+
+
+async def create_prediction(request: Request) -> JSONResponse:
+    upstream, quota = await admit(request)
+    path, payload = create_request(await read_json(request), request.app.state.relay.settings.webhook_url)
+    reply = await upstream.create(path, payload)
+    return JSONResponse(with_relay(request, reply.data), status_code=201, headers=quota.headers())
+
+
+async def get_prediction(request: Request) -> JSONResponse:
+    upstream, quota = await admit(request)
+    reply = await upstream.get(request.path_params["prediction_id"])
+    return JSONResponse(with_relay(request, reply.data), headers=quota.headers())
+
+
+async def cancel_prediction(request: Request) -> JSONResponse:
+    upstream, quota = await admit(request)
+    reply = await upstream.cancel(request.path_params["prediction_id"])
+    return JSONResponse(with_relay(request, reply.data), headers=quota.headers())
+
+
+async def list_predictions(request: Request) -> JSONResponse:
+    upstream, quota = await admit(request)
+    reply = await upstream.list(request.query_params.get("cursor") or None)
+    page = list_page(reply.data, request.app.state.relay.settings.base_url)
+    return JSONResponse(page, headers=quota.headers())
+
+
+routes = [
+    Route("/api/predictions", create_prediction, methods=["POST"]),
+    Route("/api/predictions", list_predictions, methods=["GET"]),
+    Route("/api/predictions/{prediction_id}", get_prediction, methods=["GET"]),
+    Route("/api/predictions/{prediction_id}/cancel", cancel_prediction, methods=["POST"]),
+]

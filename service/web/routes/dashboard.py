@@ -1,0 +1,90 @@
+"""The live dashboard (`GET /`, `GET /p/{id}`), the browser client `relay.js`, and the one
+admin read the dashboard needs on load: recent predictions with their status timelines.
+
+The pages are static files in `service/web/static/`; everything live comes from the existing
+WebSocket streams, through `relay.js`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import asyncpg
+from starlette.requests import Request
+from starlette.responses import FileResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from service.core.auth import require_admin, token_from
+from service.db import store
+from service.db.events import EventsResponse, prediction_state
+from service.web.routes.reading import int_param
+
+STATIC = Path(__file__).parent.parent / "static"
+DEFAULT_RECENT = 50
+MAX_RECENT = 500
+
+# Pages and scripts come only from this origin (no CDN); output images may live anywhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' https: http: data:;"
+        " connect-src 'self' ws: wss:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+async def dashboard_page(request: Request) -> FileResponse:
+    """The one page: the list at `/`, one prediction at `/p/{id}` (the script reads the path)."""
+    return FileResponse(STATIC / "index.html", headers={**PAGE_HEADERS, **NO_CACHE})
+
+
+async def relay_js(request: Request) -> FileResponse:
+    """The browser client, at a stable URL; revalidated on each load so fixes reach pages."""
+    return FileResponse(STATIC / "relay.js", media_type="text/javascript", headers=NO_CACHE)
+
+
+def timeline_entry(run: asyncpg.Record) -> dict:
+    return {
+        "status": run["status"],
+        "seq": run["seq"],
+        "events": run["events"],
+        "received_at": store.iso(run["received_at"]),
+    }
+
+
+async def recent_predictions(request: Request) -> EventsResponse:
+    """`GET /admin/predictions?limit=N`: the most recently updated predictions, each with its
+    status timeline, and `seq`, the log position of that snapshot: streaming
+    `/events/ws?after=seq` from there misses nothing and repeats nothing."""
+    relay = request.app.state.relay
+    require_admin(token_from(request.headers, request.query_params), relay.settings.admin_token)
+    limit = int_param(request, "limit", DEFAULT_RECENT, minimum=1, maximum=MAX_RECENT)
+    async with relay.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        seq = await store.max_seq(conn)
+        rows = await store.fetch_recent_predictions(conn, limit)
+        runs = await store.fetch_status_runs(conn, [row["prediction_id"] for row in rows])
+    timelines = defaultdict(list)
+    for run in runs:
+        timelines[run["prediction_id"]].append(timeline_entry(run))
+    predictions = [
+        {
+            **prediction_state(row, relay.vault),
+            "model": row["model"],
+            "timeline": timelines[row["prediction_id"]],
+        }
+        for row in rows
+    ]
+    return EventsResponse({"predictions": predictions, "seq": seq})
+
+
+routes = [
+    Route("/", dashboard_page),
+    Route("/p/{prediction_id}", dashboard_page),
+    Route("/relay.js", relay_js),
+    Route("/admin/predictions", recent_predictions),
+    Mount("/static", StaticFiles(directory=STATIC), name="static"),
+]

@@ -1,0 +1,156 @@
+"""`relay serve`: database, migrations, the start-up banner, then uvicorn (one or N workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.supervisors import Multiprocess
+
+from service.core.settings import Settings, load_settings, worker_environment
+from service.db import database
+from service.db.vault import Vault, check_keys
+from service.web.app import create_app
+from service.web.transport import CoalescingHttpProtocol
+
+log = logging.getLogger("relay")
+
+SHUTDOWN_CLOSE_WAIT = 2.0
+WORKER_APP = "service.web.server:create_worker_app"
+
+
+class RelayServer(uvicorn.Server):
+    """uvicorn closes open sockets with 1012; Relay first closes them with 1001 (going away).
+
+    A socket whose client stopped reading cannot take that close frame, and uvicorn would wait
+    its whole graceful timeout for it; after SHUTDOWN_CLOSE_WAIT Relay drops such sockets.
+    uvicorn also re-raises SIGTERM/SIGINT after a graceful shutdown, which would kill the process
+    before `atexit` stops the embedded Postgres; Relay exits normally (status 0) instead.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        relay = self.config.app.state.relay  # type: ignore[union-attr]
+        for server in self.servers:
+            server.close()  # no new socket may subscribe to a hub that is stopping
+        if hasattr(relay, "hub"):
+            await relay.hub.stop(1001)
+            deadline = asyncio.get_running_loop().time() + SHUTDOWN_CLOSE_WAIT
+            while relay.hub.all_subscribers() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, WebSocketsSansIOProtocol):
+                connection.transport.abort()
+        await super().shutdown(sockets)
+        self._captured_signals.clear()
+
+
+class GoingAwayProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, closing with 1001 (going away) at shutdown, not 1012.
+
+    `RelayServer` closes sockets before uvicorn does; `--workers` runs uvicorn's own server in
+    each worker, and there this is what a browser sees when its worker stops.
+    """
+
+    def shutdown(self) -> None:
+        if not self.handshake_complete or self.close_sent:
+            super().shutdown()
+            return
+        self.stop_keepalive()
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1001})
+        self.conn.send_close(1001)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+
+
+class WithoutTraceback(logging.Filter):
+    """Turns a logged traceback into the exception's name: while the database is down asyncpg's
+    pool logs one for every failed reconnect, which buries the one line that matters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__})"
+            record.exc_info = None
+        return True
+
+
+def banner(settings: Settings) -> str:
+    lines = [
+        f"Relay listening on {settings.base_url}",
+        f"  webhook URL:    {settings.webhook_url}",
+    ]
+    if "webhook_secrets" in settings.generated:
+        lines.append(f"  webhook secret: {settings.webhook_secrets[0]}  (generated; give it to Replicate)")
+    if "admin_token" in settings.generated:
+        lines.append(f"  dashboard:      {settings.base_url}/#token={settings.admin_token}")
+    return "\n".join(lines)
+
+
+def configure_logging(level: str) -> None:
+    """RELAY_LOG_LEVEL applies to Relay's own loggers only: libraries stay at WARNING, since at
+    DEBUG some (websockets, asyncpg) print the frames and queries that carry users' data."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("relay").setLevel(level)
+    logging.getLogger("asyncpg.pool").addFilter(WithoutTraceback())
+
+
+def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http=CoalescingHttpProtocol,  # httptools, one write() per loop pass (transport.py)
+        ws=GoingAwayProtocol,
+        # One serialised message goes to many sockets: per-socket compression would redo the
+        # work for every subscriber and keep zlib state (tens of KiB) per idle connection.
+        ws_per_message_deflate=False,
+        access_log=False,  # query strings can carry tokens
+        log_level="warning",
+        ws_ping_interval=settings.ws_ping_interval,
+        ws_ping_timeout=settings.ws_ping_interval,
+        timeout_graceful_shutdown=10,
+        **options,
+    )
+
+
+def serve(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    with database.database_dsn(settings) as dsn:
+        asyncio.run(database.migrate(dsn))
+        asyncio.run(check_keys(dsn, Vault(settings.key_encryption_keys)))
+        print(banner(settings), flush=True)
+        if settings.workers > 1:
+            serve_workers(settings, dsn)
+        else:
+            RelayServer(uvicorn_config(create_app(settings, dsn), settings)).run()
+
+
+def serve_workers(settings: Settings, dsn: str) -> None:
+    """N processes on one listening socket and one database (the embedded one is started once,
+    here). Workers build their app from the environment; metrics merge through files."""
+    metrics_dir = settings.metrics_dir or settings.data_dir.resolve() / "metrics"
+    clear_metrics(metrics_dir)
+    os.environ.update(worker_environment(settings, dsn, metrics_dir))
+    config = uvicorn_config(WORKER_APP, settings, factory=True, workers=settings.workers)
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
+
+
+def clear_metrics(metrics_dir: Path) -> None:
+    """Samples of a previous run would be added to this one's (prometheus-client's rule)."""
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):
+        stale.unlink()
+
+
+def create_worker_app() -> Starlette:
+    """The app of one `relay serve --workers N` worker, from what the parent put in its environment."""
+    settings = load_settings(generate_missing=False)
+    configure_logging(settings.log_level)
+    return create_app(settings, str(settings.database_url))

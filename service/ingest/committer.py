@@ -19,6 +19,7 @@ import asyncpg
 
 from service.core.errors import DatabaseUnavailable, InvalidPayload
 from service.core.statuses import is_terminal
+from service.core.supervisor import Supervisor
 from service.db import store
 from service.db.database import HeldConnection
 from service.db.store import Appended, Delivery
@@ -30,6 +31,14 @@ MAX_DEPTH = 128
 ACQUIRE_TIMEOUT = 5.0
 # Errors caused by one row's content rather than by the database being unavailable.
 ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+WRITER_TASK = "relay-group-commit"
+
+
+class WriterStopped(DatabaseUnavailable):
+    """The writer task has ended (a crash, or shutdown): nothing more can be committed here."""
+
+    def __init__(self) -> None:
+        super().__init__("this instance cannot commit deliveries any more (see /readyz); retry later")
 
 
 def _string_field(prediction: dict, name: str) -> str:
@@ -161,24 +170,37 @@ class GroupCommitter:
         self._task: asyncio.Task | None = None
         self.batches = 0
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="relay-group-commit")
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Start the writer task, under `supervisor` when given (the server's), so that its death
+        is logged and reported by `/readyz`; a one-shot command runs it bare."""
+        if supervisor is None:
+            self._task = asyncio.create_task(self._run(), name=WRITER_TASK)
+        else:
+            self._task = supervisor.spawn(WRITER_TASK, self._run(), stop=self.stop)
+        self._task.add_done_callback(self._writer_ended)
 
     async def stop(self) -> None:
         """Commit what is queued, then stop."""
         if self._task is None:
             return
-        while self._pending:
+        while self._pending and not self._task.done():
             await asyncio.sleep(0.01)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         await self._writer.release()
 
     async def submit(self, delivery: Delivery) -> Appended:
+        if self._task is not None and self._task.done():
+            raise WriterStopped()  # 503 at once: nobody would ever commit it
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._pending.append((delivery, future))
         self._wakeup.set()
         return await future
+
+    def _writer_ended(self, task: asyncio.Task[Any]) -> None:
+        """Whatever ended the writer, no caller may wait for it forever."""
+        self._fail(list(self._pending), WriterStopped())
+        self._pending.clear()
 
     async def _run(self) -> None:
         while True:
@@ -187,7 +209,13 @@ class GroupCommitter:
             while self._pending:
                 count = min(len(self._pending), self._max_batch)
                 batch = [self._pending.popleft() for _ in range(count)]
-                await self._commit(batch)
+                try:
+                    await self._commit(batch)
+                except BaseException:
+                    # A bug (or a cancel) here ends the writer: this batch's callers must learn
+                    # it too; those already answered keep their answer (a future is set once).
+                    self._fail(batch, WriterStopped())
+                    raise
 
     async def _commit(self, batch: list[tuple[Delivery, asyncio.Future[Appended]]]) -> None:
         try:
@@ -206,8 +234,9 @@ class GroupCommitter:
             self._fail(batch, DatabaseUnavailable())
             return
         self.batches += 1
-        if self._on_commit is not None:
-            self._on_commit([(r.seq, d) for (d, _), r in zip(batch, results, strict=True) if not r.duplicate])
+        # The rows are durable: their callers are answered before the hook runs, so a failing
+        # hook (a bug) cannot turn a committed delivery into a 503 or leave its caller waiting.
+        # The hook's exception then ends the writer, under the supervisor (logged, /readyz 503).
         for (delivery, future), result in zip(batch, results, strict=True):
             log.debug(
                 "stored seq %d prediction %s status %s%s",
@@ -218,6 +247,8 @@ class GroupCommitter:
             )
             if not future.done():
                 future.set_result(result)
+        if self._on_commit is not None:
+            self._on_commit([(r.seq, d) for (d, _), r in zip(batch, results, strict=True) if not r.duplicate])
 
     async def _append(self, deliveries: list[Delivery]) -> list[Appended]:
         # A row error fails the statement as a whole; the connection itself is fine.

@@ -25,6 +25,7 @@ import asyncpg
 
 from service.core.metrics import LISTENER_RECONNECTS, SLOW_CLIENT_CLOSES, SUBSCRIBERS
 from service.core.statuses import is_terminal
+from service.core.supervisor import Supervisor
 from service.db import store
 from service.db.database import HeldConnection
 from service.db.events import event_text
@@ -36,6 +37,7 @@ READ_PAGE = 1000
 POLL_INTERVAL = 1.0
 LISTEN_CHECK_INTERVAL = 5.0
 RECONNECT_DELAY = 0.5
+INTERNAL_ERROR = 1011  # the close code for subscribers of a hub whose loop died
 
 
 @dataclass(frozen=True)
@@ -91,14 +93,29 @@ class Hub:
         self._closing_code: int | None = None
         self.listening = asyncio.Event()
 
-    async def start(self) -> None:
+    async def start(self, supervisor: Supervisor | None = None) -> None:
+        """Read the log's end, then run the three loops (under `supervisor` when given)."""
         async with self._pool.acquire() as conn:
             self.cursor = await store.max_seq(conn)
-        self._tasks = [
-            asyncio.create_task(self._listen_forever(), name="relay-hub-listen"),
-            asyncio.create_task(self._read_forever(), name="relay-hub-read"),
-            asyncio.create_task(self._replay_forever(), name="relay-hub-replay"),
-        ]
+        loops = {
+            "relay-hub-listen": self._listen_forever(),
+            "relay-hub-read": self._read_forever(),
+            "relay-hub-replay": self._replay_forever(),
+        }
+        if supervisor is None:
+            self._tasks = [asyncio.create_task(loop, name=name) for name, loop in loops.items()]
+        else:
+            self._tasks = [supervisor.spawn(name, loop) for name, loop in loops.items()]
+        for task in self._tasks:
+            task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop that died (not stopped) leaves subscribers without live events: close them
+        with 1011 so that they reconnect (to a ready instance), and refuse new ones the same way."""
+        if self._closing_code is None and not task.cancelled():
+            self._closing_code = INTERNAL_ERROR
+            for subscriber in self.all_subscribers():
+                subscriber.stop(INTERNAL_ERROR)
 
     async def stop(self, code: int = 1001) -> None:
         self._closing_code = code
@@ -228,10 +245,11 @@ class Hub:
             try:
                 async with self._pool.acquire(timeout=5) as conn:
                     rows = await store.fetch_seqs(conn, seqs)
+                # Inside the try: an event that cannot be rendered must not end the loop, which
+                # would leave every later replay unread (a silent death).
+                self.dispatch(rows, replayed=True)
             except Exception as exc:  # noqa: BLE001 - a live replay is best effort
-                log.warning("could not read %d replayed events (%s)", len(seqs), type(exc).__name__)
-                continue
-            self.dispatch(rows, replayed=True)
+                log.warning("could not replay %d events live (%s)", len(seqs), type(exc).__name__)
 
     async def _listen_forever(self) -> None:
         first = True

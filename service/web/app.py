@@ -60,8 +60,15 @@ async def pending_migrations(pool: asyncpg.Pool) -> list:
         return await asyncio.wait_for(migrations.pending(conn), 2)
 
 
+def unavailable(reason: str) -> JSONResponse:
+    return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+
+
 async def readyz(request: Request) -> JSONResponse:
     relay = relay_of(request)
+    problem = relay.supervisor.problem()
+    if problem is not None:
+        return unavailable(problem)
     try:
         try:
             missing = await pending_migrations(relay.pool)
@@ -70,17 +77,13 @@ async def readyz(request: Request) -> JSONResponse:
             # finds out on use: retry once on fresh ones, so the probe reports the database.
             await relay.pool.expire_connections()
             missing = await pending_migrations(relay.pool)
+    except migrations.MigrationsMissing as exc:
+        return unavailable(str(exc))  # a broken install: never "ready" on a schema it cannot check
     except Exception as exc:  # noqa: BLE001 - any failure here means "not ready"
-        return JSONResponse(
-            {"status": "unavailable", "reason": f"database unreachable ({type(exc).__name__})"},
-            status_code=503,
-        )
+        return unavailable(f"database unreachable ({type(exc).__name__})")
     if missing:
         names = ", ".join(p.stem for p in missing)
-        return JSONResponse(
-            {"status": "unavailable", "reason": f"migrations not applied: {names}; run relay migrate"},
-            status_code=503,
-        )
+        return unavailable(f"migrations not applied: {names}; run relay migrate")
     return JSONResponse({"status": "ok"})
 
 
@@ -116,26 +119,16 @@ def start_upstream(relay: Relay) -> None:
         return
     relay.upstream = Upstream(settings)
     reconciler = Reconciler(relay.pool, relay.committer, relay.upstream, relay.vault)
-    task = asyncio.create_task(
-        reconciler.run(settings.reconcile_interval, settings.reconcile_after), name="relay-reconcile"
+    relay.supervisor.spawn(
+        "relay-reconcile", reconciler.run(settings.reconcile_interval, settings.reconcile_after)
     )
-    relay.background.add(task)  # a strong reference, so the task is never garbage collected
 
 
 def start_budget(relay: Relay) -> None:
     """The monthly spend check, when prices or a budget are configured."""
     settings = relay.settings
     if settings.prices or settings.budget is not None:
-        relay.background.add(asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget"))
-
-
-async def stop_background(relay: Relay) -> None:
-    for task in relay.background:
-        task.cancel()
-    await asyncio.gather(*relay.background, return_exceptions=True)
-    relay.background.clear()
-    if relay.upstream is not None:
-        await relay.upstream.aclose()
+        relay.supervisor.spawn("relay-budget", budget.watch(relay.pool, settings))
 
 
 class RelayApp(Starlette):
@@ -161,11 +154,12 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         relay.pool = await asyncpg.create_pool(dsn, min_size=2, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT)
         relay.hub = Hub(relay.pool, relay.connect, relay.vault)
-        await relay.hub.start()
+        await relay.hub.start(relay.supervisor)
         # With encryption on, the hub reads (and decrypts) every row from the log instead.
         handover = None if relay.vault.enabled else relay.hub.committed_here
         relay.committer = GroupCommitter(relay.pool, prepare=relay.vault.prepare, on_commit=handover)
-        relay.committer.start()
+        relay.committer.start(relay.supervisor)
+        # Loops that feed the writer start after it, so that they stop before it (supervisor.stop).
         start_upstream(relay)
         start_budget(relay)
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out
@@ -175,9 +169,10 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         try:
             yield
         finally:
-            await stop_background(relay)
-            await relay.hub.stop()
-            await relay.committer.stop()
+            await relay.hub.stop()  # subscribers first: closed with 1001
+            await relay.supervisor.stop()  # last started, first stopped; the writer drains its queue
+            if relay.upstream is not None:
+                await relay.upstream.aclose()
             # asyncpg waits for every connection to come back; one never released must not keep
             # the process alive after SIGTERM (on timeout, close() terminates the pool).
             with contextlib.suppress(TimeoutError):

@@ -6,13 +6,13 @@ type: handlers reach it only through `relay_of(request)`.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 import asyncpg
 from starlette.requests import HTTPConnection
 
 from service.core.settings import Settings
+from service.core.supervisor import Supervisor
 from service.db.vault import Vault
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
@@ -33,7 +33,8 @@ class Relay:
     webhook_keys: tuple[bytes, ...] = field(init=False)
     vault: Vault = field(init=False)
     upstream: Upstream | None = field(init=False, default=None)
-    background: set[asyncio.Task] = field(init=False, default_factory=set)
+    # Every background loop runs under it: a crash is logged and turns /readyz to 503.
+    supervisor: Supervisor = field(init=False, default_factory=Supervisor)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys

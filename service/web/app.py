@@ -16,7 +16,6 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from service.core import metrics
@@ -28,6 +27,7 @@ from service.live.hub import Hub
 from service.upstream.client import Upstream
 from service.upstream.reconcile import Reconciler
 from service.usage import budget
+from service.web.auth import PUBLIC, route
 from service.web.origins import ApiCors
 from service.web.responses import error_response
 from service.web.routes import admin, dashboard, privacy, reading, sockets, usage, webhooks
@@ -180,9 +180,9 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
             metrics.forget_process(settings.metrics_dir, os.getpid())
 
     routes = [
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics_page),
+        route("/healthz", healthz, access=PUBLIC),
+        route("/readyz", readyz, access=PUBLIC),
+        route("/metrics", metrics_page, access=PUBLIC),
         *webhooks.routes,
         *reading.routes,
         *sockets.routes,

@@ -6,27 +6,20 @@ import json
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from service.core.auth import require_admin, token_from
 from service.core.errors import InvalidRequest
 from service.core.filters import parse_filter
 from service.core.params import MAX_PAGE
 from service.db import store
 from service.ops.replay import replay, target_from_json
+from service.web.auth import ADMIN, route
 from service.web.responses import events_page
 from service.web.routes.reading import int_param
 from service.web.state import relay_of
 
 
-def authorize_admin(request: Request) -> None:
-    token = token_from(request.headers, request.query_params)
-    require_admin(token, relay_of(request).settings.admin_token)
-
-
 async def list_events(request: Request) -> Response:
     """`GET /admin/events?<filters>&limit=` → `{"events": [...], "next_after": SEQ}`."""
-    authorize_admin(request)
     event_filter = parse_filter(dict(request.query_params), extra=("limit", "token"))
     limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
     where, args = event_filter.where()
@@ -38,7 +31,6 @@ async def list_events(request: Request) -> Response:
 
 async def post_replay(request: Request) -> JSONResponse:
     """`POST /admin/replay` with `{"filter", "target", "dry_run"}` → the report, once done."""
-    authorize_admin(request)
     try:
         payload = json.loads(await request.body())
     except ValueError:
@@ -62,6 +54,6 @@ async def post_replay(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/admin/events", list_events),
-    Route("/admin/replay", post_replay, methods=["POST"]),
+    route("/admin/events", list_events, access=ADMIN),
+    route("/admin/replay", post_replay, access=ADMIN, methods=["POST"]),
 ]

@@ -12,14 +12,14 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from service.core.auth import mint_token, require_api_key, token_from
+from service.core.auth import mint_token
 from service.core.errors import InvalidRequest, RelayError
 from service.core.validation import create_request
 from service.upstream import ratelimit
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
+from service.web.auth import API_KEY, route, token_of
 from service.web.routes.webhooks import read_body
 from service.web.state import relay_of
 
@@ -30,12 +30,10 @@ class ProxyDisabled(RelayError):
 
 
 async def admit(request: Request) -> tuple[Upstream, Quota]:
-    """Authenticate, count the request against the key's quota, and require the upstream."""
+    """Count the request against the caller's key's quota, and require the upstream."""
     relay = relay_of(request)
     settings = relay.settings
-    key = require_api_key(
-        token_from(request.headers, request.query_params), settings.admin_token, settings.api_keys
-    )
+    key = token_of(request)  # admitted by the route's API_KEY access
     quota = await ratelimit.take(relay.pool, key, settings.api_rate_limit)
     if relay.upstream is None:
         raise ProxyDisabled(
@@ -96,8 +94,8 @@ async def list_predictions(request: Request) -> JSONResponse:
 
 
 routes = [
-    Route("/api/predictions", create_prediction, methods=["POST"]),
-    Route("/api/predictions", list_predictions, methods=["GET"]),
-    Route("/api/predictions/{prediction_id}", get_prediction, methods=["GET"]),
-    Route("/api/predictions/{prediction_id}/cancel", cancel_prediction, methods=["POST"]),
+    route("/api/predictions", create_prediction, access=API_KEY, methods=["POST"]),
+    route("/api/predictions", list_predictions, access=API_KEY, methods=["GET"]),
+    route("/api/predictions/{prediction_id}", get_prediction, access=API_KEY, methods=["GET"]),
+    route("/api/predictions/{prediction_id}/cancel", cancel_prediction, access=API_KEY, methods=["POST"]),
 ]

@@ -13,12 +13,12 @@ from pathlib import Path
 import asyncpg
 from starlette.requests import Request
 from starlette.responses import FileResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from service.core.auth import require_admin, token_from
 from service.db import store
 from service.db.events import prediction_state
+from service.web.auth import ADMIN, PUBLIC, route
 from service.web.responses import EventsResponse
 from service.web.routes.reading import int_param
 from service.web.state import relay_of
@@ -63,7 +63,6 @@ async def recent_predictions(request: Request) -> EventsResponse:
     status timeline, and `seq`, the log position of that snapshot: streaming
     `/events/ws?after=seq` from there misses nothing and repeats nothing."""
     relay = relay_of(request)
-    require_admin(token_from(request.headers, request.query_params), relay.settings.admin_token)
     limit = int_param(request, "limit", DEFAULT_RECENT, minimum=1, maximum=MAX_RECENT)
     async with relay.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         seq = await store.max_seq(conn)
@@ -84,9 +83,9 @@ async def recent_predictions(request: Request) -> EventsResponse:
 
 
 routes = [
-    Route("/", dashboard_page),
-    Route("/p/{prediction_id}", dashboard_page),
-    Route("/relay.js", relay_js),
-    Route("/admin/predictions", recent_predictions),
-    Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    route("/", dashboard_page, access=PUBLIC),
+    route("/p/{prediction_id}", dashboard_page, access=PUBLIC),
+    route("/relay.js", relay_js, access=PUBLIC),
+    route("/admin/predictions", recent_predictions, access=ADMIN),
+    Mount("/static", StaticFiles(directory=STATIC), name="static"),  # public: the page's assets
 ]

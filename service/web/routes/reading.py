@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from service.core.auth import require_reader, token_from
 from service.core.errors import NotFound
 from service.core.params import MAX_PAGE, parse_int
 from service.db import store
 from service.db.events import prediction_state
+from service.web.auth import SUBSCRIBER, route
 from service.web.responses import EventsResponse, events_page
 from service.web.state import relay_of
 
@@ -19,15 +18,8 @@ def int_param(request: Request, name: str, default: int, minimum: int = 0, maxim
     return parse_int(name, request.query_params.get(name), default, minimum, maximum)
 
 
-def authorize(request: Request, prediction_id: str | None) -> None:
-    settings = relay_of(request).settings
-    token = token_from(request.headers, request.query_params)
-    require_reader(token, prediction_id, settings.admin_token, settings.subscribe_key)
-
-
 async def get_prediction(request: Request) -> EventsResponse:
     prediction_id = request.path_params["prediction_id"]
-    authorize(request, prediction_id)
     relay = relay_of(request)
     async with relay.pool.acquire() as conn:
         row = await store.fetch_prediction(conn, prediction_id)
@@ -38,7 +30,6 @@ async def get_prediction(request: Request) -> EventsResponse:
 
 async def list_prediction_events(request: Request) -> Response:
     prediction_id = request.path_params["prediction_id"]
-    authorize(request, prediction_id)
     after = int_param(request, "after", 0)
     limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
     relay = relay_of(request)
@@ -48,6 +39,6 @@ async def list_prediction_events(request: Request) -> Response:
 
 
 routes = [
-    Route("/predictions/{prediction_id}", get_prediction),
-    Route("/predictions/{prediction_id}/events", list_prediction_events),
+    route("/predictions/{prediction_id}", get_prediction, access=SUBSCRIBER),
+    route("/predictions/{prediction_id}/events", list_prediction_events, access=SUBSCRIBER),
 ]

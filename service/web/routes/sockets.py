@@ -1,7 +1,8 @@
 """WebSocket streams: backlog from the log, `caught_up`, then live events from the hub.
 
 The page's `Origin` (`origins.py`), then the token, are checked before the handshake is
-accepted: a refused client gets an HTTP 403 and no event; a bad `after` closes the socket with
+accepted (the routes' declared access, `service.web.auth`): a refused client gets an HTTP 403
+and no event; a bad `after` closes the socket with
 1008 and a reason. Each accepted socket has a bounded queue filled by the hub and one task that
 writes to it; the handler waits for whichever comes first: the writer finishing (terminal
 event), the client leaving, or the hub stopping the subscriber (1013 when it fell behind, 1001
@@ -14,62 +15,35 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
-from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from service.core.auth import require_admin, require_reader, token_from
 from service.core.errors import RelayError
 from service.core.metrics import MESSAGES_SENT
 from service.core.statuses import is_terminal
 from service.db import store
 from service.db.events import event_text
 from service.live.hub import Subscriber
-from service.web.origins import require_origin
+from service.web.auth import ADMIN, POLICY_VIOLATION, SUBSCRIBER, socket_route
 from service.web.routes.reading import int_param
 from service.web.state import relay_of
 
 log = logging.getLogger("relay.sockets")
 
 BACKLOG_PAGE = 500
-# Closing before accept makes uvicorn refuse the handshake with a bare 403. (Its denial-response
-# path, which could carry an error body, logs a spurious ERROR per refusal: uvicorn PR #3138.)
-POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 # A client that stopped reading cannot take a close frame; give up on it after this long.
 CLOSE_WAIT = 5.0
 
 
 async def prediction_stream(websocket: WebSocket) -> None:
-    prediction_id = websocket.path_params["prediction_id"]
-    settings = relay_of(websocket).settings
-    if await admitted(
-        websocket,
-        lambda token: require_reader(token, prediction_id, settings.admin_token, settings.subscribe_key),
-    ):
-        await stream(websocket, prediction_id)
+    await stream(websocket, websocket.path_params["prediction_id"])
 
 
 async def all_events_stream(websocket: WebSocket) -> None:
-    settings = relay_of(websocket).settings
-    if await admitted(websocket, lambda token: require_admin(token, settings.admin_token)):
-        await stream(websocket, None)
-
-
-async def admitted(websocket: WebSocket, check_token: Callable[[str | None], None]) -> bool:
-    """The page's origin, then the token; a refused handshake is closed before it is accepted."""
-    settings = relay_of(websocket).settings
-    try:
-        require_origin(
-            websocket.headers.get("origin"), websocket.url, settings.allowed_origins, settings.public_url
-        )
-        check_token(token_from(websocket.headers, websocket.query_params))
-    except RelayError:
-        await websocket.close(POLICY_VIOLATION)
-        return False
-    return True
+    await stream(websocket, None)
 
 
 async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
@@ -181,6 +155,6 @@ async def close(websocket: WebSocket, code: int) -> None:
 
 
 routes = [
-    WebSocketRoute("/predictions/{prediction_id}/ws", prediction_stream),
-    WebSocketRoute("/events/ws", all_events_stream),
+    socket_route("/predictions/{prediction_id}/ws", prediction_stream, access=SUBSCRIBER),
+    socket_route("/events/ws", all_events_stream, access=ADMIN),
 ]

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from service.core.auth import require_admin, token_from
 from service.core.errors import InvalidRequest
 from service.usage.report import UsageInputError, budget_status, period, report
+from service.web.auth import ADMIN, route
 from service.web.state import relay_of
 
 
 async def get_usage(request: Request) -> JSONResponse:
     relay = relay_of(request)
-    require_admin(token_from(request.headers, request.query_params), relay.settings.admin_token)
     params = request.query_params
     try:
         when = period(params.get("since"), params.get("until"), params.get("group"))
@@ -27,4 +25,4 @@ async def get_usage(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-routes = [Route("/admin/usage", get_usage)]
+routes = [route("/admin/usage", get_usage, access=ADMIN)]

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from service.core.errors import BodyIncomplete, BodyTooLarge, RelayError
 from service.core.metrics import DELIVERIES, DUPLICATES, INGEST_SECONDS, REJECTS
 from service.core.signatures import verify
 from service.ingest.committer import webhook_delivery
+from service.web.auth import SIGNED, route
 from service.web.responses import error_response
 from service.web.state import relay_of
 
@@ -79,4 +79,4 @@ class WebhookEndpoint:
 
 PATH = "/webhooks/replicate"
 endpoint = WebhookEndpoint()
-routes = [Route(PATH, endpoint, methods=["POST"])]
+routes = [route(PATH, endpoint, access=SIGNED, methods=["POST"])]

@@ -1,4 +1,4 @@
-"""Writes coalesced per event-loop pass (service/transport.py) keep HTTP's order and framing."""
+"""Writes coalesced per event-loop pass (service/web/uvicorn_internals.py) keep HTTP's order and framing."""
 
 from __future__ import annotations
 

@@ -5,68 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 from pathlib import Path
-from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from uvicorn.supervisors import Multiprocess
 
 from service.core.settings import Settings, load_settings, worker_environment
 from service.db import database
 from service.db.vault import Vault, check_keys
 from service.web.app import create_app
-from service.web.transport import CoalescingHttpProtocol
+from service.web.uvicorn_internals import RelayServer, run_workers, uvicorn_config
 
 log = logging.getLogger("relay")
 
-SHUTDOWN_CLOSE_WAIT = 2.0
 WORKER_APP = "service.web.server:create_worker_app"
-
-
-class RelayServer(uvicorn.Server):
-    """uvicorn closes open sockets with 1012; Relay first closes them with 1001 (going away).
-
-    A socket whose client stopped reading cannot take that close frame, and uvicorn would wait
-    its whole graceful timeout for it; after SHUTDOWN_CLOSE_WAIT Relay drops such sockets.
-    uvicorn also re-raises SIGTERM/SIGINT after a graceful shutdown, which would kill the process
-    before `atexit` stops the embedded Postgres; Relay exits normally (status 0) instead.
-    """
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        relay = self.config.app.state.relay  # type: ignore[union-attr]
-        for server in self.servers:
-            server.close()  # no new socket may subscribe to a hub that is stopping
-        if hasattr(relay, "hub"):
-            await relay.hub.stop(1001)
-            deadline = asyncio.get_running_loop().time() + SHUTDOWN_CLOSE_WAIT
-            while relay.hub.all_subscribers() and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.02)
-        for connection in list(self.server_state.connections):
-            if isinstance(connection, WebSocketsSansIOProtocol):
-                connection.transport.abort()
-        await super().shutdown(sockets)
-        self._captured_signals.clear()
-
-
-class GoingAwayProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's WebSocket protocol, closing with 1001 (going away) at shutdown, not 1012.
-
-    `RelayServer` closes sockets before uvicorn does; `--workers` runs uvicorn's own server in
-    each worker, and there this is what a browser sees when its worker stops.
-    """
-
-    def shutdown(self) -> None:
-        if not self.handshake_complete or self.close_sent:
-            super().shutdown()
-            return
-        self.stop_keepalive()
-        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1001})
-        self.conn.send_close(1001)
-        self.transport.write(b"".join(self.conn.data_to_send()))
-        self.transport.close()
 
 
 class WithoutTraceback(logging.Filter):
@@ -100,26 +51,6 @@ def configure_logging(level: str) -> None:
     logging.getLogger("asyncpg.pool").addFilter(WithoutTraceback())
 
 
-def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http=CoalescingHttpProtocol,  # httptools, one write() per loop pass (transport.py)
-        ws=GoingAwayProtocol,
-        # One serialised message goes to many sockets: per-socket compression would redo the
-        # work for every subscriber and keep zlib state (tens of KiB) per idle connection.
-        ws_per_message_deflate=False,
-        access_log=False,  # query strings can carry tokens
-        log_level="warning",
-        ws_ping_interval=settings.ws_ping_interval,
-        ws_ping_timeout=settings.ws_ping_interval,
-        timeout_graceful_shutdown=10,
-        **options,
-    )
-
-
 def serve(settings: Settings) -> None:
     configure_logging(settings.log_level)
     with database.database_dsn(settings) as dsn:
@@ -139,7 +70,7 @@ def serve_workers(settings: Settings, dsn: str) -> None:
     clear_metrics(metrics_dir)
     os.environ.update(worker_environment(settings, dsn, metrics_dir))
     config = uvicorn_config(WORKER_APP, settings, factory=True, workers=settings.workers)
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    run_workers(config)
 
 
 def clear_metrics(metrics_dir: Path) -> None:

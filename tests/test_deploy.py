@@ -165,7 +165,12 @@ def test_dockerfile_passes_hadolint_and_runs_as_non_root():
     assert result.returncode == 0, result.stdout
     text = (DEPLOY / "Dockerfile").read_text()
     assert text.count("FROM ") == 2 and "USER 10001" in text and "/healthz" in text
-    assert "COPY sql/ sql/" in text  # migrations are read from the repository's sql/
+    # The image runs the wheel (migrations inside it as service.sql), installed with the lock's
+    # versions; the runtime stage has the virtualenv only, no source tree or editable install.
+    assert "pip wheel" in text and "--constraint requirements.lock /wheels/relay-" in text
+    runtime = text[text.index("AS runtime") :]
+    assert "COPY --from=build /opt/venv /opt/venv" in runtime and "/src" not in runtime
+    assert " -e " not in text and "--editable" not in text
 
 
 def test_systemd_unit_verifies(tmp_path):

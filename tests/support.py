@@ -123,10 +123,20 @@ def relay_env(dsn: str, **extra: str) -> dict[str, str]:
 class RelayProcess:
     """A real `relay serve` process on its own port."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None, args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        env: dict[str, str],
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        *,
+        program: tuple[str, ...] = (sys.executable, "-m", "service"),
+        cwd: Path = ROOT,
+    ):
         self.port = port or free_port()
         self.env = env
         self.args = args
+        self.program = program  # how to run `relay` (another install's console script, say)
+        self.cwd = cwd
         self.proc: subprocess.Popen | None = None
         self.output = ""
 
@@ -140,9 +150,9 @@ class RelayProcess:
 
     def start(self, timeout: float = 30) -> RelayProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(self.port), *self.args],
+            [*self.program, "serve", "--port", str(self.port), *self.args],
             env=self.env,
-            cwd=ROOT,
+            cwd=self.cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

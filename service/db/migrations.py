@@ -13,6 +13,8 @@ from importlib.resources.abc import Traversable
 
 import asyncpg
 
+from service.core.errors import ConfigError
+
 SQL_PACKAGE = "service.sql"
 MIGRATION_LOCK = 0x52454C4159  # "RELAY": one migrator at a time, across processes
 
@@ -31,8 +33,9 @@ class Migration:
         return self.resource.read_text(encoding="utf-8")
 
 
-class MigrationsMissing(RuntimeError):
-    """The installed package carries no migrations: a broken build, never a fresh database."""
+class MigrationsMissing(ConfigError):
+    """The installed package carries no migrations: a broken build, never a fresh database.
+    A ConfigError, so `relay serve` and `relay migrate` refuse to go on, in one line (exit 2)."""
 
 
 def migration_files() -> list[Migration]:

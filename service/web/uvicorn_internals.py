@@ -40,8 +40,10 @@ REQUIRED: tuple[Required, ...] = (
     (
         "uvicorn.protocols.websockets.websockets_sansio_impl",
         "WebSocketsSansIOProtocol",
-        ("shutdown", "stop_keepalive"),
-        ("handshake_complete", "close_sent", "queue", "conn", "transport"),
+        # pause_writing/writable: a socket whose client stopped reading blocks its sender instead
+        # of buffering without bound (uvicorn 0.53); Relay's slow-client rule counts on it.
+        ("shutdown", "stop_keepalive", "pause_writing"),
+        ("handshake_complete", "close_sent", "queue", "conn", "transport", "writable"),
     ),
     ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol", ("connection_made",), ("loop",)),
     ("uvicorn.server", "ServerState", (), ("connections",)),

@@ -125,6 +125,19 @@ def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+POOLERS = ("off", "transaction")
+
+
+def _pooler(env: Mapping[str, str]) -> str:
+    mode = (env.get("RELAY_DATABASE_POOLER") or "off").strip().lower()
+    if mode not in POOLERS:
+        raise ConfigError(
+            "RELAY_DATABASE_POOLER must be off or transaction (PgBouncer's pool_mode=transaction), "
+            f"got {mode[:20]!r}"
+        )
+    return mode
+
+
 @dataclass(frozen=True)
 class Flag:
     """A `relay serve` flag: the command-line form of one variable (the flag wins)."""
@@ -169,6 +182,10 @@ SERVE_FLAGS = (
     Flag("--reconcile-interval", "RELAY_RECONCILE_INTERVAL", "reconcile period, seconds", int),
     Flag("--allowed-origins", "RELAY_ALLOWED_ORIGINS", "origins that may open streams, comma-separated"),
     Flag("--cors-origins", "RELAY_CORS_ORIGINS", "origins that may call /api/*, comma-separated"),
+    # Past one database machine: a pooler, a replica for reads, a direct LISTEN connection.
+    Flag("--listen-database-url", "RELAY_LISTEN_DATABASE_URL", "DSN for LISTEN (no pooler)", secret=True),
+    Flag("--read-database-url", "RELAY_READ_DATABASE_URL", "DSN for lagging reads (a replica)", secret=True),
+    Flag("--database-pooler", "RELAY_DATABASE_POOLER", "transaction (PgBouncer transaction mode) or off"),
 )
 
 
@@ -204,6 +221,9 @@ class Settings:
     reconcile_interval: int = 60
     allowed_origins: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    listen_database_url: Secret | None = None
+    read_database_url: Secret | None = None
+    database_pooler: str = "off"
     generated: frozenset[str] = field(default_factory=frozenset)
     flags: dict[str, str] = field(default_factory=dict, repr=False)  # given on the command line
 
@@ -291,6 +311,9 @@ def load_settings(
         "reconcile_interval": _int(env, "RELAY_RECONCILE_INTERVAL", 60),
         "allowed_origins": _origins(env, "RELAY_ALLOWED_ORIGINS"),
         "cors_origins": _origins(env, "RELAY_CORS_ORIGINS"),
+        "listen_database_url": _secret(env, "RELAY_LISTEN_DATABASE_URL"),
+        "read_database_url": _secret(env, "RELAY_READ_DATABASE_URL"),
+        "database_pooler": _pooler(env),
         "flags": flags,
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]

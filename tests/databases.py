@@ -63,7 +63,7 @@ def pgbouncer(postgres: Postgres, workdir: Path, *, pool_mode: str = "transactio
     )
     for path in home.iterdir():
         shutil.chown(path, user)
-    process = subprocess.Popen([binary, str(home / "pgbouncer.ini")], user=user)
+    process = subprocess.Popen([binary, "-q", str(home / "pgbouncer.ini")], user=user)
     try:
         wait_for(f"postgresql://postgres@127.0.0.1:{port}/postgres")
         yield f"postgresql://postgres@127.0.0.1:{port}/"

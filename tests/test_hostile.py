@@ -114,7 +114,7 @@ def test_wrong_content_type_is_ignored_the_signature_decides(client):
 
 def test_huge_header_gets_a_clean_answer(client):
     """uvicorn's httptools parser sets no header limit: a 1 MB header is answered like any
-    other request (the limit belongs to the reverse proxy; see README)."""
+    other request (the limit belongs to the reverse proxy; see docs/reliability.md)."""
     response = post_webhook(
         client, {"id": new_prediction_id(), "status": "starting"}, headers={"x-pad": "a" * 2**20}
     )

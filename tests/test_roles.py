@@ -25,10 +25,10 @@ from .support import (
     new_prediction_id,
     new_webhook_id,
     query,
+    relay_cli,
     relay_env,
+    wait_for,
 )
-from .test_budget import wait_for
-from .test_cli import relay_cli
 
 APP_ROLE = "relay_app"
 

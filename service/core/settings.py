@@ -108,7 +108,6 @@ def whole(minimum: int = 1) -> Parser:
             raise ConfigError(f"{name} must be at least {minimum}, got {value}")
         return value
 
-    parse.minimum = minimum  # type: ignore[attr-defined]  # shown on the configuration page
     return parse
 
 
@@ -213,7 +212,7 @@ class Setting:
             return self.unset
         if self.default is None or self.default in ("", (), {}):
             return ""
-        if isinstance(self.default, Path):
+        if isinstance(self.default, Path) and not self.default.is_absolute():
             return f"./{self.default}"
         return str(self.default)
 
@@ -237,15 +236,6 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
-def serve_flag(row: Setting) -> Flag:
-    kind = int if isinstance(row.default, int) and not isinstance(row.default, bool) else str
-    if row.unset:
-        shown = f" (unset: {row.unset})"
-    else:
-        shown = f" (default {row.default_text})" if row.default_text else ""
-    return Flag(row.flag, row.variable, row.help + shown, kind, row.secret)
-
-
 @dataclass(frozen=True)
 class Flag:
     """A `relay serve` flag: the command-line form of one variable (the flag wins)."""
@@ -255,6 +245,16 @@ class Flag:
     help: str
     type: type = str
     secret: bool = False
+
+
+def serve_flag(row: Setting) -> Flag:
+    """The `relay serve` flag of a setting; its help ends with the default."""
+    kind = int if isinstance(row.default, int) and not isinstance(row.default, bool) else str
+    if row.unset:
+        shown = f" (unset: {row.unset})"
+    else:
+        shown = f" (default {row.default_text})" if row.default_text else ""
+    return Flag(row.flag, row.variable, row.help + shown, kind, row.secret)
 
 
 MIB = 1024 * 1024
@@ -498,7 +498,7 @@ def _dev_secrets(values: dict[str, object], data_dir: Path, generate: bool) -> d
         data_dir.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
         path.write_text(json.dumps(stored, indent=2))
-    found = {attr: Secret(stored[attr]) for attr in missing if attr in stored}
+    found: dict[str, object] = {attr: Secret(stored[attr]) for attr in missing if attr in stored}
     if "webhook_secrets" in found:
         found["webhook_secrets"] = (found["webhook_secrets"],)
     return {**found, "generated": frozenset(found)}

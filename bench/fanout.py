@@ -41,7 +41,7 @@ from websockets.exceptions import ConnectionClosed
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service import embedded  # noqa: E402
+from service.db import embedded  # noqa: E402
 from service.core.auth import mint_token  # noqa: E402
 from service.core.signatures import signed_headers  # noqa: E402
 from service.ops.simulate import lifecycle  # noqa: E402

@@ -8,7 +8,8 @@ its variable, its `relay serve` flag, its default, its parser (which validates),
 whether it is secret. `SERVE_FLAGS`, `load_settings` and the docs' configuration page
 (docs/hooks/settings_table.py) all derive from it, so a default is written once.
 
-Adding a setting is one line in that table, in the group of its feature:
+Adding a setting is one field in that table, under the comment naming its feature (the comment
+heads that feature's section of the configuration page):
 
     archive_max_bytes: int = setting(
         "RELAY_ARCHIVE_MAX_BYTES", "--archive-max-bytes", 100 * MIB, whole(), "largest output file, bytes"

@@ -17,8 +17,7 @@ from service.ops.simulate import lifecycle
 
 from .databases import pgbouncer
 from .streams import read_to_close, stream_url, subscribe
-from .support import Postgres, RelayProcess, new_prediction_id, post_webhook, query, relay_env
-from .test_cli import relay_cli
+from .support import Postgres, RelayProcess, new_prediction_id, post_webhook, query, relay_cli, relay_env
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ from .support import (
     deliver_lifecycle,
     new_prediction_id,
     query,
+    relay_cli,
     relay_env,
     with_database,
 )
-from .test_cli import relay_cli
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ import pytest
 from service.db import migrations, store
 from service.db.store import Delivery
 
-from .support import Postgres, new_prediction_id, new_webhook_id, query, relay_env
-from .test_cli import relay_cli
+from .support import Postgres, new_prediction_id, new_webhook_id, query, relay_cli, relay_env
 
 CONVERSION = "100_partitioned_log"
 NOW = datetime.now(UTC)

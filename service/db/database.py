@@ -106,7 +106,7 @@ async def migrate(dsn: str) -> list[str]:
     except asyncpg.InsufficientPrivilegeError as error:
         raise ConfigError(
             f"migrations are pending and the role in DATABASE_URL may not apply them ({error.message}); "
-            "run `relay migrate` as the role that owns Relay's tables (README: database roles)"
+            "run `relay migrate` as the role that owns Relay's tables (docs/reliability.md: database roles)"
         ) from None
     except asyncpg.ReadOnlySQLTransactionError:
         raise ConfigError(READ_ONLY) from None

@@ -112,6 +112,18 @@ def test_target_session_attrs_read_write_on_a_standby_is_one_clear_line(pair):
     assert "target_session_attrs" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    "command", [("migrate",), ("forget", "p1"), ("rotate-keys",), ("retention", "--keep", "9d")]
+)
+def test_commands_that_write_refuse_a_standby_in_one_line(pair, command: tuple[str, ...]):
+    _, replica = pair
+    key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    done = relay_cli(*command, env=relay_env(replica, RELAY_ENCRYPTION_KEY=key), timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "read-only" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 def test_replay_to_subscribers_needs_the_primary_and_says_so(pair):
     """Replaying to live subscribers NOTIFYs: on a standby it is one line naming DATABASE_URL."""
     dsn, replica = pair

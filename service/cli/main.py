@@ -42,6 +42,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = tool_settings()
     with database.database_dsn(settings) as dsn:
+        asyncio.run(database.require_writable(dsn))
         applied = asyncio.run(database.migrate(dsn))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -280,24 +280,3 @@ def relay_on_terminal(*args: str, env: dict[str, str]) -> tuple[subprocess.Compl
         if secondary != -1:
             os.close(secondary)
     return done, terminal
-
-
-@contextlib.asynccontextmanager
-async def serving_app(app: object) -> AsyncIterator[str]:
-    """A real uvicorn server for an app built in this process (lifespan included), on a free
-    port of 127.0.0.1; yields its base URL. For tests that change the app before it runs."""
-    import uvicorn
-
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")  # type: ignore[arg-type]
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()  # raises what stopped it from starting
-        await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.core.errors import ConfigError
+from service.core.hosts import DEFAULT_ARCHIVE_HOSTS, HostPolicy
 from service.core.origins import ANY, normal_origin
 
 GENERATED_SECRETS_FILE = "secrets.json"
@@ -125,6 +126,37 @@ def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+# Output archive
+def simulate_outputs_port(relay_port: int) -> int:
+    """Where `relay simulate --serve-outputs` serves its files: the port after Relay's own, an
+    origin that a dev instance (no DATABASE_URL) allows out of the box."""
+    return relay_port + 1
+
+
+def _archive(env: Mapping[str, str], data_dir: Path) -> str:
+    raw = (env.get("RELAY_ARCHIVE") or "").strip()
+    if not raw:
+        return (data_dir.resolve() / "files").as_uri()
+    is_file = raw.startswith("file:///") and len(raw) > len("file:///")
+    is_s3 = raw.startswith("s3://") and len(raw.rstrip("/")) > len("s3://")
+    if raw != "off" and not is_file and not is_s3:
+        raise ConfigError(
+            f"RELAY_ARCHIVE must be file:///absolute/path, s3://bucket[/prefix] or off, got {raw[:80]!r}"
+        )
+    return raw if raw == "off" else raw.rstrip("/")
+
+
+def _archive_hosts(env: Mapping[str, str], dev: bool, port: int) -> tuple[str, ...]:
+    raw = env.get("RELAY_ARCHIVE_HOSTS")
+    if raw is not None and raw.strip():
+        entries = tuple(raw.split())
+    else:
+        extra = (f"http://127.0.0.1:{simulate_outputs_port(port)}",) if dev and port else ()
+        entries = DEFAULT_ARCHIVE_HOSTS + extra
+    HostPolicy(entries)  # a ConfigError naming a malformed entry
+    return entries
+
+
 @dataclass(frozen=True)
 class Flag:
     """A `relay serve` flag: the command-line form of one variable (the flag wins)."""
@@ -169,6 +201,15 @@ SERVE_FLAGS = (
     Flag("--reconcile-interval", "RELAY_RECONCILE_INTERVAL", "reconcile period, seconds", int),
     Flag("--allowed-origins", "RELAY_ALLOWED_ORIGINS", "origins that may open streams, comma-separated"),
     Flag("--cors-origins", "RELAY_CORS_ORIGINS", "origins that may call /api/*, comma-separated"),
+    # Output archive
+    Flag(
+        "--archive", "RELAY_ARCHIVE", "where output files are kept: file:///path, s3://bucket/prefix or off"
+    ),
+    Flag(
+        "--archive-hosts", "RELAY_ARCHIVE_HOSTS", "origins whose output URLs are downloaded, space-separated"
+    ),
+    Flag("--archive-max-bytes", "RELAY_ARCHIVE_MAX_BYTES", "largest output file kept, bytes", int),
+    Flag("--archive-concurrency", "RELAY_ARCHIVE_CONCURRENCY", "downloads at once per process", int),
 )
 
 
@@ -204,6 +245,11 @@ class Settings:
     reconcile_interval: int = 60
     allowed_origins: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    # Output archive
+    archive: str = "off"
+    archive_hosts: tuple[str, ...] = DEFAULT_ARCHIVE_HOSTS
+    archive_max_bytes: int = 104857600
+    archive_concurrency: int = 4
     generated: frozenset[str] = field(default_factory=frozenset)
     flags: dict[str, str] = field(default_factory=dict, repr=False)  # given on the command line
 
@@ -291,6 +337,11 @@ def load_settings(
         "reconcile_interval": _int(env, "RELAY_RECONCILE_INTERVAL", 60),
         "allowed_origins": _origins(env, "RELAY_ALLOWED_ORIGINS"),
         "cors_origins": _origins(env, "RELAY_CORS_ORIGINS"),
+        # Output archive
+        "archive": _archive(env, data_dir),
+        "archive_hosts": _archive_hosts(env, database_url is None, _int(env, "RELAY_PORT", 8000, minimum=0)),
+        "archive_max_bytes": _int(env, "RELAY_ARCHIVE_MAX_BYTES", 104857600),
+        "archive_concurrency": _int(env, "RELAY_ARCHIVE_CONCURRENCY", 4),
         "flags": flags,
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
@@ -365,4 +416,7 @@ def worker_environment(settings: Settings, dsn: str, metrics_dir: Path) -> dict[
         "RELAY_HOST": settings.host,
         "RELAY_PORT": str(settings.port),
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        # Output archive: the dev defaults the parent resolved (workers see a DATABASE_URL)
+        "RELAY_ARCHIVE": settings.archive,
+        "RELAY_ARCHIVE_HOSTS": " ".join(settings.archive_hosts),
     }

@@ -20,8 +20,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from service.archive.stores import ArchiveStore, open_store
+from service.archive.worker import Archiver, Tuning
 from service.core import metrics
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
+from service.core.hosts import HostPolicy
 from service.core.origins import ApiCors
 from service.core.settings import Settings
 from service.db import migrations
@@ -33,7 +36,7 @@ from service.upstream.client import Upstream
 from service.upstream.reconcile import Reconciler
 from service.usage import budget
 from service.usage import report as usage
-from service.web.routes import admin, dashboard, reading, sockets, webhooks
+from service.web.routes import admin, dashboard, files, reading, sockets, webhooks
 from service.web.routes import api as predictions_api
 
 log = logging.getLogger("relay")
@@ -57,10 +60,13 @@ class Relay:
     vault: Vault = field(init=False)
     upstream: Upstream | None = field(init=False, default=None)
     background: set[asyncio.Task] = field(init=False, default_factory=set)
+    archive_store: ArchiveStore | None = field(init=False, default=None)
+    archive_policy: HostPolicy = field(init=False)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys
         self.vault = Vault(self.settings.key_encryption_keys)
+        self.archive_policy = HostPolicy(self.settings.archive_hosts)
 
     def connect(self) -> asyncpg.Connection:
         return asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
@@ -154,6 +160,47 @@ def start_budget(relay: Relay) -> None:
         relay.background.add(asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget"))
 
 
+def log_crash(task: asyncio.Task) -> None:
+    """A background loop that ends by an exception (not a cancel) says so in the log."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s stopped: %r", task.get_name(), task.exception())
+
+
+async def start_archive(relay: Relay) -> None:
+    """The output archive's worker (discovery and downloads), unless RELAY_ARCHIVE=off."""
+    settings = relay.settings
+    relay.archive_store = open_store(settings.archive)
+    if relay.archive_store is None:
+        return
+    tuning = Tuning(concurrency=settings.archive_concurrency)
+    # Each download holds a connection for its whole attempt (the job's row lock): its own pool,
+    # so downloads never starve webhooks and reads of connections.
+    pool = await asyncpg.create_pool(
+        relay.dsn, min_size=1, max_size=tuning.concurrency + 2, timeout=CONNECT_TIMEOUT
+    )
+    spool = settings.data_dir.resolve() / "archive-spool"
+    archiver = Archiver(
+        pool,
+        relay.archive_store,
+        relay.vault,
+        relay.archive_policy,
+        spool,
+        settings.archive_max_bytes,
+        tuning,
+    )
+
+    async def run() -> None:
+        try:
+            await archiver.run()
+        finally:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
+
+    task = asyncio.create_task(run(), name="relay-archive")
+    task.add_done_callback(log_crash)
+    relay.background.add(task)
+
+
 async def stop_background(relay: Relay) -> None:
     for task in relay.background:
         task.cancel()
@@ -193,6 +240,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.committer.start()
         start_upstream(relay)
         start_budget(relay)
+        await start_archive(relay)
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out
         # of the collector's sight, a full collection took ~1 ms instead of 13-33 ms, which were
         # the tail of the webhook latency (bench/ingest.py with a gc.callbacks probe).
@@ -221,6 +269,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *dashboard.routes,
         *privacy.routes,
         *usage.routes,
+        *files.routes,
     ]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []

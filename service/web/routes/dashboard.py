@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 from service.core.auth import require_admin, token_from
 from service.db import store
 from service.db.events import EventsResponse, prediction_state
-from service.web.routes.reading import int_param
+from service.web.routes.reading import archive_list, int_param
 
 STATIC = Path(__file__).parent.parent / "static"
 DEFAULT_RECENT = 50
@@ -78,6 +78,9 @@ async def recent_predictions(request: Request) -> EventsResponse:
         }
         for row in rows
     ]
+    async with relay.pool.acquire() as conn:
+        for prediction in predictions:
+            prediction["archive"] = await archive_list(conn, request, prediction)
     return EventsResponse({"predictions": predictions, "seq": seq})
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import asyncpg
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from service.archive.files import archive_entries
 from service.core.auth import require_reader, token_from
 from service.core.errors import InvalidRequest, NotFound
 from service.db import store
@@ -43,9 +47,19 @@ async def get_prediction(request: Request) -> EventsResponse:
     relay = request.app.state.relay
     async with relay.pool.acquire() as conn:
         row = await store.fetch_prediction(conn, prediction_id)
-    if row is None:
-        raise NotFound(f"no events stored for prediction {prediction_id!r}")
-    return EventsResponse(prediction_state(row, relay.vault))
+        if row is None:
+            raise NotFound(f"no events stored for prediction {prediction_id!r}")
+        state = prediction_state(row, relay.vault)
+        state["archive"] = await archive_list(conn, request, state)
+    return EventsResponse(state)
+
+
+async def archive_list(conn: asyncpg.Connection, request: Request, prediction: Any) -> list[dict[str, Any]]:
+    """The `archive` of a prediction (empty when the archive is off)."""
+    relay = request.app.state.relay
+    if relay.archive_store is None:
+        return []
+    return await archive_entries(conn, prediction, relay.archive_policy)
 
 
 async def list_prediction_events(request: Request) -> Response:

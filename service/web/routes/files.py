@@ -16,6 +16,7 @@ from service.core.auth import ALL_PREDICTIONS, matches_any, token_from, token_pr
 from service.core.errors import Forbidden, NotFound, Unauthorized
 from service.db import store
 from service.db.events import open_body
+from service.web.state import relay_of
 
 log = logging.getLogger("relay.files")
 
@@ -34,7 +35,7 @@ FILE_HEADERS = {
 async def locate(request: Request, sha256: str) -> StoredFile:
     """The copy this caller may read: 401 without a token, 403 when it reads no prediction that
     holds the file (the same answer whether or not the file exists), 404 for the admin."""
-    relay = request.app.state.relay
+    relay = relay_of(request)
     settings = relay.settings
     token = token_from(request.headers, request.query_params)
     if token is None:
@@ -59,7 +60,7 @@ async def serve_file(request: Request) -> Response:
     sha256 = request.path_params["sha256"]
     if not SHA256.fullmatch(sha256):
         raise NotFound("a file is named by its SHA-256: 64 lower-case hex digits")
-    relay = request.app.state.relay
+    relay = relay_of(request)
     if relay.archive_store is None:
         raise NotFound("the output archive is off (RELAY_ARCHIVE=off)")
     stored = await locate(request, sha256)

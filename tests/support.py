@@ -115,6 +115,9 @@ def relay_env(dsn: str, **extra: str) -> dict[str, str]:
         RELAY_ADMIN_TOKEN=ADMIN_TOKEN,
         RELAY_SUBSCRIBE_KEY=SUBSCRIBE_KEY,
         PYTHONUNBUFFERED="1",
+        # No test fetches real output URLs (lifecycle() names replicate.delivery): the archive
+        # tests turn it on against their own file server.
+        RELAY_ARCHIVE="off",
     )
     env.update(extra)
     return env

@@ -3,15 +3,15 @@ path (statuses, redirects, drips, bodies cut short), recording every request it 
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from service.ops import outputs
 
 CUT = "cut"  # a scripted answer: Content-Length promised, half the body sent, connection closed
 DRIP = "drip"  # a scripted answer: the body one small piece at a time, slowly (until killed)
@@ -19,19 +19,7 @@ DRIP = "drip"  # a scripted answer: the body one small piece at a time, slowly (
 
 def png(seed: int, size: int = 32) -> bytes:
     """A small valid PNG, different for each seed."""
-    row = bytes([0]) + bytes((seed * 37 + x * 11) % 256 for x in range(size * 3))
-    raw = row * size
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
+    return outputs.png(str(seed).encode(), size)
 
 
 class FileServer(ThreadingHTTPServer):

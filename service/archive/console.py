@@ -34,6 +34,9 @@ UPDATE archive_jobs SET status = 'pending', attempts = 0, next_at = now(), finis
 WHERE status = 'failed' AND (prediction_id = $1 OR encode(url_hash, 'hex') LIKE $1 || '%')
 """
 LIST_LIMIT = 200
+ERASED = (
+    "SELECT DISTINCT prediction_id FROM events WHERE source = 'erasure' AND prediction_id = ANY($1::text[])"
+)
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,6 @@ async def forget(conn: asyncpg.Connection, store: ArchiveStore | None, predictio
     """Delete the stored files of predictions that are forgotten (they have an erasure event)."""
     if store is None:
         return 0
-    erased = await conn.fetch(
-        "SELECT DISTINCT prediction_id FROM events WHERE source = 'erasure' AND prediction_id = ANY($1::text[])",
-        prediction_ids,
-    )
+    erased = await conn.fetch(ERASED, prediction_ids)
     ids = [r["prediction_id"] for r in erased]
     return await forget_files(conn, store, ids) if ids else 0

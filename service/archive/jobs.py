@@ -106,9 +106,12 @@ class Discovered:
     erased: tuple[str, ...] = ()
 
 
-def _new_jobs(rows: list[asyncpg.Record], vault: Vault, policy: HostPolicy) -> tuple[list[tuple], list[str]]:
+JobRow = tuple[bytes, str, int, bytes, bool, datetime]
+
+
+def _new_jobs(rows: list[asyncpg.Record], vault: Vault, policy: HostPolicy) -> tuple[list[JobRow], list[str]]:
     """(job rows to insert, predictions erased) for a page of the log."""
-    jobs: dict[bytes, tuple] = {}
+    jobs: dict[bytes, JobRow] = {}
     erased: list[str] = []
     for row in rows:
         prediction_id = row["prediction_id"]

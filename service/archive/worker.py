@@ -90,7 +90,8 @@ def object_key(sha256: str, job: Job) -> str:
 
 
 def retry_delay(attempts: int, base: float) -> float:
-    return min(base * 2 ** max(0, attempts - 1), RETRY_CAP) * random.uniform(0.8, 1.2)
+    delay: float = min(base * 2 ** max(0, attempts - 1), RETRY_CAP)
+    return delay * random.uniform(0.8, 1.2)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -36,7 +36,7 @@ def with_connection(work: Callable[[asyncpg.Connection, Vault], Awaitable[T]]) -
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    async def work(conn: asyncpg.Connection, vault: Vault) -> tuple[console.Summary, list[dict]]:
+    async def work(conn: asyncpg.Connection, vault: Vault) -> tuple[console.Summary, list[dict[str, Any]]]:
         listed = []
         if args.prediction is not None or args.failed:
             listed = await console.list_jobs(conn, vault, prediction_id=args.prediction, failed=args.failed)
@@ -44,8 +44,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     summary, listed = with_connection(work)
     if args.json:
-        print(json.dumps({"counts": summary.counts, "stored_bytes": summary.stored_bytes,
-                          "oldest_pending_seconds": summary.oldest_pending, "jobs": listed}, indent=2))  # fmt: skip
+        report = {"counts": summary.counts, "stored_bytes": summary.stored_bytes}
+        report.update(oldest_pending_seconds=summary.oldest_pending, jobs=listed)
+        print(json.dumps(report, indent=2))
         return 0
     for line in summary.lines():
         print(line)
@@ -70,7 +71,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    return args.archive_func(args)
+    run: Callable[[argparse.Namespace], int] = args.archive_func
+    return run(args)
 
 
 def add_archive_arguments(parser: argparse.ArgumentParser) -> None:

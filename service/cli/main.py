@@ -113,7 +113,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--serve-outputs",
         action="store_true",
-        help="serve each output as a real PNG from 127.0.0.1 (port: Relay's + 1, which a dev instance archives)",
+        help="serve outputs as real PNGs from 127.0.0.1 (Relay's port + 1: a dev instance archives them)",
     )
     parser.add_argument(
         "--outputs-port", type=int, help="port for --serve-outputs (default: Relay's port + 1)"

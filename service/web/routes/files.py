@@ -40,10 +40,12 @@ async def locate(request: Request, sha256: str) -> StoredFile:
     token = token_from(request.headers, request.query_params)
     if token is None:
         raise Unauthorized("a token is required: ?token=<subscriber token> or Authorization: Bearer")
-    admin = matches_any(token, [settings.admin_token])
-    prediction_id = None if admin else token_prediction(token, settings.subscribe_key)
+    admin = matches_any(token, [settings.admin_token] if settings.admin_token else [])
+    if not admin and not settings.subscribe_key:
+        raise Forbidden("the token is not valid")
+    prediction_id = None if admin else token_prediction(token, str(settings.subscribe_key))
     async with relay.pool.acquire() as conn:
-        if admin or prediction_id == ALL_PREDICTIONS:
+        if prediction_id is None or prediction_id == ALL_PREDICTIONS:
             found = await find_copy(conn, sha256, relay.vault, admin=True)
         else:
             row = await store.fetch_prediction(conn, prediction_id)

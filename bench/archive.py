@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -39,12 +39,21 @@ SENDERS = 16
 PER_PREDICTION = 10
 
 
-def start_files(count: int, size: int, prefix: str) -> tuple[FileServer, list[str]]:
+def _serve(count: int, size: int, prefix: str, origin: multiprocessing.Queue) -> None:
     server = FileServer()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    urls = [server.add(f"/{prefix}/{n}.bin", n.to_bytes(4, "big") * (size // 4), "application/octet-stream")
-            for n in range(count)]  # fmt: skip
-    return server, urls
+    for n in range(count):
+        server.add(f"/{prefix}/{n}.bin", n.to_bytes(4, "big") * (size // 4), "application/octet-stream")
+    origin.put(server.origin)
+    server.serve_forever()
+
+
+def start_files(count: int, size: int, prefix: str) -> tuple[multiprocessing.Process, str, list[str]]:
+    """A file origin in its own process (its threads must not take the GIL from the senders)."""
+    found: multiprocessing.Queue = multiprocessing.Queue()
+    process = multiprocessing.Process(target=_serve, args=(count, size, prefix, found), daemon=True)
+    process.start()
+    origin = found.get(timeout=60)
+    return process, origin, [f"{origin}/{prefix}/{n}.bin" for n in range(count)]
 
 
 async def ceiling(urls: list[str], target: Path) -> float:
@@ -136,24 +145,23 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        small, small_urls = start_files(args.files, args.size, "small")
+        _, small, small_urls = start_files(args.files, args.size, "small")
         ceiling_dir = root / "ceiling"
         ceiling_dir.mkdir()
         ceiling_seconds = asyncio.run(ceiling(small_urls, ceiling_dir))
 
         postgres = Postgres(root / "pg")
         dsn = postgres.new_database()
-        big, big_urls = start_files(args.big_files, args.big_size, "big")
-        later, later_urls = start_files(args.files, args.size, "later")
-        hosts = " ".join(server.origin for server in (small, big, later))
+        _, big, big_urls = start_files(args.big_files, args.big_size, "big")
+        _, later, later_urls = start_files(args.files, args.size, "later")
+        hosts = " ".join((small, big, later))
         env = relay_env(dsn, RELAY_ARCHIVE=(root / "files").as_uri(), RELAY_ARCHIVE_HOSTS=hosts,
                         RELAY_DATA_DIR=str(root), RELAY_ARCHIVE_MAX_BYTES=str(args.big_size * 2))  # fmt: skip
         with RelayProcess(env) as relay:
             idle_rss = psutil.Process(relay.proc.pid).memory_info().rss  # type: ignore[union-attr]
             archive_seconds, small_peak = archive_run(relay, dsn, small_urls)
             _, big_peak = archive_run(relay, dsn, big_urls)
-            idle_rate = ingest_rate(relay.url, args.deliveries)
-            idle_rate = asyncio.run(idle_rate)
+            idle_rate = asyncio.run(ingest_rate(relay.url, args.deliveries))
             asyncio.run(post_outputs(relay.url, later_urls))
             busy_rate = asyncio.run(ingest_rate(relay.url, args.deliveries))
             still_archiving = stored(dsn) < 2 * args.files + args.big_files

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ from service.core.auth import mint_token
 from .fileserver import DRIP, FileServer, png
 from .support import (
     ADMIN_TOKEN,
+    ROOT,
     SUBSCRIBE_KEY,
     Postgres,
     RelayProcess,
@@ -150,3 +155,61 @@ def test_two_instances_share_200_files_and_fetch_each_once(
     assert len(counts) == 200 and set(counts.values()) == {1}, "a file was fetched twice"
     assert len(stored_objects(store)) == 200
     assert sum(per_instance) == 200 and all(per_instance), f"one instance did all the work: {per_instance}"
+
+
+def relay_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def test_archive_status_lists_failures_and_retry_fetches_again(
+    postgres: Postgres, files: FileServer, tmp_path: Path
+) -> None:
+    """`relay archive status --failed` names the reason; `relay archive retry` re-queues the job."""
+    prediction = new_prediction_id()
+    url = files.origin + "/late.png"
+    env = archive_env(postgres.new_database(), tmp_path / "files", files.origin)
+    stored = "SELECT status FROM archive_jobs"
+    with RelayProcess(env) as relay, httpx.Client(base_url=relay.url, timeout=10) as client:
+        assert post_webhook(client, succeeded(prediction, [url])).status_code == 200
+        wait_for(
+            lambda: query(env["DATABASE_URL"], stored) == [("failed",)] or None, message="the 404 to fail"
+        )
+        status = relay_command("archive", "status", "--failed", env=env)
+        assert status.returncode == 0, status.stderr
+        assert (
+            "0 pending, 0 stored, 1 failed" in status.stdout
+            and "failed: HTTP 404: the file is gone" in status.stdout
+        )
+        assert "/late.png" not in status.stdout  # an output URL is content: only its origin is shown
+        files.add("/late.png", png(21))
+        again = relay_command("archive", "retry", prediction, env=env)
+        assert again.returncode == 0 and "re-queued 1" in again.stdout, again.stderr
+        wait_for(
+            lambda: query(env["DATABASE_URL"], stored) == [("stored",)] or None, message="the retry to store"
+        )
+        mine = relay_command("archive", "status", "--prediction", prediction, env=env)
+        assert "1 stored" in mine.stdout and "image/png" in mine.stdout
+    missing = relay_command("archive", "retry", "nothing-here", env=env)
+    assert missing.returncode == 2 and "no failed archive job" in missing.stderr
+
+
+def test_relay_forget_deletes_the_archived_files(
+    postgres: Postgres, files: FileServer, tmp_path: Path
+) -> None:
+    """With encryption on, `relay forget` removes the prediction's stored files from the store."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    prediction = new_prediction_id()
+    url = files.add("/mine.png", png(22, 64))
+    store = tmp_path / "files"
+    env = archive_env(postgres.new_database(), store, files.origin, RELAY_ENCRYPTION_KEY=key)
+    with RelayProcess(env) as relay, httpx.Client(base_url=relay.url, timeout=10) as client:
+        assert post_webhook(client, succeeded(prediction, [url])).status_code == 200
+        wait_for(lambda: stored_objects(store), message="the file to be stored")
+    [sealed] = stored_objects(store)
+    assert png(22, 64) not in sealed.read_bytes()
+    forget = relay_command("forget", prediction, env=env)
+    assert forget.returncode == 0, forget.stderr
+    assert "deleted 1 archived file(s)" in forget.stdout
+    assert stored_objects(store) == []
+    assert query(env["DATABASE_URL"], "SELECT count(*) FROM archive_jobs")[0][0] == 0

@@ -98,12 +98,14 @@ async def list_jobs(
 
 
 def job_line(job: dict[str, Any]) -> str:
-    detail = {
-        "stored": f"{job['size']:,} bytes {job['content_type']} sha256 {job['sha256']}",
-        "failed": f"failed: {job['reason']}",
-        "pending": f"pending after {job['attempts']} attempt(s)"
-        + (f": {job['reason']}" if job["reason"] else ""),
-    }[job["status"]]
+    if job["status"] == "stored":
+        detail = f"{job['size']:,} bytes {job['content_type']} sha256 {job['sha256']}"
+    elif job["status"] == "failed":
+        detail = f"failed: {job['reason']}"
+    else:
+        detail = f"pending after {job['attempts']} attempt(s)" + (
+            f": {job['reason']}" if job["reason"] else ""
+        )
     return f"{job['id']}  {job['prediction_id']}  {job['origin']}  {detail}"
 
 

@@ -9,7 +9,12 @@ GCS, `AWS_ALLOW_HTTP=true` for a plain-http endpoint).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import os
+import secrets
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,12 @@ from service.core.errors import ConfigError
 READ_CHUNK = 64 * 1024
 
 
+# S3 multipart parts (5 MiB is S3's smallest) and how many are in flight: an upload holds
+# about PART_SIZE * PARTS_IN_FLIGHT bytes in memory, whatever the file's size.
+PART_SIZE = 5 * 1024 * 1024
+PARTS_IN_FLIGHT = 2
+
+
 class ArchiveStore:
     """Objects by key (`ab/abcdef…`): put a local file, test, stream, delete, list."""
 
@@ -31,7 +42,10 @@ class ArchiveStore:
         self._backend = backend
 
     async def put(self, key: str, source: Path) -> None:
-        await obstore.put_async(self._backend, key, source)
+        """Store a complete local file under `key`, atomically. `source` may be consumed."""
+        await obstore.put_async(
+            self._backend, key, source, chunk_size=PART_SIZE, max_concurrency=PARTS_IN_FLIGHT
+        )
 
     async def exists(self, key: str) -> bool:
         try:
@@ -56,6 +70,37 @@ class ArchiveStore:
         return sorted(str(item["path"]) for item in listed)
 
 
+class DirectoryStore(ArchiveStore):
+    """A local directory: a put is a rename of the finished spool file into place (atomic, and
+    no copy when both are on one filesystem; otherwise a copy to a temporary name beside the
+    target first). Reads, lists and deletes go through obstore's LocalStore."""
+
+    def __init__(self, url: str, root: Path):
+        super().__init__(url, LocalStore(prefix=root, mkdir=True))
+        self.root = root
+
+    async def put(self, key: str, source: Path) -> None:
+        await asyncio.to_thread(self._move, key, source)
+
+    def _move(self, key: str, source: Path) -> None:
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+            return
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+        staging = target.with_name(f".{target.name}.{secrets.token_hex(6)}.staging")
+        try:
+            shutil.copyfile(source, staging)
+            with staging.open("rb") as written:
+                os.fsync(written.fileno())
+            os.replace(staging, target)
+        finally:
+            staging.unlink(missing_ok=True)
+
+
 def open_store(url: str) -> ArchiveStore | None:
     """The store RELAY_ARCHIVE names; None when it is `off`."""
     if url == "off":
@@ -67,7 +112,7 @@ def open_store(url: str) -> ArchiveStore | None:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise ConfigError(f"RELAY_ARCHIVE directory {root} cannot be created: {error.strerror}") from None
-        return ArchiveStore(url, LocalStore(prefix=root, mkdir=True))
+        return DirectoryStore(url, root)
     if parts.scheme == "s3":
         try:
             return ArchiveStore(url, from_url(url))

@@ -1,13 +1,13 @@
 """Output archive throughput, memory and its effect on ingest.
 
-Usage:  .venv/bin/python bench/archive.py [--files 1000] [--size 200000] [--big-files 10 --big-size 20000000]
+Usage:  .venv/bin/python bench/archive.py [--files 1000] [--size 200000] [--big-sizes 2e6,20e6,80e6]
 
 1. The ceiling: a plain httpx loop (same concurrency as the archive, 4) streaming every file
    from a local server to disk.
 2. The archive: `relay serve` with RELAY_ARCHIVE=file://…; webhooks carrying the same files'
    URLs (10 per prediction); from the first webhook until every job is stored: files/s, MB/s,
-   and the server's peak RSS. Again with a few large files: the peak RSS must not grow with file
-   size (downloads stream to a spool file and the store, never into memory).
+   and the server's peak RSS. Again with files of 2, 20 and 80 MB: the peak RSS must not grow
+   with file size (downloads stream to a spool file and the store, never into memory).
 3. Webhook ingest: deliveries/s from 16 concurrent senders, first with the archive idle, then
    while it archives a fresh batch of files (it must stay at or above 80 % of the idle rate).
 """
@@ -95,27 +95,21 @@ async def post_outputs(base: str, urls: list[str]) -> None:
             await send(client, body)
 
 
-async def ingest_rate(base: str, deliveries: int) -> float:
-    """Deliveries per second, SENDERS at a time (bodies without output URLs)."""
-    remaining = [deliveries]
-    async with httpx.AsyncClient(
-        base_url=base, timeout=30, limits=httpx.Limits(max_connections=SENDERS)
-    ) as client:
+async def ingest_rate(base: str, seconds: float) -> float:
+    """Deliveries per second over `seconds`, SENDERS at a time (bodies without output URLs)."""
+    done = [0]
+    limits = httpx.Limits(max_connections=SENDERS)
+    async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as client:
+        started = time.perf_counter()
 
         async def sender() -> None:
-            while remaining[0] > 0:
-                remaining[0] -= 1
-                body = {
-                    "id": "q" + uuid.uuid4().hex[:20],
-                    "status": "processing",
-                    "logs": "x" * 200,
-                    "output": None,
-                }
+            while time.perf_counter() - started < seconds:
+                body = {"id": "q" + uuid.uuid4().hex[:20], "status": "processing", "logs": "x" * 200}
                 await send(client, body)
+                done[0] += 1
 
-        started = time.perf_counter()
         await asyncio.gather(*(sender() for _ in range(SENDERS)))
-        return deliveries / (time.perf_counter() - started)
+        return done[0] / (time.perf_counter() - started)
 
 
 def stored(dsn: str) -> int:
@@ -135,57 +129,75 @@ def archive_run(relay: RelayProcess, dsn: str, urls: list[str]) -> tuple[float, 
     return time.perf_counter() - started, peak
 
 
+def report(args: argparse.Namespace, ceiling_seconds: float, runs: dict[str, float]) -> None:
+    mb = args.files * args.size / 1e6
+    print(f"\n{args.files} files of {args.size / 1000:.0f} kB ({mb:.0f} MB), concurrency {CONCURRENCY}:\n")
+    print("| run | seconds | files/s | MB/s | peak RSS of relay serve |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    rate = f"{args.files / ceiling_seconds:.0f} | {mb / ceiling_seconds:.1f}"
+    print(f"| plain httpx loop to disk (ceiling) | {ceiling_seconds:.1f} | {rate} | |")
+    seconds = runs["archive_seconds"]
+    rate = f"{args.files / seconds:.0f} | {mb / seconds:.1f}"
+    print(f"| relay archive, file store | {seconds:.1f} | {rate} | {runs['small_peak'] / 2**20:.0f} MiB |")
+    for size in args.big_sizes:
+        big = f"{args.big_files} files of {size / 1e6:.0f} MB"
+        print(f"| relay archive, {big} | | | | {runs[f'peak_{size}'] / 2**20:.0f} MiB |")
+    print(f"\nrelay serve RSS before archiving: {runs['idle_rss'] / 2**20:.0f} MiB; "
+          f"archive rate / ceiling rate = {ceiling_seconds / seconds:.2f}")  # fmt: skip
+    share = runs["busy_rate"] / runs["idle_rate"]
+    during = "while archiving" if runs["still_archiving"] else "while archiving (it finished during the run)"
+    print(f"\n| webhook ingest, {SENDERS} senders, {args.seconds:.0f} s | deliveries/s |\n| --- | ---: |")
+    print(f"| archive idle | {runs['idle_rate']:.0f} |\n| {during} | {runs['busy_rate']:.0f} ({share:.0%}) |")
+    verdict = "ok" if share >= 0.8 else "BELOW the 80 % floor"
+    print(f"\ningest while archiving: {share:.0%} of idle ({verdict})")
+
+
+def measure(
+    args: argparse.Namespace, root: Path, origins: dict[str, tuple[str, list[str]]]
+) -> dict[str, float]:
+    postgres = Postgres(root / "pg")
+    dsn = postgres.new_database()
+    places = {"RELAY_ARCHIVE": (root / "files").as_uri(), "RELAY_DATA_DIR": str(root)}
+    hosts = " ".join(origin for origin, _ in origins.values())
+    cap = str(2 * max(args.big_sizes))
+    env = relay_env(dsn, RELAY_ARCHIVE_HOSTS=hosts, RELAY_ARCHIVE_MAX_BYTES=cap, **places)
+    runs: dict[str, float] = {}
+    with RelayProcess(env) as relay:
+        runs["idle_rss"] = psutil.Process(relay.proc.pid).memory_info().rss  # type: ignore[union-attr]
+        runs["archive_seconds"], runs["small_peak"] = archive_run(relay, dsn, origins["small"][1])
+        for size in args.big_sizes:
+            runs[f"peak_{size}"] = archive_run(relay, dsn, origins[f"big_{size}"][1])[1]
+        runs["idle_rate"] = asyncio.run(ingest_rate(relay.url, args.seconds))
+        asyncio.run(post_outputs(relay.url, origins["later"][1]))
+        runs["busy_rate"] = asyncio.run(ingest_rate(relay.url, args.seconds))
+        runs["still_archiving"] = stored(dsn) < 2 * args.files + args.big_files * len(args.big_sizes)
+    return runs
+
+
+def sizes(text: str) -> list[int]:
+    return [int(float(size)) for size in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--size", type=int, default=200_000)
-    parser.add_argument("--big-files", type=int, default=10)
-    parser.add_argument("--big-size", type=int, default=20_000_000)
-    parser.add_argument("--deliveries", type=int, default=3000)
+    parser.add_argument("--big-files", type=int, default=8, help="files of each large size")
+    parser.add_argument(
+        "--big-sizes", type=sizes, default=[2_000_000, 20_000_000, 80_000_000], help="large file sizes, bytes"
+    )
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each ingest measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        _, small, small_urls = start_files(args.files, args.size, "small")
-        ceiling_dir = root / "ceiling"
-        ceiling_dir.mkdir()
-        ceiling_seconds = asyncio.run(ceiling(small_urls, ceiling_dir))
-
-        postgres = Postgres(root / "pg")
-        dsn = postgres.new_database()
-        _, big, big_urls = start_files(args.big_files, args.big_size, "big")
-        _, later, later_urls = start_files(args.files, args.size, "later")
-        hosts = " ".join((small, big, later))
-        env = relay_env(dsn, RELAY_ARCHIVE=(root / "files").as_uri(), RELAY_ARCHIVE_HOSTS=hosts,
-                        RELAY_DATA_DIR=str(root), RELAY_ARCHIVE_MAX_BYTES=str(args.big_size * 2))  # fmt: skip
-        with RelayProcess(env) as relay:
-            idle_rss = psutil.Process(relay.proc.pid).memory_info().rss  # type: ignore[union-attr]
-            archive_seconds, small_peak = archive_run(relay, dsn, small_urls)
-            _, big_peak = archive_run(relay, dsn, big_urls)
-            idle_rate = asyncio.run(ingest_rate(relay.url, args.deliveries))
-            asyncio.run(post_outputs(relay.url, later_urls))
-            busy_rate = asyncio.run(ingest_rate(relay.url, args.deliveries))
-            still_archiving = stored(dsn) < 2 * args.files + args.big_files
-        mb = args.files * args.size / 1e6
-        print(
-            f"\n{args.files} files of {args.size / 1000:.0f} kB ({mb:.0f} MB), concurrency {CONCURRENCY}:\n"
-        )
-        print("| run | seconds | files/s | MB/s | peak RSS |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        print(f"| plain httpx loop to disk (ceiling) | {ceiling_seconds:.1f} | {args.files / ceiling_seconds:.0f} "
-              f"| {mb / ceiling_seconds:.1f} | |")  # fmt: skip
-        print(f"| relay archive, file store | {archive_seconds:.1f} | {args.files / archive_seconds:.0f} "
-              f"| {mb / archive_seconds:.1f} | {small_peak / 2**20:.0f} MiB |")  # fmt: skip
-        print(f"| relay archive, {args.big_files} files of {args.big_size / 1e6:.0f} MB | | | "
-              f"| {big_peak / 2**20:.0f} MiB |")  # fmt: skip
-        print(
-            f"\nserver RSS idle {idle_rss / 2**20:.0f} MiB; archive / ceiling = {ceiling_seconds / archive_seconds:.2f}"
-        )
-        share = busy_rate / idle_rate
-        print(f"\n| webhook ingest | deliveries/s |\n| --- | ---: |\n| archive idle | {idle_rate:.0f} |")
-        print(f"| while archiving {args.files} files{'' if still_archiving else ' (finished during the run)'} "
-              f"| {busy_rate:.0f} ({share:.0%}) |")  # fmt: skip
-        verdict = "ok" if share >= 0.8 else "BELOW the 80 % floor"
-        print(f"\ningest while archiving: {share:.0%} of idle ({verdict})")
+        origins = {
+            "small": start_files(args.files, args.size, "small")[1:],
+            **{f"big_{size}": start_files(args.big_files, size, f"big{size}")[1:] for size in args.big_sizes},
+            "later": start_files(args.files, args.size, "later")[1:],
+        }
+        (root / "ceiling").mkdir()
+        ceiling_seconds = asyncio.run(ceiling(origins["small"][1], root / "ceiling"))
+        report(args, ceiling_seconds, measure(args, root, origins))
 
 
 if __name__ == "__main__":

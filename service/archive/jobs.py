@@ -8,6 +8,7 @@ jobs at once: Postgres ends its session and the rows are free for the next claim
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -109,6 +110,15 @@ class Discovered:
 JobRow = tuple[bytes, str, int, bytes, bool, datetime]
 
 
+def _may_hold_urls(row: asyncpg.Record, policy: HostPolicy) -> bool:
+    """Whether a row can carry an allowed URL: a clear body that names no allowed host is skipped
+    without parsing it (discovery reads every event of the log)."""
+    if row["encrypted"]:
+        return True
+    body = bytes(row["body"])
+    return any(pattern.host.encode() in body for pattern in policy.patterns)
+
+
 def _new_jobs(rows: list[asyncpg.Record], vault: Vault, policy: HostPolicy) -> tuple[list[JobRow], list[str]]:
     """(job rows to insert, predictions erased) for a page of the log."""
     jobs: dict[bytes, JobRow] = {}
@@ -117,6 +127,8 @@ def _new_jobs(rows: list[asyncpg.Record], vault: Vault, policy: HostPolicy) -> t
         prediction_id = row["prediction_id"]
         if row["source"] == ERASURE_SOURCE:
             erased.append(prediction_id)
+            continue
+        if not _may_hold_urls(row, policy):
             continue
         urls = output_urls(open_body(row, vault), policy)
         if not urls or (row["encrypted"] and row["data_key"] is None):
@@ -134,10 +146,17 @@ def _new_jobs(rows: list[asyncpg.Record], vault: Vault, policy: HostPolicy) -> t
     return list(jobs.values()), erased
 
 
-async def discover(conn: asyncpg.Connection, vault: Vault, policy: HostPolicy) -> Discovered | None:
+OnErased = Callable[[asyncpg.Connection, list[str]], Awaitable[object]]
+
+
+async def discover(
+    conn: asyncpg.Connection, vault: Vault, policy: HostPolicy, on_erased: OnErased | None = None
+) -> Discovered | None:
     """Read the log past the archive's cursor and add a job per new allowed output URL, in the
     transaction that moves the cursor: a crash repeats the page, and a URL already queued (from
-    any event, any instance) is left alone. None when another instance holds the cursor."""
+    any event, any instance) is left alone. Erasure events are handed to `on_erased` in that
+    transaction too, so a forgotten prediction's files are deleted before the cursor passes it.
+    None when another instance holds the cursor."""
     async with conn.transaction():
         cursor = await conn.fetchval("SELECT seq FROM archive_cursor FOR UPDATE SKIP LOCKED")
         if cursor is None:
@@ -148,6 +167,8 @@ async def discover(conn: asyncpg.Connection, vault: Vault, policy: HostPolicy) -
         jobs, erased = _new_jobs(rows, vault, policy)
         if jobs:
             await conn.execute(INSERT_JOBS, *(list(column) for column in zip(*jobs, strict=True)))
+        if erased and on_erased is not None:
+            await on_erased(conn, erased)
         await conn.execute("UPDATE archive_cursor SET seq = $1", rows[-1]["seq"])
     return Discovered(len(rows), len(jobs), tuple(erased))
 

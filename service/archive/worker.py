@@ -185,17 +185,15 @@ class Archiver:
 
     async def discover_pass(self) -> float:
         async with self.pool.acquire() as conn:
-            found = await jobs.discover(conn, self.vault, self.policy)
-            if found is not None and found.erased:
-                await self.forget(conn, list(found.erased))
+            found = await jobs.discover(conn, self.vault, self.policy, self.forget)
         if found is None or not found.events:
             return self.tuning.poll
         if found.jobs:
             self._wake.set()
         return 0.0 if found.events >= jobs.DISCOVER_BATCH else self.tuning.poll
 
-    async def forget(self, conn: asyncpg.Connection, prediction_ids: list[str]) -> None:
-        await forget_files(conn, self.store, prediction_ids)
+    async def forget(self, conn: asyncpg.Connection, prediction_ids: list[str]) -> int:
+        return await forget_files(conn, self.store, prediction_ids)
 
     async def stats_pass(self) -> float:
         async with self.pool.acquire() as conn:

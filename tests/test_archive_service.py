@@ -24,6 +24,7 @@ from .support import (
     Postgres,
     RelayProcess,
     admin_headers,
+    free_port,
     new_prediction_id,
     post_webhook,
     query,
@@ -213,3 +214,21 @@ def test_relay_forget_deletes_the_archived_files(
     assert "deleted 1 archived file(s)" in forget.stdout
     assert stored_objects(store) == []
     assert query(env["DATABASE_URL"], "SELECT count(*) FROM archive_jobs")[0][0] == 0
+
+
+def test_relay_simulate_serve_outputs_is_archived(postgres: Postgres, tmp_path: Path) -> None:
+    """`relay simulate --serve-outputs` serves real PNGs that an instance allowing its origin archives."""
+    port = free_port()
+    store = tmp_path / "files"
+    env = archive_env(postgres.new_database(), store, f"http://127.0.0.1:{port}")
+    with RelayProcess(env) as relay:
+        options = ["--predictions", "3", "--serve-outputs", "--outputs-port", str(port), "--seed", "3"]
+        ran = relay_command("simulate", "--url", relay.url + "/webhooks/replicate", *options, env=env)
+        assert ran.returncode == 0, ran.stderr
+        assert f"served 3 of 3 output files from http://127.0.0.1:{port}" in ran.stdout
+        stored = "SELECT content_type FROM archive_jobs WHERE status = 'stored'"
+        rows = wait_for(
+            lambda: len(query(env["DATABASE_URL"], stored)) == 3 and query(env["DATABASE_URL"], stored)
+        )
+    assert [row["content_type"] for row in rows] == ["image/png"] * 3
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in stored_objects(store))

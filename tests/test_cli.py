@@ -46,7 +46,8 @@ def relay_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subproces
 
 def dev_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_", "DATABASE_"))}
-    return {**env, "RELAY_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **extra}
+    # RELAY_ARCHIVE=off: lifecycle() outputs name replicate.delivery, which no test may fetch.
+    return {**env, "RELAY_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "RELAY_ARCHIVE": "off", **extra}
 
 
 def postmaster_pid(pgdata: Path) -> int:

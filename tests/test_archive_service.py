@@ -16,6 +16,7 @@ import httpx
 
 from service.core.auth import mint_token
 
+from .fake_replicate import FakeReplicate, api_client, relay_for
 from .fileserver import DRIP, FileServer, png
 from .support import (
     ADMIN_TOKEN,
@@ -89,6 +90,11 @@ def test_files_are_served_to_the_admin_and_the_right_subscriber_only(
             assert answer.headers["x-content-type-options"] == "nosniff"
         again = client.get(path, params={"token": ADMIN_TOKEN}, headers={"If-None-Match": f'"{sha}"'})
         assert again.status_code == 304
+        part = client.get(path, params={"token": ADMIN_TOKEN}, headers={"Range": "bytes=8-23"})
+        assert part.status_code == 206 and part.content == body[8:24]
+        assert part.headers["content-range"] == f"bytes 8-23/{len(body)}"
+        beyond = client.get(path, params={"token": ADMIN_TOKEN}, headers={"Range": f"bytes={len(body)}-"})
+        assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(body)}"
         assert client.get("/files/" + "0" * 64, params={"token": ADMIN_TOKEN}).status_code == 404
         assert (
             client.get(
@@ -232,3 +238,32 @@ def test_relay_simulate_serve_outputs_is_archived(postgres: Postgres, tmp_path: 
         )
     assert [row["content_type"] for row in rows] == ["image/png"] * 3
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in stored_objects(store))
+
+
+def test_api_get_carries_the_archive_of_replicates_output(
+    postgres: Postgres, files: FileServer, tmp_path: Path
+) -> None:
+    """GET /api/predictions/{id} lists each allowed output URL of Replicate's answer with its copy."""
+    body = png(31, 48)
+    url = files.add("/api/out.png", body)
+    places = {"RELAY_ARCHIVE": (tmp_path / "files").as_uri(), "RELAY_DATA_DIR": str(tmp_path)}
+    dsn = postgres.new_database()
+    with (
+        FakeReplicate() as fake,
+        relay_for(dsn, fake, RELAY_ARCHIVE_HOSTS=files.origin, **places) as relay,
+        api_client(relay) as api,
+    ):
+        created = api.post("/api/predictions", json={"model": "owner/model", "input": {"prompt": "x"}}).json()
+        prediction = created["id"]
+        fake.predictions[prediction] = {
+            **fake.predictions[prediction],
+            "output": [url, "https://elsewhere.test/x"],
+        }
+        assert post_webhook(api, succeeded(prediction, [url])).status_code == 200
+
+        def archived() -> list[dict[str, Any]] | None:
+            archive = api.get(f"/api/predictions/{prediction}").json()["archive"]
+            return archive if archive and archive[0]["status"] == "stored" else None
+
+        [item] = wait_for(archived, message="the API to show the stored copy")
+    assert item["file"] == f"/files/{hashlib.sha256(body).hexdigest()}" and item["url"] == url

@@ -99,10 +99,30 @@ async def find_copy(
     )
 
 
-async def file_chunks(store: ArchiveStore, stored: StoredFile) -> AsyncIterator[bytes]:
-    """The file's plaintext, streamed: sealed objects are opened chunk by chunk."""
+RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def byte_span(header: str, size: int) -> tuple[int, int] | None:
+    """[start, end) of a single `Range: bytes=…` request; None when it cannot be satisfied.
+    Several ranges are not supported (the caller sends the whole file instead)."""
+    match = RANGE.fullmatch(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":  # the last N bytes
+        start, end = max(0, size - int(last)), size
+    else:
+        start, end = int(first), min(size, int(last) + 1) if last else size
+    return (start, end) if start < end else None
+
+
+async def file_chunks(
+    store: ArchiveStore, stored: StoredFile, span: tuple[int, int] | None = None
+) -> AsyncIterator[bytes]:
+    """The file's plaintext, streamed: sealed objects are opened chunk by chunk. A `span`
+    ([start, end)) is for clear files only: a sealed one is always read whole."""
     if not stored.sealed:
-        async for chunk in store.chunks(stored.object_key):
+        async for chunk in store.chunks(stored.object_key, span):
             yield chunk
         return
     assert stored.data_key is not None

@@ -54,9 +54,9 @@ class ArchiveStore:
             return False
         return True
 
-    async def chunks(self, key: str, start: int = 0) -> AsyncIterator[bytes]:
-        """The object's bytes from `start`, as they arrive (constant memory)."""
-        options = {"range": {"offset": start}} if start else None
+    async def chunks(self, key: str, span: tuple[int, int] | None = None) -> AsyncIterator[bytes]:
+        """The object's bytes (those in [start, end) with a `span`), as they arrive: constant memory."""
+        options = {"range": span} if span is not None else None
         result = await obstore.get_async(self._backend, key, options=options)  # type: ignore[arg-type]
         async for chunk in result.stream(min_chunk_size=READ_CHUNK):
             yield bytes(chunk)

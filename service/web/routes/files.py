@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from service.archive.files import SHA256, StoredFile, file_chunks, find_copy
+from service.archive.files import SHA256, StoredFile, byte_span, file_chunks, find_copy
 from service.core import crypto
 from service.core.auth import ALL_PREDICTIONS, matches_any, token_from, token_prediction
 from service.core.errors import Forbidden, NotFound, Unauthorized
@@ -70,9 +70,22 @@ async def serve_file(request: Request) -> Response:
     headers = {**FILE_HEADERS, "ETag": etag}
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
-    headers["Content-Length"] = str(stored.size)
-    chunks = file_chunks(relay.archive_store, stored)
-    return StreamingResponse(_logged(chunks, stored), media_type=stored.content_type, headers=headers)
+    requested = request.headers.get("range")
+    if stored.sealed or requested is None or "," in requested or not requested.startswith("bytes="):
+        headers["Accept-Ranges"] = "none" if stored.sealed else "bytes"
+        headers["Content-Length"] = str(stored.size)
+        chunks = file_chunks(relay.archive_store, stored)
+        return StreamingResponse(_logged(chunks, stored), media_type=stored.content_type, headers=headers)
+    span = byte_span(requested, stored.size)
+    if span is None:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{stored.size}"})
+    start, end = span
+    headers.update({"Accept-Ranges": "bytes", "Content-Length": str(end - start)})
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{stored.size}"
+    chunks = file_chunks(relay.archive_store, stored, span)
+    return StreamingResponse(
+        _logged(chunks, stored), status_code=206, media_type=stored.content_type, headers=headers
+    )
 
 
 async def _logged(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncIterator[bytes]:

@@ -255,6 +255,7 @@ def test_api_get_carries_the_archive_of_replicates_output(
     ):
         created = api.post("/api/predictions", json={"model": "owner/model", "input": {"prompt": "x"}}).json()
         prediction = created["id"]
+        wait_for(lambda: fake.predictions[prediction]["status"] == "succeeded", message="the fake to finish")
         fake.predictions[prediction] = {
             **fake.predictions[prediction],
             "output": [url, "https://elsewhere.test/x"],

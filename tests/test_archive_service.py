@@ -104,6 +104,10 @@ def test_files_are_served_to_the_admin_and_the_right_subscriber_only(
         )
         metrics = client.get("/metrics").text
         assert "relay_archive_files_total 1.0" in metrics and "relay_archive_bytes_total" in metrics
+        for lost in stored_objects(tmp_path / "files"):  # a store not shared by every instance
+            lost.unlink()
+        missing = client.get(path, params={"token": ADMIN_TOKEN})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "NOT_FOUND"
     assert files.counts()["/out/11.png"] == 1
 
 
@@ -140,7 +144,7 @@ def test_two_instances_share_200_files_and_fetch_each_once(
     postgres: Postgres, files: FileServer, tmp_path: Path
 ) -> None:
     """Two `relay serve` on one database and store: every file is fetched once and stored once."""
-    files.delay = 0.01
+    files.delay = 0.05  # long enough that both instances claim work (each polls every second)
     urls = [files.add(f"/many/{n}.png", png(1000 + n, 24)) for n in range(200)]
     store = tmp_path / "files"
     dsn = postgres.new_database()

@@ -74,7 +74,7 @@ async def serve_file(request: Request) -> Response:
     if stored.sealed or requested is None or "," in requested or not requested.startswith("bytes="):
         headers["Accept-Ranges"] = "none" if stored.sealed else "bytes"
         headers["Content-Length"] = str(stored.size)
-        chunks = file_chunks(relay.archive_store, stored)
+        chunks = await primed(file_chunks(relay.archive_store, stored), stored)
         return StreamingResponse(_logged(chunks, stored), media_type=stored.content_type, headers=headers)
     span = byte_span(requested, stored.size)
     if span is None:
@@ -82,10 +82,30 @@ async def serve_file(request: Request) -> Response:
     start, end = span
     headers.update({"Accept-Ranges": "bytes", "Content-Length": str(end - start)})
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{stored.size}"
-    chunks = file_chunks(relay.archive_store, stored, span)
+    chunks = await primed(file_chunks(relay.archive_store, stored, span), stored)
     return StreamingResponse(
         _logged(chunks, stored), status_code=206, media_type=stored.content_type, headers=headers
     )
+
+
+async def primed(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncIterator[bytes]:
+    """`chunks` with its first chunk already read, so that an object missing from the store is
+    a 404 before any header is sent (not a response cut short)."""
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = b""
+    except FileNotFoundError:
+        log.error("stored file %s is missing from the store; RELAY_ARCHIVE must be shared by every instance",
+                  stored.sha256)  # fmt: skip
+        raise NotFound("the stored file is missing from this instance's archive store") from None
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return rest()
 
 
 async def _logged(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncIterator[bytes]:

@@ -15,6 +15,7 @@ import pytest
 
 from service.archive.files import archive_entries, file_chunks, find_copy
 from service.archive.stores import ArchiveStore, open_store
+from service.archive.urls import output_urls
 from service.archive.worker import Archiver, Tuning
 from service.core.hosts import HostPolicy
 from service.db import store
@@ -217,7 +218,7 @@ def test_the_guard_refuses_private_addresses_unless_the_origin_is_explicit() -> 
             await client.aclose()
         client = GuardedClient(HostPolicy(["https://*.example.test"]))
         for url in ("http://files.example.test/x", "https://example.org/x", "ftp://files.example.test/x"):
-            with pytest.raises(Refused, match="not in RELAY_ARCHIVE_HOSTS"):
+            with pytest.raises(Refused, match="origin is not an allowed one"):
                 async with client.stream(url):
                     pass
         await client.aclose()
@@ -336,3 +337,45 @@ def test_encrypted_files_are_sealed_and_forget_deletes_them(
             assert [r["prediction_id"] for r in await h.rows()] == [other]
 
     run(scenario())
+
+
+def test_host_policy_matches_origins_exactly_and_wildcards_for_https_only() -> None:
+    """Scheme, host and port must match; `*.` covers subdomains only; http needs an exact origin."""
+    policy = HostPolicy(
+        ["https://replicate.delivery", "https://*.replicate.delivery", "http://127.0.0.1:8001"]
+    )
+    allowed = [
+        "https://replicate.delivery/x.png",
+        "https://PBXT.Replicate.Delivery/a/b.webp",
+        "https://replicate.delivery:443/x",
+        "http://127.0.0.1:8001/outputs/p/out-0.png",
+    ]
+    refused = [
+        "http://replicate.delivery/x.png",
+        "https://replicate.delivery.evil.com/x",
+        "https://evilreplicate.delivery/x",
+        "https://replicate.delivery:8443/x",
+        "https://user:pw@replicate.delivery/x",
+        "http://127.0.0.1:8002/x",
+        "http://127.0.0.1/x",
+        "file:///etc/passwd",
+        "data:image/png;base64,AAAA",
+    ]
+    assert [policy.allows(url) for url in allowed] == [True] * len(allowed)
+    assert [policy.allows(url) for url in refused] == [False] * len(refused)
+    assert policy.target("http://127.0.0.1:8001/x").explicit  # type: ignore[union-attr]
+    assert not policy.target("https://a.replicate.delivery/x").explicit  # type: ignore[union-attr]
+
+
+def test_output_urls_are_found_anywhere_in_the_output_once_each() -> None:
+    """Strings, lists and nested objects; duplicates once; non-output fields and other hosts ignored."""
+    policy = HostPolicy(["https://*.example.test"])
+    prediction = {
+        "input": {"image": "https://in.example.test/input.png"},
+        "output": {"images": ["https://a.example.test/1.png", {"url": "https://a.example.test/2.png"}],
+                   "again": "https://a.example.test/1.png", "other": "https://elsewhere.test/3.png",
+                   "n": 3, "text": "not a url"},
+    }  # fmt: skip
+    assert output_urls(prediction, policy) == ["https://a.example.test/1.png", "https://a.example.test/2.png"]
+    assert output_urls({"output": "https://b.example.test/x"}, policy) == ["https://b.example.test/x"]
+    assert output_urls({"output": None}, policy) == [] and output_urls("erased", policy) == []

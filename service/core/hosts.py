@@ -54,28 +54,26 @@ def _split(text: str) -> tuple[str, str, int] | None:
     return scheme, parts.hostname.lower().rstrip("."), port or DEFAULT_PORTS[scheme]
 
 
-def parse_pattern(entry: str) -> HostPattern:
+def parse_pattern(entry: str, name: str = "RELAY_ARCHIVE_HOSTS") -> HostPattern:
     wildcard = "://*." in entry
     split = _split(entry.replace("://*.", "://", 1))
     parts = urlsplit(entry)
     if split is None or parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(
-            f"RELAY_ARCHIVE_HOSTS entry {entry[:80]!r} is not an origin; write scheme://host[:port] "
+            f"{name} entry {entry[:80]!r} is not an origin; write scheme://host[:port] "
             "or https://*.domain, space-separated"
         )
     scheme, host, port = split
     if wildcard and scheme != "https":
-        raise ConfigError(
-            f"RELAY_ARCHIVE_HOSTS entry {entry[:80]!r}: a *. wildcard is for https origins only"
-        )
+        raise ConfigError(f"{name} entry {entry[:80]!r}: a *. wildcard is for https origins only")
     return HostPattern(scheme, host, port, wildcard)
 
 
 class HostPolicy:
     """The parsed RELAY_ARCHIVE_HOSTS: which URLs may be fetched, and which are explicit."""
 
-    def __init__(self, entries: Iterable[str]):
-        self.patterns = tuple(parse_pattern(entry) for entry in entries)
+    def __init__(self, entries: Iterable[str], name: str = "RELAY_ARCHIVE_HOSTS"):
+        self.patterns = tuple(parse_pattern(entry, name) for entry in entries)
 
     def target(self, url: str) -> Target | None:
         """Where `url` points if its origin is allowed, else None. Plain `http` only for an

@@ -120,7 +120,7 @@ class GuardedClient:
     async def stream(self, url: str) -> AsyncIterator[httpx.Response]:
         target = self.policy.target(url)
         if target is None:
-            raise Refused("the URL's origin is not in RELAY_ARCHIVE_HOSTS")
+            raise Refused("the URL's origin is not an allowed one")
         address = await checked_address(target, self._resolve)
         client = self._client_for(target)
         request = client.build_request(

@@ -379,3 +379,19 @@ def test_output_urls_are_found_anywhere_in_the_output_once_each() -> None:
     assert output_urls(prediction, policy) == ["https://a.example.test/1.png", "https://a.example.test/2.png"]
     assert output_urls({"output": "https://b.example.test/x"}, policy) == ["https://b.example.test/x"]
     assert output_urls({"output": None}, policy) == [] and output_urls("erased", policy) == []
+
+
+def test_a_store_that_fails_is_retried_not_a_hot_loop(harness_for, files: FileServer, s3: S3) -> None:
+    """An S3 put that fails (no such bucket) leaves the job pending with the store's error, backed off."""
+    url = files.add("/unstored.png", png(9))
+
+    async def scenario() -> None:
+        async with harness_for(files.origin, "s3://relay-no-such-bucket/outputs") as h:
+            await h.append(output_event(new_prediction_id(), url))
+            await h.archiver.discover_pass()
+            await h.archiver.slot_pass()
+            [row] = await h.rows()
+            assert row["status"] == "pending" and row["attempts"] == 1
+            assert row["reason"].startswith("the store failed (") and row["next_at"] > row["created_at"]
+
+    run(scenario())

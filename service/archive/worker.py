@@ -216,11 +216,7 @@ class Archiver:
             await conn.execute("DELETE FROM archive_jobs WHERE url_hash = $1", job.url_hash)
             return
         try:
-            fetched = await self.download(job)
-            try:
-                key = await self.keep(job, fetched)
-            finally:
-                fetched.path.unlink(missing_ok=True)
+            fetched, key = await self._fetch_and_keep(job)
         except Failed as failure:
             await self._fail(conn, job, str(failure))
             return
@@ -234,6 +230,21 @@ class Archiver:
         log.debug(
             "archive: stored job %s of prediction %s (%d bytes)", job.id, job.prediction_id, fetched.size
         )
+
+    async def _fetch_and_keep(self, job: Job) -> tuple[Fetched, str]:
+        """Download and store; anything unforeseen (a bug, an odd library error) is retried with
+        backoff like a network error, and logged: never a hot loop on one job."""
+        try:
+            fetched = await self.download(job)
+            try:
+                return fetched, await self.keep(job, fetched)
+            finally:
+                fetched.path.unlink(missing_ok=True)
+        except (Failed, Retry):
+            raise
+        except Exception as error:  # noqa: BLE001 - see above
+            log.warning("archive: job %s failed unexpectedly: %s", job.id, type(error).__name__)
+            raise Retry(f"unexpected error ({type(error).__name__})") from None
 
     async def _fail(self, conn: asyncpg.Connection, job: Job, reason: str) -> None:
         await conn.execute(jobs.FAILED, job.url_hash, reason)
@@ -280,6 +291,8 @@ class Archiver:
                 declared = response.headers.get("content-type")
         except Refused as refused:
             raise Failed(refused.reason) from None
+        except httpx.InvalidURL:
+            raise Failed("the URL is not valid") from None
         except TooLarge:
             raise Failed(f"too large (over RELAY_ARCHIVE_MAX_BYTES = {self.max_bytes} bytes)") from None
         except httpx.TimeoutException:
@@ -305,7 +318,7 @@ class Archiver:
                 await self.store.put(key, sealed)
             finally:
                 sealed.unlink(missing_ok=True)
-        except OSError as error:
+        except Exception as error:  # noqa: BLE001 - obstore raises its own classes for S3 errors
             raise Retry(f"the store failed ({type(error).__name__})") from None
         return key
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
 from service.cli.main import build_parser
 from service.core.errors import ConfigError
-from service.core.settings import SERVE_FLAGS, Settings, load_settings, worker_environment
+from service.core.hosts import DEFAULT_ARCHIVE_HOSTS
+from service.core.settings import SERVE_FLAGS, SETTINGS, Settings, load_settings, worker_environment
 
 from .support import relay_env
 
@@ -68,6 +70,9 @@ SAMPLES = {
     "RELAY_ARCHIVE_HOSTS": "https://files.example.com https://*.cdn.example.com",
     "RELAY_ARCHIVE_MAX_BYTES": "1000",
     "RELAY_ARCHIVE_CONCURRENCY": "2",
+    "RELAY_LISTEN_DATABASE_URL": "postgresql://direct@db.example/relay",
+    "RELAY_READ_DATABASE_URL": "postgresql://replica@db.example/relay",
+    "RELAY_DATABASE_POOLER": "transaction",
 }
 FLAGS = {flag.variable: flag.name for flag in SERVE_FLAGS}
 
@@ -128,3 +133,35 @@ def test_malformed_archive_settings_are_one_clear_line(variable, value, message)
     env = {**relay_env("postgresql://suite@db.example/relay"), variable: value}
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_settings(env)
+
+
+# Defaults that DESIGN.md's "Configuration" table states, as the configuration page shows them.
+DESIGN_DEFAULTS = {
+    "RELAY_HOST": "127.0.0.1",
+    "RELAY_PORT": "8000",
+    "RELAY_DATA_DIR": "./.relay",
+    "RELAY_WEBHOOK_TOLERANCE": "300",
+    "RELAY_MAX_BODY": "4194304",
+    "REPLICATE_API_BASE": "https://api.replicate.com/v1",
+    "RELAY_LISTEN_DATABASE_URL": "DATABASE_URL",
+    "RELAY_READ_DATABASE_URL": "DATABASE_URL",
+    "RELAY_DATABASE_POOLER": "off",
+    "RELAY_ARCHIVE": "file://RELAY_DATA_DIR/files",
+    "RELAY_ARCHIVE_HOSTS": "https://replicate.delivery https://*.replicate.delivery",
+    "RELAY_ARCHIVE_MAX_BYTES": "104857600",
+}
+
+
+def test_the_settings_table_shows_the_design_defaults():
+    shown = {row.variable: row.default_text for row in SETTINGS.values()}
+    assert {name: shown[name] for name in DESIGN_DEFAULTS} == DESIGN_DEFAULTS
+
+
+def test_an_empty_environment_loads_the_defaults_of_the_settings_table(tmp_path):
+    """load_settings and Settings() take each default from the one table, so they agree."""
+    loaded = load_settings({"RELAY_DATA_DIR": str(tmp_path)}, generate_missing=False)
+    # The archive's defaults depend on other settings: RELAY_DATA_DIR, and dev mode (see below).
+    derived = {"archive": "", "archive_hosts": DEFAULT_ARCHIVE_HOSTS}
+    assert dataclasses.replace(loaded, data_dir=Path(".relay"), **derived) == Settings()
+    assert loaded.data_dir == tmp_path
+    assert {flag.variable for flag in SERVE_FLAGS} == {row.variable for row in SETTINGS.values()}

@@ -20,6 +20,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if not vault.enabled:
         raise ConfigError(ENCRYPTION_OFF)
     with database.database_dsn(settings) as dsn:
+        asyncio.run(database.require_writable(dsn))
         status = asyncio.run(forget_all(dsn, vault, args.predictions))
         asyncio.run(forget_files(dsn, vault, settings.archive, args.predictions))
     return status
@@ -41,6 +42,7 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     settings = tool_settings()
     vault = Vault(settings.key_encryption_keys)
     with database.database_dsn(settings) as dsn:
+        asyncio.run(database.require_writable(dsn))
         count = asyncio.run(rotate(dsn, vault))
     print(f"done: {count} data key(s) re-wrapped; every data key is now wrapped by key {vault.current_id}")
     return 0

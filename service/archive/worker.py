@@ -176,7 +176,12 @@ class Archiver:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
-                log.warning("archive %s failed: %s", name, type(exc).__name__, exc_info=log.isEnabledFor(10))
+                log.warning(
+                    "archive %s failed: %s",
+                    name,
+                    type(exc).__name__,
+                    exc_info=log.isEnabledFor(logging.DEBUG),
+                )
                 pause = max(self.tuning.poll, 1.0)
             if pause:
                 self._wake.clear()

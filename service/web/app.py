@@ -135,7 +135,7 @@ def start_budget(relay: Relay) -> None:
         relay.background.add(asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget"))
 
 
-def log_crash(task: asyncio.Task) -> None:
+def log_crash(task: asyncio.Task[None]) -> None:
     """A background loop that ends by an exception (not a cancel) says so in the log."""
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %s stopped: %r", task.get_name(), task.exception())
@@ -150,8 +150,9 @@ async def start_archive(relay: Relay) -> None:
     tuning = Tuning(concurrency=settings.archive_concurrency)
     # Each download holds a connection for its whole attempt (the job's row lock): its own pool,
     # so downloads never starve webhooks and reads of connections.
+    dbs = relay.databases
     pool = await asyncpg.create_pool(
-        relay.dsn, min_size=1, max_size=tuning.concurrency + 2, timeout=CONNECT_TIMEOUT
+        dbs.write, min_size=1, max_size=tuning.concurrency + 2, timeout=CONNECT_TIMEOUT, **dbs.pool_options()
     )
     spool = settings.data_dir.resolve() / "archive-spool"
     archiver = Archiver(

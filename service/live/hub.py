@@ -254,6 +254,7 @@ class Hub:
                 conn = await self._connect()
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await self._probe(conn)  # first, so the connection's last statement is the LISTEN
                 await conn.add_listener(store.NOTIFY_CHANNEL, self._on_notify)
                 await conn.add_listener(store.REPLAY_CHANNEL, self._on_replay)
                 if not first:
@@ -262,7 +263,6 @@ class Hub:
                 self.listening.set()
                 self._stale = True  # catch up on whatever was committed while we were away
                 self._nudge.set()
-                await self._probe(conn)
                 await self._watch(conn, lost)
             except asyncio.CancelledError:
                 raise

@@ -260,12 +260,14 @@ def load_settings(
     env = {**(os.environ if env is None else env), **flags}
     database_url = _secret(env, "DATABASE_URL")
     data_dir = Path(env.get("RELAY_DATA_DIR") or ".relay")
+    webhook_secrets = _secret_list(env, "REPLICATE_WEBHOOK_SECRET")
+    encryption_keys = _secret_list(env, "RELAY_ENCRYPTION_KEY")
     values: dict[str, object] = {
         "host": env.get("RELAY_HOST") or "127.0.0.1",
         "port": _int(env, "RELAY_PORT", 8000, minimum=0),
         "database_url": database_url,
         "data_dir": data_dir,
-        "webhook_secrets": _secret_list(env, "REPLICATE_WEBHOOK_SECRET"),
+        "webhook_secrets": webhook_secrets,
         "webhook_tolerance": _int(env, "RELAY_WEBHOOK_TOLERANCE", 300),
         "max_body": _int(env, "RELAY_MAX_BODY", 4 * 1024 * 1024),
         "admin_token": _secret(env, "RELAY_ADMIN_TOKEN"),
@@ -274,7 +276,7 @@ def load_settings(
         "replicate_api_token": _secret(env, "REPLICATE_API_TOKEN") or _secret(env, "REPLICATE_API_KEY"),
         "replicate_api_base": (env.get("REPLICATE_API_BASE") or "https://api.replicate.com/v1").rstrip("/"),
         "public_url": (env.get("RELAY_PUBLIC_URL") or "").rstrip("/"),
-        "encryption_keys": _secret_list(env, "RELAY_ENCRYPTION_KEY"),
+        "encryption_keys": encryption_keys,
         "log_level": _log_level(env),
         "ws_queue_size": _int(env, "RELAY_WS_QUEUE", 1000),
         "ws_ping_interval": _int(env, "RELAY_WS_PING", 20),
@@ -293,13 +295,13 @@ def load_settings(
         "cors_origins": _origins(env, "RELAY_CORS_ORIGINS"),
         "flags": flags,
     }
-    for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
+    for secret in webhook_secrets:
         decode_webhook_secret(secret)
-    for position, key in enumerate(values["encryption_keys"], 1):  # type: ignore[arg-type]
+    for position, key in enumerate(encryption_keys, 1):
         decode_encryption_key(key, position)
     if database_url is None:  # dev mode: never mix generated secrets into a real deployment
         values.update(_dev_secrets(values, data_dir, generate_missing))
-    settings = Settings(**values)  # type: ignore[arg-type]
+    settings = Settings(**values)  # type: ignore[arg-type]  # each value has its field's type
     if database_url is not None:
         _require_secrets(settings, required)
     return settings
@@ -347,7 +349,7 @@ def _dev_secrets(values: dict[str, object], data_dir: Path, generate: bool) -> d
         data_dir.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
         path.write_text(json.dumps(stored, indent=2))
-    found = {attr: Secret(stored[attr]) for attr in missing if attr in stored}
+    found: dict[str, object] = {attr: Secret(stored[attr]) for attr in missing if attr in stored}
     if "webhook_secrets" in found:
         found["webhook_secrets"] = (found["webhook_secrets"],)
     return {**found, "generated": frozenset(found)}

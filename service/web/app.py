@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -17,7 +18,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ExceptionHandler, Receive, Scope, Send
 
 from service.core import metrics
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
@@ -55,7 +56,7 @@ DATABASE_DOWN = (
 )
 
 
-async def pending_migrations(pool: asyncpg.Pool) -> list:
+async def pending_migrations(pool: asyncpg.Pool) -> list[migrations.Migration]:
     async with pool.acquire(timeout=2) as conn:
         return await asyncio.wait_for(migrations.pending(conn), 2)
 
@@ -199,7 +200,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     ]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
-    handlers = {
+    handlers: dict[Any, ExceptionHandler] = {
         RelayError: relay_error,
         **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files
         **dict.fromkeys(DATABASE_DOWN, database_down),

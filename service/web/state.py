@@ -33,14 +33,14 @@ class Relay:
     webhook_keys: tuple[bytes, ...] = field(init=False)
     vault: Vault = field(init=False)
     upstream: Upstream | None = field(init=False, default=None)
-    background: set[asyncio.Task] = field(init=False, default_factory=set)
+    background: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys
         self.vault = Vault(self.settings.key_encryption_keys)
 
-    def connect(self) -> asyncpg.Connection:
-        return asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+    async def connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
 
 
 def relay_of(connection: HTTPConnection) -> Relay:

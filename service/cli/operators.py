@@ -215,8 +215,10 @@ def describe(report: Report) -> str:
     if report.matched == 0:
         return "no events match"
     lines = [
-        f"matched {report.matched} event(s), seq {report.first_seq}..{report.last_seq}, "
-        f"{report.predictions} prediction(s)"
+        (
+            f"matched {report.matched} event(s), seq {report.first_seq}..{report.last_seq}, "
+            f"{report.predictions} prediction(s)"
+        )
     ]
     if report.dry_run:
         return lines[0] + "\ndry run: nothing sent"

@@ -36,10 +36,10 @@ from .support import (
     new_prediction_id,
     post_webhook,
     query,
+    relay_cli,
     relay_env,
+    stored_deliveries,
 )
-from .test_cli import relay_cli
-from .test_server import stored_deliveries
 
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
@@ -153,6 +153,7 @@ def test_the_deployment_probes_and_secrets_are_by_reference(tmp_path):
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     secrets = [e for e in container["env"] if e["name"] in ("DATABASE_URL", "RELAY_ADMIN_TOKEN")]
+    assert sorted(e["name"] for e in secrets) == ["DATABASE_URL", "RELAY_ADMIN_TOKEN"]
     assert all("secretKeyRef" in e["valueFrom"] for e in secrets)
     broken = tmp_path / "broken.yaml"  # the validator does refuse a wrong manifest
     container["readinessProbe"]["httpGet"]["pathh"] = "/readyz"

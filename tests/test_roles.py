@@ -25,10 +25,10 @@ from .support import (
     new_prediction_id,
     new_webhook_id,
     query,
+    relay_cli,
     relay_env,
+    wait_for,
 )
-from .test_budget import wait_for
-from .test_cli import relay_cli
 
 APP_ROLE = "relay_app"
 
@@ -167,7 +167,7 @@ def test_start_up_as_relay_app_with_pending_migrations_is_one_clear_line(postgre
         (
             "relay: error: migrations are pending and the role in DATABASE_URL may not apply them "
             "(permission denied for schema public); run `relay migrate` as the role that owns "
-            "Relay's tables (README: database roles)"
+            "Relay's tables (docs/reliability.md: database roles)"
         )
     ]
     assert result.stdout == ""

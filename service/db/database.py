@@ -48,7 +48,7 @@ async def migrate(dsn: str) -> list[str]:
     except asyncpg.InsufficientPrivilegeError as error:
         raise ConfigError(
             f"migrations are pending and the role in DATABASE_URL may not apply them ({error.message}); "
-            "run `relay migrate` as the role that owns Relay's tables (README: database roles)"
+            "run `relay migrate` as the role that owns Relay's tables (docs/reliability.md: database roles)"
         ) from None
     finally:
         await conn.close()

@@ -8,7 +8,6 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -200,7 +199,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     ]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
-    handlers: dict[Any, ExceptionHandler] = {
+    handlers: dict[int | type[Exception], ExceptionHandler] = {
         RelayError: relay_error,
         **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files
         **dict.fromkeys(DATABASE_DOWN, database_down),

@@ -1,4 +1,4 @@
-"""The figures behind deploy/SCALING.md: Relay's append ceiling in Postgres, and fan-out cost.
+"""The figures behind docs/scaling.md: Relay's append ceiling in Postgres, and fan-out cost.
 
 Usage:  .venv/bin/python bench/capacity.py [--seconds 3] [--events 2000]
 

@@ -60,6 +60,9 @@ SAMPLES = {
     "RELAY_RECONCILE_INTERVAL": "12",
     "RELAY_ALLOWED_ORIGINS": "https://app.example.com",
     "RELAY_CORS_ORIGINS": "*",
+    "RELAY_LISTEN_DATABASE_URL": "postgresql://direct@db.example/relay",
+    "RELAY_READ_DATABASE_URL": "postgresql://replica@db.example/relay",
+    "RELAY_DATABASE_POOLER": "transaction",
 }
 FLAGS = {flag.variable: flag.name for flag in SERVE_FLAGS}
 
@@ -98,6 +101,9 @@ DESIGN_DEFAULTS = {
     "RELAY_WEBHOOK_TOLERANCE": "300",
     "RELAY_MAX_BODY": "4194304",
     "REPLICATE_API_BASE": "https://api.replicate.com/v1",
+    "RELAY_LISTEN_DATABASE_URL": "DATABASE_URL",
+    "RELAY_READ_DATABASE_URL": "DATABASE_URL",
+    "RELAY_DATABASE_POOLER": "off",
 }
 
 

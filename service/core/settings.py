@@ -193,6 +193,18 @@ def origins(raw: str, name: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+POOLERS = ("off", "transaction")
+
+
+def pooler(raw: str, name: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in POOLERS:
+        raise ConfigError(
+            f"{name} must be off or transaction (PgBouncer's pool_mode=transaction), got {mode[:20]!r}"
+        )
+    return mode
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row of the settings table (kept in the metadata of its `Settings` field)."""
@@ -291,6 +303,21 @@ class Settings:
     metrics_dir: Path | None = setting(
         "PROMETHEUS_MULTIPROC_DIR", "--metrics-dir", None, path, "where --workers processes write metrics",
         unset="RELAY_DATA_DIR/metrics with --workers",
+    )  # fmt: skip
+
+    # Past one database machine: a pooler, a replica for reads, a direct LISTEN connection
+    listen_database_url: Secret | None = setting(
+        "RELAY_LISTEN_DATABASE_URL", "--listen-database-url", None, secret,
+        "DSN for the LISTEN connection (direct or a session pooler)", secret=True, unset="DATABASE_URL",
+    )  # fmt: skip
+    read_database_url: Secret | None = setting(
+        "RELAY_READ_DATABASE_URL", "--read-database-url", None, secret,
+        "DSN for reads that may lag (search, export, usage); may be a streaming replica",
+        secret=True, unset="DATABASE_URL",
+    )  # fmt: skip
+    database_pooler: str = setting(
+        "RELAY_DATABASE_POOLER", "--database-pooler", "off", pooler,
+        "transaction when DATABASE_URL goes through PgBouncer in transaction mode",
     )  # fmt: skip
 
     # Webhook ingestion

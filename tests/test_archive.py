@@ -90,7 +90,7 @@ class Harness:
 
 
 @pytest.fixture
-def harness_for(dsn: str, tmp_path: Path):  # noqa: ANN201
+def harness_for(dsn: str, tmp_path: Path):
     """`async with harness_for(origin, store_url, vault, max_bytes) as h`: a Harness on the test's
     database, closed on the loop that made it."""
 
@@ -203,7 +203,7 @@ def test_disallowed_origin_and_a_redirect_to_loopback_are_never_requested(
 def test_the_guard_refuses_private_addresses_unless_the_origin_is_explicit() -> None:
     """A wildcard host resolving to loopback, private or link-local is refused before connecting."""
 
-    async def resolve_to(address: str):  # noqa: ANN202
+    async def resolve_to(address: str):
         async def resolver(host: str, port: int) -> list[str]:
             return [address]
 

@@ -175,7 +175,7 @@ class Archiver:
                 pause = await step()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
+            except Exception as exc:
                 log.warning(
                     "archive %s failed: %s",
                     name,

@@ -37,7 +37,7 @@ class Relay:
     webhook_keys: tuple[bytes, ...] = field(init=False)
     vault: Vault = field(init=False)
     upstream: Upstream | None = field(init=False, default=None)
-    background: set[asyncio.Task] = field(init=False, default_factory=set)
+    background: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     archive_store: ArchiveStore | None = field(init=False, default=None)  # None: RELAY_ARCHIVE=off
     archive_policy: HostPolicy = field(init=False)
 

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import asyncpg
-
 from service.archive.jobs import job_from
 from service.archive.stores import ArchiveStore
 from service.archive.worker import forget_files
+from service.db.connection import Connection
 from service.db.vault import Vault
 
 SUMMARY = """
@@ -53,7 +52,7 @@ class Summary:
         return lines
 
 
-async def summary(conn: asyncpg.Connection) -> Summary:
+async def summary(conn: Connection) -> Summary:
     rows = await conn.fetch(SUMMARY)
     by_status = {r["status"]: r for r in rows}
     pending = by_status.get("pending")
@@ -65,7 +64,7 @@ async def summary(conn: asyncpg.Connection) -> Summary:
 
 
 async def list_jobs(
-    conn: asyncpg.Connection, vault: Vault, *, prediction_id: str | None, failed: bool
+    conn: Connection, vault: Vault, *, prediction_id: str | None, failed: bool
 ) -> list[dict[str, Any]]:
     """Jobs of one prediction and/or failed ones, newest first; each URL shown by its origin only
     (a full output URL is the prediction's content)."""
@@ -109,13 +108,13 @@ def job_line(job: dict[str, Any]) -> str:
     return f"{job['id']}  {job['prediction_id']}  {job['origin']}  {detail}"
 
 
-async def retry(conn: asyncpg.Connection, target: str) -> int:
+async def retry(conn: Connection, target: str) -> int:
     """Re-queue the failed jobs of a prediction, or the one job whose id starts with `target`."""
     done = await conn.execute(RETRY, target, RETRY_WINDOW_MINUTES)
     return int(done.split()[-1])
 
 
-async def forget(conn: asyncpg.Connection, store: ArchiveStore | None, prediction_ids: list[str]) -> int:
+async def forget(conn: Connection, store: ArchiveStore | None, prediction_ids: list[str]) -> int:
     """Delete the stored files of predictions that are forgotten (they have an erasure event)."""
     if store is None:
         return 0

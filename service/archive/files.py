@@ -13,6 +13,7 @@ from service.archive.stores import ArchiveStore
 from service.archive.urls import all_output_urls, output_urls, url_hash
 from service.core import crypto
 from service.core.hosts import HostPolicy
+from service.db.connection import Connection
 from service.db.vault import Vault
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -52,9 +53,7 @@ def entry(url: str, row: asyncpg.Record | None) -> dict[str, Any]:
     }
 
 
-async def archive_entries(
-    conn: asyncpg.Connection, prediction: Any, policy: HostPolicy
-) -> list[dict[str, Any]]:
+async def archive_entries(conn: Connection, prediction: Any, policy: HostPolicy) -> list[dict[str, Any]]:
     """The `archive` list for a prediction object: each allowed output URL and its copy."""
     urls = output_urls(prediction, policy)
     if not urls:
@@ -79,7 +78,7 @@ class StoredFile:
 
 
 async def find_copy(
-    conn: asyncpg.Connection, sha256: str, vault: Vault, output_of: Any = None, *, admin: bool = False
+    conn: Connection, sha256: str, vault: Vault, output_of: Any = None, *, admin: bool = False
 ) -> StoredFile | None:
     """A stored file with this SHA-256: for the admin any copy, otherwise only one that the
     given prediction object's output points at. None if there is none (or it is forgotten)."""

@@ -18,6 +18,7 @@ from service.archive.urls import output_urls, url_hash
 from service.core import crypto
 from service.core.hosts import HostPolicy
 from service.db import store
+from service.db.connection import Connection
 from service.db.events import open_body
 from service.db.vault import ERASURE_SOURCE, Vault
 
@@ -146,11 +147,11 @@ def _new_jobs(rows: list[asyncpg.Record], vault: Vault, policy: HostPolicy) -> t
     return list(jobs.values()), erased
 
 
-OnErased = Callable[[asyncpg.Connection, list[str]], Awaitable[object]]
+OnErased = Callable[[Connection, list[str]], Awaitable[object]]
 
 
 async def discover(
-    conn: asyncpg.Connection, vault: Vault, policy: HostPolicy, on_erased: OnErased | None = None
+    conn: Connection, vault: Vault, policy: HostPolicy, on_erased: OnErased | None = None
 ) -> Discovered | None:
     """Read the log past the archive's cursor and add a job per new allowed output URL, in the
     transaction that moves the cursor: a crash repeats the page, and a URL already queued (from
@@ -173,18 +174,19 @@ async def discover(
     return Discovered(len(rows), len(jobs), tuple(erased))
 
 
-async def claim(conn: asyncpg.Connection, vault: Vault) -> Job | None:
+async def claim(conn: Connection, vault: Vault) -> Job | None:
     """The next due job, locked until the caller's transaction ends."""
     row = await conn.fetchrow(CLAIM)
     return None if row is None else job_from(row, vault)
 
 
-async def queue_stats(conn: asyncpg.Connection) -> tuple[int, float]:
-    row = await conn.fetchrow(QUEUE_STATS)
+async def queue_stats(conn: Connection) -> tuple[int, float]:
+    row = await conn.fetchrow(QUEUE_STATS)  # an aggregate: always one row
+    assert row is not None
     return row["pending"], row["oldest"] or 0.0
 
 
-async def remove_prediction(conn: asyncpg.Connection, prediction_ids: list[str]) -> list[str]:
+async def remove_prediction(conn: Connection, prediction_ids: list[str]) -> list[str]:
     """Delete the jobs of forgotten predictions (waiting for one being downloaded); the object
     keys that no other job uses any more, for the caller to delete from the store."""
     rows = await conn.fetch(

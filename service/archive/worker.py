@@ -39,6 +39,7 @@ from service.core.metrics import (
     ARCHIVE_QUEUE,
     ARCHIVE_RETRIES,
 )
+from service.db.connection import Connection
 from service.db.vault import Vault
 from service.net.guard import GuardedClient, Refused, TooLarge, capped_chunks
 
@@ -197,7 +198,7 @@ class Archiver:
             self._wake.set()
         return 0.0 if found.events >= jobs.DISCOVER_BATCH else self.tuning.poll
 
-    async def forget(self, conn: asyncpg.Connection, prediction_ids: list[str]) -> int:
+    async def forget(self, conn: Connection, prediction_ids: list[str]) -> int:
         return await forget_files(conn, self.store, prediction_ids)
 
     async def stats_pass(self) -> float:
@@ -216,7 +217,7 @@ class Archiver:
             await self.attempt(conn, job)
         return 0.0
 
-    async def attempt(self, conn: asyncpg.Connection, job: Job) -> None:
+    async def attempt(self, conn: Connection, job: Job) -> None:
         if job.encrypted and job.data_key is None:  # forgotten since it was queued
             await conn.execute("DELETE FROM archive_jobs WHERE url_hash = $1", job.url_hash)
             return
@@ -251,12 +252,12 @@ class Archiver:
             log.warning("archive: job %s failed unexpectedly: %s", job.id, type(error).__name__)
             raise Retry(f"unexpected error ({type(error).__name__})") from None
 
-    async def _fail(self, conn: asyncpg.Connection, job: Job, reason: str) -> None:
+    async def _fail(self, conn: Connection, job: Job, reason: str) -> None:
         await conn.execute(jobs.FAILED, job.url_hash, reason)
         ARCHIVE_FAILURES.labels(reason.split(" (", 1)[0][:40]).inc()
         log.info("archive: job %s of prediction %s failed: %s", job.id, job.prediction_id, reason)
 
-    async def _retry(self, conn: asyncpg.Connection, job: Job, reason: str) -> None:
+    async def _retry(self, conn: Connection, job: Job, reason: str) -> None:
         attempts = job.attempts + 1
         delay = retry_delay(attempts, self.tuning.retry_base)
         if datetime.now(UTC) + timedelta(seconds=delay) > job.give_up_at:
@@ -353,7 +354,7 @@ def seal_file(fetched: Fetched, job: Job, target: Path) -> None:
             )
 
 
-async def forget_files(conn: asyncpg.Connection, store: ArchiveStore, prediction_ids: list[str]) -> int:
+async def forget_files(conn: Connection, store: ArchiveStore, prediction_ids: list[str]) -> int:
     """Delete forgotten predictions' jobs and their files: rows first (in a transaction, so a
     crash before the files are gone leaves the rows for the next pass), then the objects."""
     async with conn.transaction():

@@ -8,19 +8,18 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import asyncpg
-
 from service.archive import console
 from service.core.errors import ConfigError
 from service.core.settings import tool_settings
 from service.db import database
+from service.db.connection import Connection
 from service.db.vault import Vault
 from service.privacy.erasure import ready_connection
 
 T = TypeVar("T")
 
 
-def with_connection(work: Callable[[asyncpg.Connection, Vault], Awaitable[T]]) -> T:
+def with_connection(work: Callable[[Connection, Vault], Awaitable[T]]) -> T:
     settings = tool_settings()
     vault = Vault(settings.key_encryption_keys)
 
@@ -36,7 +35,7 @@ def with_connection(work: Callable[[asyncpg.Connection, Vault], Awaitable[T]]) -
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    async def work(conn: asyncpg.Connection, vault: Vault) -> tuple[console.Summary, list[dict[str, Any]]]:
+    async def work(conn: Connection, vault: Vault) -> tuple[console.Summary, list[dict[str, Any]]]:
         listed = []
         if args.prediction is not None or args.failed:
             listed = await console.list_jobs(conn, vault, prediction_id=args.prediction, failed=args.failed)
@@ -58,7 +57,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    async def work(conn: asyncpg.Connection, vault: Vault) -> int:
+    async def work(conn: Connection, vault: Vault) -> int:
         return await console.retry(conn, args.id)
 
     count = with_connection(work)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -14,6 +13,7 @@ from service.core.auth import require_reader, token_from
 from service.core.errors import NotFound
 from service.core.params import MAX_PAGE, parse_int
 from service.db import store
+from service.db.connection import Connection
 from service.db.events import prediction_state
 from service.web.responses import EventsResponse, events_page
 from service.web.state import relay_of
@@ -42,7 +42,7 @@ async def get_prediction(request: Request) -> EventsResponse:
     return EventsResponse(state)
 
 
-async def archive_list(conn: asyncpg.Connection, request: Request, prediction: Any) -> list[dict[str, Any]]:
+async def archive_list(conn: Connection, request: Request, prediction: Any) -> list[dict[str, Any]]:
     """The `archive` of a prediction (empty when the archive is off)."""
     relay = relay_of(request)
     if relay.archive_store is None:

@@ -18,6 +18,7 @@ from service.web.auth import (
     GuardedWebSocketRoute,
     route,
 )
+from service.web.routes.files import FILE_READER
 from service.web.routes.webhooks import endpoint
 
 from .support import relay_env
@@ -42,6 +43,7 @@ EXPECTED = {
     "/api/predictions": API_KEY,
     "/api/predictions/{prediction_id}": API_KEY,
     "/api/predictions/{prediction_id}/cancel": API_KEY,
+    "/files/{sha256}": FILE_READER,
 }
 
 

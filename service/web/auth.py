@@ -49,6 +49,7 @@ class Caller:
 
     token: str | None
     admin: bool = False
+    prediction: str | None = None  # a subscriber token's `prediction` claim (an id, or `*`)
 
 
 class Access:

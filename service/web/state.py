@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import asyncpg
 from starlette.requests import HTTPConnection
 
+from service.archive.stores import ArchiveStore
+from service.core.hosts import HostPolicy
 from service.core.settings import Settings
 from service.core.supervisor import Supervisor
 from service.db.database import Databases
@@ -37,10 +39,13 @@ class Relay:
     upstream: Upstream | None = field(init=False, default=None)
     # Every background loop runs under it: a crash is logged and turns /readyz to 503.
     supervisor: Supervisor = field(init=False, default_factory=Supervisor)
+    archive_store: ArchiveStore | None = field(init=False, default=None)  # None: RELAY_ARCHIVE=off
+    archive_policy: HostPolicy = field(init=False)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys
         self.vault = Vault(self.settings.key_encryption_keys)
+        self.archive_policy = HostPolicy(self.settings.archive_hosts)
 
     async def listen_connection(self) -> asyncpg.Connection:
         """The hub's LISTEN connection: RELAY_LISTEN_DATABASE_URL, direct or session-pooled."""

@@ -66,3 +66,14 @@ def open_sealed(data_key: bytes, sealed: bytes, prediction_id: str, webhook_id: 
     if sealed[:1] != FORMAT:
         raise Unreadable("unknown ciphertext format")
     return _decrypt(data_key, sealed[1:], _aad(b"relay event", prediction_id, webhook_id))
+
+
+def seal_secret(kek: bytes, secret: bytes, owner: str) -> bytes:
+    """A secret Relay keeps (a destination's signing secret), bound to its owner's id."""
+    return FORMAT + _encrypt(kek, secret, _aad(b"relay secret", owner))
+
+
+def open_secret(kek: bytes, sealed: bytes, owner: str) -> bytes:
+    if sealed[:1] != FORMAT:
+        raise Unreadable("unknown ciphertext format")
+    return _decrypt(kek, sealed[1:], _aad(b"relay secret", owner))

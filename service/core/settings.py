@@ -18,6 +18,9 @@ from pathlib import Path
 
 from service.core.errors import ConfigError
 from service.core.origins import ANY, normal_origin
+from service.core.retry import DEFAULT_SCHEDULE, parse_schedule
+
+DEFAULT_SCHEDULE_TEXT = ",".join(f"{d:g}" for d in DEFAULT_SCHEDULE)
 
 GENERATED_SECRETS_FILE = "secrets.json"
 
@@ -169,6 +172,9 @@ SERVE_FLAGS = (
     Flag("--reconcile-interval", "RELAY_RECONCILE_INTERVAL", "reconcile period, seconds", int),
     Flag("--allowed-origins", "RELAY_ALLOWED_ORIGINS", "origins that may open streams, comma-separated"),
     Flag("--cors-origins", "RELAY_CORS_ORIGINS", "origins that may call /api/*, comma-separated"),
+    # Destinations
+    Flag("--retry-schedule", "RELAY_RETRY_SCHEDULE", "destinations' retry delays, seconds, comma-separated"),
+    Flag("--destination-concurrency", "RELAY_DESTINATION_CONCURRENCY", "requests in flight per destination", int),
 )
 
 
@@ -204,6 +210,9 @@ class Settings:
     reconcile_interval: int = 60
     allowed_origins: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    # Destinations
+    retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
+    destination_concurrency: int = 16
     generated: frozenset[str] = field(default_factory=frozenset)
     flags: dict[str, str] = field(default_factory=dict, repr=False)  # given on the command line
 
@@ -291,6 +300,9 @@ def load_settings(
         "reconcile_interval": _int(env, "RELAY_RECONCILE_INTERVAL", 60),
         "allowed_origins": _origins(env, "RELAY_ALLOWED_ORIGINS"),
         "cors_origins": _origins(env, "RELAY_CORS_ORIGINS"),
+        # Destinations
+        "retry_schedule": parse_schedule(env.get("RELAY_RETRY_SCHEDULE") or DEFAULT_SCHEDULE_TEXT),
+        "destination_concurrency": _int(env, "RELAY_DESTINATION_CONCURRENCY", 16),
         "flags": flags,
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@ To a URL: each event is re-signed with Standard Webhooks under its **original** 
 (so receivers de-duplicate) and a fresh timestamp. Events are spread over a few lanes by
 prediction, so concurrency is bounded and each prediction's events arrive in seq order. 429, 5xx
 and network errors are retried with backoff (honouring `Retry-After`); redirects are not
-followed. The first event that still fails stops the run: `resume_after` is the highest seq
+followed. The signed POST is `net.sender`'s, shared with destinations; the policy `core.retry`'s. The first event that still fails stops the run: `resume_after` is the highest seq
 below which everything was delivered, the value to pass as `after` to carry on.
 
 To subscribers: the matching seqs are announced with `pg_notify` on `relay_replay`; every
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import random
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -29,12 +28,12 @@ import httpx
 from service.core.errors import ConfigError, InvalidRequest
 from service.core.filters import EventFilter
 from service.core.metrics import REPLAY_DELIVERIES
+from service.core.retry import Backoff
 from service.core.settings import decode_webhook_secret
-from service.core.signatures import signed_headers
 from service.db import store
 from service.db.events import body_bytes
 from service.db.vault import Vault
-from service.upstream.client import retry_after_seconds
+from service.net.sender import deliver, new_client
 
 PAGE = 500
 LANE_DEPTH = 100
@@ -213,8 +212,7 @@ async def _deliver_all(
     lanes: list[asyncio.Queue[asyncpg.Record | None]] = [
         asyncio.Queue(maxsize=LANE_DEPTH) for _ in range(concurrency)
     ]
-    timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=10.0)
-    async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as http:
+    async with new_client(REQUEST_TIMEOUT) as http:
 
         async def lane(queue: asyncio.Queue[asyncpg.Record | None]) -> None:
             while (row := await queue.get()) is not None:
@@ -247,38 +245,14 @@ async def send(
     http: httpx.AsyncClient, target: UrlTarget, row: asyncpg.Record, retries: int, vault: Vault
 ) -> str | None:
     """Deliver one event; None when the receiver took it (2xx), else why it did not."""
-    body = body_bytes(row, vault)
-    reason = "not sent"
-    for attempt in range(retries + 1):
-        if attempt:
-            REPLAY_DELIVERIES.labels("retried").inc()
-        headers = signed_headers(target.key, row["webhook_id"], body)  # a fresh timestamp each try
-        wait = backoff(attempt)
-        try:
-            response = await http.post(target.url, content=body, headers=headers)
-        except httpx.TransportError as exc:
-            reason = f"network error ({type(exc).__name__})"
-        else:
-            status = response.status_code
-            if 200 <= status < 300:
-                REPLAY_DELIVERIES.labels("delivered").inc()
-                return None
-            reason = f"HTTP {status}"
-            if 300 <= status < 400:
-                reason += " redirect, not followed"
-            if status != 429 and status < 500:
-                break
-            asked = retry_after_seconds(response.headers.get("retry-after"))
-            wait = wait if asked is None else min(asked, MAX_RETRY_AFTER)
-        if attempt < retries:
-            await asyncio.sleep(wait)
-    else:
-        reason += f" after {retries + 1} attempts"
+    policy = Backoff(
+        attempts=retries + 1, base=BACKOFF_BASE, cap=BACKOFF_CAP, max_retry_after=MAX_RETRY_AFTER,
+        floor=0.5, cap_retry_after=True,
+    )  # fmt: skip
+    retried = REPLAY_DELIVERIES.labels("retried").inc
+    attempt = await deliver(http, target.url, target.key, row["webhook_id"], body_bytes(row, vault), policy, retried)
+    if attempt.ok:
+        REPLAY_DELIVERIES.labels("delivered").inc()
+        return None
     REPLAY_DELIVERIES.labels("failed").inc()
-    return reason
-
-
-def backoff(attempt: int) -> float:
-    """Capped exponential backoff with full jitter between half and all of the step."""
-    step = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
-    return step * random.uniform(0.5, 1.0)
+    return attempt.reason

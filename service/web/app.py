@@ -26,6 +26,7 @@ from service.core.origins import ApiCors
 from service.core.settings import Settings
 from service.db import migrations
 from service.db.vault import Vault
+from service.destinations.manager import Destinations
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
 from service.privacy import erasure as privacy
@@ -33,7 +34,7 @@ from service.upstream.client import Upstream
 from service.upstream.reconcile import Reconciler
 from service.usage import budget
 from service.usage import report as usage
-from service.web.routes import admin, dashboard, reading, sockets, webhooks
+from service.web.routes import admin, dashboard, destinations, reading, sockets, webhooks
 from service.web.routes import api as predictions_api
 
 log = logging.getLogger("relay")
@@ -154,6 +155,13 @@ def start_budget(relay: Relay) -> None:
         relay.background.add(asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget"))
 
 
+def start_destinations(relay: Relay) -> None:
+    """The senders of the destinations this instance holds (each held by one instance)."""
+    sender = Destinations(relay.pool, relay.connect, relay.vault, relay.settings)
+    relay.hub.on_notify.append(sender.nudge)
+    relay.background.add(asyncio.create_task(sender.run(), name="relay-destinations"))
+
+
 async def stop_background(relay: Relay) -> None:
     for task in relay.background:
         task.cancel()
@@ -193,6 +201,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.committer.start()
         start_upstream(relay)
         start_budget(relay)
+        start_destinations(relay)
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out
         # of the collector's sight, a full collection took ~1 ms instead of 13-33 ms, which were
         # the tail of the webhook latency (bench/ingest.py with a gc.callbacks probe).
@@ -221,6 +230,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *dashboard.routes,
         *privacy.routes,
         *usage.routes,
+        *destinations.routes,
     ]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []

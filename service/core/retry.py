@@ -85,8 +85,10 @@ def parse_schedule(text: str, name: str = "RELAY_RETRY_SCHEDULE") -> tuple[float
         delays = tuple(float(part) for part in text.split(","))
     except ValueError:
         delays = ()
-    if not delays or len(delays) > MAX_SCHEDULE_ENTRIES or not all(
-        math.isfinite(d) and 0 <= d <= 7 * 86400 for d in delays
+    if (
+        not delays
+        or len(delays) > MAX_SCHEDULE_ENTRIES
+        or not all(math.isfinite(d) and 0 <= d <= 7 * 86400 for d in delays)
     ):
         raise ConfigError(
             f"{name} must be comma-separated delays in seconds (0 to 604800, at most "

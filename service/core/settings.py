@@ -174,7 +174,12 @@ SERVE_FLAGS = (
     Flag("--cors-origins", "RELAY_CORS_ORIGINS", "origins that may call /api/*, comma-separated"),
     # Destinations
     Flag("--retry-schedule", "RELAY_RETRY_SCHEDULE", "destinations' retry delays, seconds, comma-separated"),
-    Flag("--destination-concurrency", "RELAY_DESTINATION_CONCURRENCY", "requests in flight per destination", int),
+    Flag(
+        "--destination-concurrency",
+        "RELAY_DESTINATION_CONCURRENCY",
+        "requests in flight per destination",
+        int,
+    ),
 )
 
 

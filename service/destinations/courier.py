@@ -338,7 +338,9 @@ class Courier:
             async with self.pool.acquire() as conn:
                 if attempt.ok:
                     await conn.execute(
-                        "DELETE FROM destination_events WHERE destination_id = $1 AND seq = $2", self.id, row["seq"]
+                        "DELETE FROM destination_events WHERE destination_id = $1 AND seq = $2",
+                        self.id,
+                        row["seq"],
                     )
                     return
                 failures = attempts + 1
@@ -346,7 +348,10 @@ class Courier:
                 if delay is None:
                     DESTINATION_EVENTS.labels(self.id, "exhausted").inc()
                     log.warning(
-                        "destination %s: event seq %s exhausted its retries (%s)", self.id, row["seq"], attempt.reason
+                        "destination %s: event seq %s exhausted its retries (%s)",
+                        self.id,
+                        row["seq"],
+                        attempt.reason,
                     )
                 await conn.execute(
                     "UPDATE destination_events SET attempts = $3, last_error = $4,"
@@ -391,7 +396,12 @@ class Courier:
         cursor = self.unresolved[0] - 1 if self.unresolved else self.scanned_to
         sent, self.sent_since_flush = self.sent_since_flush, 0
         failure, self.failure = self.failure, None
-        if cursor == self.stored_cursor and not sent and failure is None and time.monotonic() < self.next_stats:
+        if (
+            cursor == self.stored_cursor
+            and not sent
+            and failure is None
+            and time.monotonic() < self.next_stats
+        ):
             return
         async with self.pool.acquire() as conn:
             await conn.execute(
@@ -420,6 +430,8 @@ class Courier:
         if self.unresolved:
             first = await conn.fetchval("SELECT received_at FROM events WHERE seq = $1", self.unresolved[0])
             oldest = first if oldest is None or (first is not None and first < oldest) else oldest
-        age = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)", oldest) if oldest else 0
+        age = (
+            await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)", oldest) if oldest else 0
+        )
         DESTINATION_LAG_EVENTS.labels(self.id).set(behind + stats["pending"])
         DESTINATION_LAG_SECONDS.labels(self.id).set(float(age or 0))

@@ -83,9 +83,13 @@ class Destinations:
                 courier, task = self.couriers[destination_id]
                 if destination_id not in ids or task.done():
                     await self._stop(destination_id)
-                    await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, destination_id)
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, destination_id
+                    )
             for destination_id in ids - set(self.couriers):
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_CLASS, destination_id):
+                if await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_CLASS, destination_id
+                ):
                     self._start(destination_id)
             self.look.clear()
             with contextlib.suppress(TimeoutError):

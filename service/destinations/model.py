@@ -132,7 +132,13 @@ async def create(conn: asyncpg.Connection, new: NewDestination, vault: Vault) ->
         cursor,
     )
     await conn.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, destination_id)
-    return {"id": destination_id, "url": new.url, "secret": new.secret, "cursor": cursor, "filter": new.filter}
+    return {
+        "id": destination_id,
+        "url": new.url,
+        "secret": new.secret,
+        "cursor": cursor,
+        "filter": new.filter,
+    }
 
 
 CHANGES_CHANNEL = "relay_destinations"  # a destination was added or changed: look again

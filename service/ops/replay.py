@@ -250,7 +250,9 @@ async def send(
         floor=0.5, cap_retry_after=True,
     )  # fmt: skip
     retried = REPLAY_DELIVERIES.labels("retried").inc
-    attempt = await deliver(http, target.url, target.key, row["webhook_id"], body_bytes(row, vault), policy, retried)
+    attempt = await deliver(
+        http, target.url, target.key, row["webhook_id"], body_bytes(row, vault), policy, retried
+    )
     if attempt.ok:
         REPLAY_DELIVERIES.labels("delivered").inc()
         return None

@@ -65,7 +65,7 @@ class Backoff:
     def step(self, failures: int, rng: random.Random | None = None) -> float:
         """The wait after `failures` failed tries (1 = after the first)."""
         rng = rng or _RNG
-        step = min(self.cap, self.base * 2 ** max(0, failures - 1))
+        step: float = min(self.cap, self.base * 2.0 ** max(0, failures - 1))
         return step * rng.uniform(self.floor, 1.0) + rng.uniform(0.0, self.jitter)
 
     def delay(self, failures: int, retry_after: float | None = None) -> float | None:

@@ -208,7 +208,7 @@ class Courier:
             args.append(horizon)
             rows = await store.fetch_where(conn, f"{where} AND seq <= ${len(args)}", args, PAGE)
             owed = await self._owed_predictions(conn, rows) | self.diverted
-            behind = []
+            behind: list[tuple[asyncpg.Record, int, float, str | None]] = []
             for row in rows:
                 prediction_id = row["prediction_id"]
                 if prediction_id in owed and prediction_id not in self.chains:

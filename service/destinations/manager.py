@@ -60,7 +60,7 @@ class Destinations:
                 log.warning("destinations: cannot connect (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(RECONNECT_DELAY)
                 continue
-            conn.add_termination_listener(lambda _conn: lost.set())
+            conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
             try:
                 await conn.add_listener(CHANGES_CHANNEL, self._changed)
                 await self._hold(conn, lost)

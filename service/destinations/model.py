@@ -44,10 +44,11 @@ def new_secret() -> str:
 
 
 def check_url(url: Any) -> str:
-    parts = urlsplit(url) if isinstance(url, str) and len(url) <= MAX_URL else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or "\x00" in url:
+    text: str = url if isinstance(url, str) and len(url) <= MAX_URL and "\x00" not in url else ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest(f"url must be an http:// or https:// URL with a host (at most {MAX_URL} chars)")
-    return url
+    return text
 
 
 def check_secret(secret: Any) -> str:

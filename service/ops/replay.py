@@ -4,8 +4,9 @@ To a URL: each event is re-signed with Standard Webhooks under its **original** 
 (so receivers de-duplicate) and a fresh timestamp. Events are spread over a few lanes by
 prediction, so concurrency is bounded and each prediction's events arrive in seq order. 429, 5xx
 and network errors are retried with backoff (honouring `Retry-After`); redirects are not
-followed. The signed POST is `net.sender`'s, shared with destinations; the policy `core.retry`'s. The first event that still fails stops the run: `resume_after` is the highest seq
-below which everything was delivered, the value to pass as `after` to carry on.
+followed (the signed POST is `net.sender`'s, shared with destinations; the policy is
+`core.retry`'s). The first event that still fails stops the run: `resume_after` is the highest
+seq below which everything was delivered, the value to pass as `after` to carry on.
 
 To subscribers: the matching seqs are announced with `pg_notify` on `relay_replay`; every
 instance's hub reads those rows and sends them marked `"replayed": true`. No row is added.

@@ -291,6 +291,25 @@ def test_cli_mistakes_exit_2_with_one_line(relay, args):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("relay: error: "), done.stderr
 
 
+def test_a_destination_failing_for_days_is_flagged_until_it_succeeds(relay, relay_dsn, admin, receiver):
+    receiver.rule = lambda _id, _body: (500, {})
+    destination = add(admin, receiver)
+    with httpx.Client(base_url=relay.url, timeout=30) as client:
+        deliver_lifecycle(client, new_prediction_id())
+    wait_for(lambda: status_of(admin, destination["id"])["failing_since"] is not None, what="a failure")
+    assert status_of(admin, destination["id"])["failing"] is False  # failing, but not for long
+    query(
+        relay_dsn,
+        "UPDATE destinations SET failing_since = now() - interval '2 days' WHERE id = $1",
+        destination["id"],
+    )
+    assert status_of(admin, destination["id"])["failing"] is True
+    assert "FAILING" in relay_cli("destinations", "list", env=relay.env).stdout
+    receiver.rule = None
+    wait_for(lambda: status_of(admin, destination["id"])["failing_since"] is None, what="the flag to clear")
+    assert status_of(admin, destination["id"])["failing"] is False
+
+
 def test_metrics_count_sends_per_destination(relay, admin, receiver):
     destination = add(admin, receiver)
     with httpx.Client(base_url=relay.url, timeout=30) as client:

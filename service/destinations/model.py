@@ -45,8 +45,12 @@ def new_secret() -> str:
 
 def check_url(url: Any) -> str:
     text: str = url if isinstance(url, str) and len(url) <= MAX_URL and "\x00" not in url else ""
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname
+    except ValueError:  # a malformed [IPv6] or port
+        host = None
+    if parts.scheme not in ("http", "https") or not host:
         raise InvalidRequest(f"url must be an http:// or https:// URL with a host (at most {MAX_URL} chars)")
     return text
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import httpx
 
 from service.core.crypto import Unreadable
 from service.core.filters import EventFilter
@@ -39,6 +38,7 @@ from service.db import store
 from service.db.events import body_bytes
 from service.db.vault import Vault
 from service.destinations.model import event_filter
+from service.net.http1 import Pool
 from service.net.sender import Attempt, new_client, post_signed
 
 log = logging.getLogger("relay.destinations")
@@ -110,7 +110,7 @@ class Courier:
         self.retrying: set[str] = set()  # predictions whose owed head is being sent
         self.tasks: set[asyncio.Task[None]] = set()
         self.slots = asyncio.Semaphore(concurrency)
-        self.http: httpx.AsyncClient | None = None
+        self.http: Pool | None = None
         self.sent_since_flush = 0
         self.failure: tuple[str, bool] | None = None  # the newest (error, is_failure) to record
         self.next_stats = 0.0

@@ -11,23 +11,19 @@ import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import httpx
+import httptools
 
 from service.core.retry import Backoff, retry_after_seconds, retryable_status
 from service.core.signatures import signed_headers
+from service.net.http1 import Pool
 
 TIMEOUT = 15.0
-CONNECT_TIMEOUT = 10.0
+DEFAULT_CONNECTIONS = 16
 
 
-def new_client(timeout: float = TIMEOUT, connections: int | None = None) -> httpx.AsyncClient:
-    """An HTTP client for receivers: no redirects followed, `timeout` seconds per request."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)),
-        limits=limits,
-    )
+def new_client(timeout: float = TIMEOUT, connections: int | None = None) -> Pool:
+    """Connections to receivers: keep-alive, no redirects followed, `timeout` seconds a request."""
+    return Pool(timeout, connections or DEFAULT_CONNECTIONS)
 
 
 @dataclass(frozen=True)
@@ -45,7 +41,7 @@ class Attempt:
 
 
 async def post_signed(
-    http: httpx.AsyncClient,
+    http: Pool,
     url: str,
     key: bytes,
     webhook_id: str,
@@ -55,12 +51,12 @@ async def post_signed(
     """One signed POST of `body` as it is; never raises for what the receiver or network does."""
     signed = {**signed_headers(key, webhook_id, body), **(headers or {})}
     try:
-        response = await http.post(url, content=body, headers=signed)
-    except httpx.TimeoutException:
-        return Attempt(False, reason="timed out")
-    except httpx.TransportError as exc:
+        response = await http.post(url, body, signed)
+    except TimeoutError:
+        return Attempt(False, reason=f"timed out ({http.timeout:g} s)")
+    except (OSError, ValueError, httptools.HttpParserError) as exc:
         return Attempt(False, reason=f"network error ({type(exc).__name__})")
-    status = response.status_code
+    status = response.status
     if 200 <= status < 300:
         return Attempt(True, status)
     reason = f"HTTP {status}"
@@ -70,7 +66,7 @@ async def post_signed(
 
 
 async def deliver(
-    http: httpx.AsyncClient,
+    http: Pool,
     url: str,
     key: bytes,
     webhook_id: str,

@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-import httpx
 
 from service.core.errors import ConfigError, InvalidRequest
 from service.core.filters import EventFilter
@@ -34,6 +33,7 @@ from service.core.settings import decode_webhook_secret
 from service.db import store
 from service.db.events import body_bytes
 from service.db.vault import Vault
+from service.net.http1 import Pool
 from service.net.sender import deliver, new_client
 
 PAGE = 500
@@ -242,9 +242,7 @@ async def _deliver_all(
                 worker.cancel()
 
 
-async def send(
-    http: httpx.AsyncClient, target: UrlTarget, row: asyncpg.Record, retries: int, vault: Vault
-) -> str | None:
+async def send(http: Pool, target: UrlTarget, row: asyncpg.Record, retries: int, vault: Vault) -> str | None:
     """Deliver one event; None when the receiver took it (2xx), else why it did not."""
     policy = Backoff(
         attempts=retries + 1, base=BACKOFF_BASE, cap=BACKOFF_CAP, max_retry_after=MAX_RETRY_AFTER,

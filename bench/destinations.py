@@ -1,0 +1,229 @@
+"""Destinations throughput, against a ceiling, and what forwarding costs webhook ingest.
+
+    .venv/bin/python bench/destinations.py [--events 20000] [--seconds 10]
+
+1. Forwarding: `--events` realistic lifecycle bodies are loaded into a fresh log; a destination is
+   added `from: start` to a local receiver that answers 200 at once (a separate process: asyncio
+   + httptools, no signature check), and the time until its lag is 0 gives events/s.
+2. Ceiling: a plain `httpx` loop (16 requests in flight, the destination default) posting the
+   same signed requests (signature, `relay-seq`) to the same receiver, reading the same rows.
+3. Ingest: a closed-loop generator (a separate process: raw keep-alive connections, pre-signed
+   requests) posts webhooks for `--seconds` with no destination, then again while a destination
+   forwards every new event; the table shows both rates and their ratio (target ≥ 80 %).
+Everything runs on this machine (relay serve, embedded Postgres, receiver, generator): the
+figures are what the 2 cores give to all of them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.deliveries import bodies, raw_request  # noqa: E402
+from service.core.signatures import signed_headers  # noqa: E402
+from tests.support import ADMIN_TOKEN, WEBHOOK_KEY, Postgres, RelayProcess, relay_env  # noqa: E402
+
+SECRET = "whsec_" + "YmVuY2gtZGVzdGluYXRpb24tc2VjcmV0LWtleS0wMQ=="
+CONCURRENCY = 16
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+# ---------------------------------------------------------------------------- the receiver
+
+
+def receive(port: multiprocessing.Value, count: multiprocessing.Value) -> None:  # type: ignore[valid-type]
+    """A receiver that answers 200 to every POST at once, counting them (a process of its own)."""
+    import httptools
+    import uvloop
+
+    class Answer(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.parser = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            count.value += 1
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")  # type: ignore[attr-defined]
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", 0)
+        port.value = server.sockets[0].getsockname()[1]
+        await server.serve_forever()
+
+    uvloop.run(serve())
+
+
+# ---------------------------------------------------------------------------- the load generator
+
+
+def generate(
+    port: int, requests: list[bytes], seconds: float, connections: int, out: multiprocessing.Queue
+) -> None:  # type: ignore[type-arg]
+    """Closed loop: each connection sends its next pre-signed request when the last is answered."""
+    import httptools
+    import uvloop
+
+    async def run() -> int:
+        done = 0
+        deadline = time.monotonic() + seconds
+        feed = iter(requests)
+
+        async def connection() -> None:
+            nonlocal done
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            complete = asyncio.Event()
+            parser = httptools.HttpResponseParser(
+                type("P", (), {"on_message_complete": lambda self: complete.set()})()
+            )
+            while time.monotonic() < deadline:
+                request = next(feed, None)
+                if request is None:
+                    break
+                complete.clear()
+                writer.write(request)
+                while not complete.is_set():
+                    parser.feed_data(await reader.read(65536))
+                done += 1
+            writer.close()
+
+        await asyncio.gather(*(connection() for _ in range(connections)))
+        return done
+
+    started = time.monotonic()
+    sent = uvloop.run(run())
+    out.put(sent / (time.monotonic() - started))
+
+
+def ingest_rate(port: int, count: int, seconds: float) -> float:
+    timestamp = int(time.time())
+    requests = [raw_request(WEBHOOK_KEY, port, body, timestamp) for body in bodies(count)]
+    out: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    process = multiprocessing.Process(target=generate, args=(port, requests, seconds, 32, out))
+    process.start()
+    rate = out.get()
+    process.join()
+    return float(rate)
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+async def load_log(dsn: str, count: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = []
+        for body in bodies(count):
+            prediction_id = json.loads(body)["id"]
+            rows.append(("msg_" + uuid.uuid4().hex, prediction_id, json.loads(body)["status"], body))
+        await conn.executemany(
+            "INSERT INTO events (webhook_id, prediction_id, status, source, body, received_at)"
+            " VALUES ($1, $2, $3, 'webhook', $4, now())",
+            rows,
+        )
+    finally:
+        await conn.close()
+
+
+async def ceiling(dsn: str, url: str, key: bytes) -> float:
+    """A plain httpx loop: read the rows, sign, POST, CONCURRENCY at a time."""
+    conn = await asyncpg.connect(dsn)
+    rows = await conn.fetch("SELECT seq, webhook_id, body FROM events ORDER BY seq")
+    await conn.close()
+    queue: asyncio.Queue[asyncpg.Record] = asyncio.Queue()
+    for row in rows:
+        queue.put_nowait(row)
+    limits = httpx.Limits(max_connections=CONCURRENCY)
+    async with httpx.AsyncClient(limits=limits, follow_redirects=False, timeout=15) as http:
+
+        async def worker() -> None:
+            while not queue.empty():
+                row = queue.get_nowait()
+                headers = {
+                    **signed_headers(key, row["webhook_id"], row["body"]),
+                    "relay-seq": str(row["seq"]),
+                }
+                response = await http.post(url, content=row["body"], headers=headers)
+                assert response.status_code == 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return len(rows) / (time.perf_counter() - started)
+
+
+def forward_rate(relay: RelayProcess, url: str, count: int, received: multiprocessing.Value) -> float:  # type: ignore[valid-type]
+    before = received.value
+    with httpx.Client(base_url=relay.url, headers=ADMIN, timeout=30) as admin:
+        started = time.perf_counter()
+        added = admin.post("/admin/destinations", json={"url": url, "secret": SECRET, "from": "start"}).json()
+        while received.value - before < count:
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        admin.delete(f"/admin/destinations/{added['id']}")
+    return count / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    options = parser.parse_args()
+
+    port, received = multiprocessing.Value("i", 0), multiprocessing.Value("q", 0)
+    receiver = multiprocessing.Process(target=receive, args=(port, received), daemon=True)
+    receiver.start()
+    while not port.value:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{port.value}/hook"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        postgres = Postgres(Path(tmp))
+        dsn = postgres.new_database()
+        asyncio.run(load_log(dsn, options.events))
+        from service.core.settings import decode_webhook_secret
+
+        top = asyncio.run(ceiling(dsn, url, decode_webhook_secret(SECRET)))
+        with RelayProcess(relay_env(dsn)) as relay:
+            forwarded = forward_rate(relay, url, options.events, received)
+            plain = ingest_rate(relay.port, 200_000, options.seconds)
+            with httpx.Client(base_url=relay.url, headers=ADMIN, timeout=30) as admin:
+                added = admin.post("/admin/destinations", json={"url": url, "secret": SECRET}).json()
+                before = received.value
+                started = time.perf_counter()
+                busy = ingest_rate(relay.port, 200_000, options.seconds)
+                during = (received.value - before) / (time.perf_counter() - started)
+                lag = admin.get(f"/admin/destinations/{added['id']}").json()
+                while admin.get(f"/admin/destinations/{added['id']}").json()["lag"] > 0:
+                    time.sleep(0.1)
+                drained = time.perf_counter() - started
+    receiver.terminate()
+
+    print(f"machine: {os.cpu_count()} cores; {options.events:,} events; ingest phases {options.seconds:g} s")
+    print()
+    print("| measure | events/s | against |")
+    print("| --- | ---: | --- |")
+    print(f"| plain httpx loop (ceiling), {CONCURRENCY} in flight | {top:,.0f} | |")
+    print(f"| destination, from start | {forwarded:,.0f} | {forwarded / top:.0%} of the ceiling |")
+    print(f"| webhook ingest, no destination | {plain:,.0f} | |")
+    print(f"| webhook ingest while forwarding | {busy:,.0f} | {busy / plain:.0%} of ingest alone |")
+    print(f"| forwarded during that ingest | {during:,.0f} | lag at its end {lag['lag']:,} events, "
+          f"drained {drained:.1f} s after the start |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

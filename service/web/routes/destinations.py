@@ -12,6 +12,7 @@ from starlette.routing import Route
 from service.core.errors import InvalidRequest
 from service.destinations import model
 from service.web.routes.admin import authorize_admin
+from service.web.state import relay_of
 
 
 async def _json_body(request: Request) -> Any:
@@ -26,7 +27,7 @@ async def add_destination(request: Request) -> JSONResponse:
     """`POST /admin/destinations` → 201 with the secret, shown only here."""
     authorize_admin(request)
     new = model.parse_new(await _json_body(request))
-    relay = request.app.state.relay
+    relay = relay_of(request)
     async with relay.pool.acquire() as conn:
         created = await model.create(conn, new, relay.vault)
     return JSONResponse(created, status_code=201)
@@ -34,7 +35,7 @@ async def add_destination(request: Request) -> JSONResponse:
 
 async def list_destinations(request: Request) -> JSONResponse:
     authorize_admin(request)
-    async with request.app.state.relay.pool.acquire() as conn:
+    async with relay_of(request).pool.acquire() as conn:
         found = await model.listing(conn)
     return JSONResponse({"destinations": found})
 
@@ -43,7 +44,7 @@ async def one_destination(request: Request) -> Response:
     """`GET` one destination, or `DELETE` it (its owed events go with it)."""
     authorize_admin(request)
     destination_id = request.path_params["id"]
-    async with request.app.state.relay.pool.acquire() as conn:
+    async with relay_of(request).pool.acquire() as conn:
         if request.method == "DELETE":
             await model.remove(conn, destination_id)
             return Response(status_code=204)
@@ -54,7 +55,7 @@ async def act(request: Request, action: str) -> JSONResponse:
     """`POST /admin/destinations/{id}/pause|resume|retry` → the destination as listed."""
     authorize_admin(request)
     destination_id = request.path_params["id"]
-    async with request.app.state.relay.pool.acquire() as conn:
+    async with relay_of(request).pool.acquire() as conn:
         if action == "retry":
             requeued = await model.retry(conn, destination_id)
             return JSONResponse({**await model.one(conn, destination_id), "requeued": requeued})

@@ -5,8 +5,9 @@
 1. Forwarding: `--events` realistic lifecycle bodies are loaded into a fresh log; a destination is
    added `from: start` to a local receiver that answers 200 at once (a separate process: asyncio
    + httptools, no signature check), and the time until its lag is 0 gives events/s.
-2. Ceiling: a plain `httpx` loop (16 requests in flight, the destination default) posting the
-   same signed requests (signature, `relay-seq`) to the same receiver, reading the same rows.
+2. Ceilings: a plain `httpx` loop (16 requests in flight, the destination default) posting the
+   same signed requests (signature, `relay-seq`) to the same receiver, reading the same rows;
+   and the same loop over Relay's own sender (`net.sender.post_signed`), without the log.
 3. Ingest: a closed-loop generator (a separate process: raw keep-alive connections, pre-signed
    requests) posts webhooks for `--seconds` with no destination, then again while a destination
    forwards every new event; the table shows both rates and their ratio (target ≥ 80 %).
@@ -166,6 +167,29 @@ async def ceiling(dsn: str, url: str, key: bytes) -> float:
         return len(rows) / (time.perf_counter() - started)
 
 
+async def sender_loop(dsn: str, url: str, key: bytes) -> float:
+    """Relay's own sender (net.sender.post_signed) in the same loop: the ceiling without the log."""
+    from service.net.sender import new_client, post_signed
+
+    conn = await asyncpg.connect(dsn)
+    rows = await conn.fetch("SELECT seq, webhook_id, body FROM events ORDER BY seq")
+    await conn.close()
+    queue = list(reversed(rows))
+    async with new_client(15, CONCURRENCY) as pool:
+
+        async def worker() -> None:
+            while queue:
+                row = queue.pop()
+                attempt = await post_signed(
+                    pool, url, key, row["webhook_id"], row["body"], {"relay-seq": str(row["seq"])}
+                )
+                assert attempt.ok
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return len(rows) / (time.perf_counter() - started)
+
+
 def forward_rate(relay: RelayProcess, url: str, count: int, received: multiprocessing.Value) -> float:  # type: ignore[valid-type]
     before = received.value
     with httpx.Client(base_url=relay.url, headers=ADMIN, timeout=30) as admin:
@@ -198,6 +222,7 @@ def main() -> None:
         from service.core.settings import decode_webhook_secret
 
         top = asyncio.run(ceiling(dsn, url, decode_webhook_secret(SECRET)))
+        own = asyncio.run(sender_loop(dsn, url, decode_webhook_secret(SECRET)))
         with RelayProcess(relay_env(dsn)) as relay:
             forwarded = forward_rate(relay, url, options.events, received)
             plain = ingest_rate(relay.port, 200_000, options.seconds)
@@ -218,7 +243,9 @@ def main() -> None:
     print("| measure | events/s | against |")
     print("| --- | ---: | --- |")
     print(f"| plain httpx loop (ceiling), {CONCURRENCY} in flight | {top:,.0f} | |")
-    print(f"| destination, from start | {forwarded:,.0f} | {forwarded / top:.0%} of the ceiling |")
+    print(f"| net/sender loop, no database, {CONCURRENCY} in flight | {own:,.0f} | {own / top:.1f}x httpx |")
+    against = f"{forwarded / top:.1f}x httpx, {forwarded / own:.0%} of the sender loop"
+    print(f"| destination, from start | {forwarded:,.0f} | {against} |")
     print(f"| webhook ingest, no destination | {plain:,.0f} | |")
     print(f"| webhook ingest while forwarding | {busy:,.0f} | {busy / plain:.0%} of ingest alone |")
     print(f"| forwarded during that ingest | {during:,.0f} | lag at its end {lag['lag']:,} events, "

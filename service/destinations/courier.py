@@ -44,6 +44,8 @@ from service.net.sender import Attempt, new_client, post_signed
 log = logging.getLogger("relay.destinations")
 
 PAGE = 500
+REFRESH_EVERY = 1.0
+SCAN_GAP = 0.02  # after a short page, the next scan waits this long for more commits
 MAX_IN_MEMORY = 5000  # events scanned but not yet resolved; the scan waits above this
 IDLE_WAIT = 1.0  # longest sleep between looks at the log, the due retries and the settings
 FLUSH_EVERY = 0.2  # seconds between cursor writes while events flow
@@ -116,6 +118,16 @@ class Courier:
         self.next_stats = 0.0
         self.diverted: set[str] = set()
         self.broken: BaseException | None = None
+        # Fewer queries per wake: settings are re-read every REFRESH_EVERY (or when told of a
+        # change), owed rows looked at when one may be due, and the scan waits SCAN_GAP between
+        # pages, so a burst of commits is read in one page rather than one query each.
+        self.refresh_at = 0.0
+        self.due_at = 0.0  # when an owed head may be due (0: look now)
+        self.maybe_owed = True  # False once a look found no owed rows and none were made since
+        self.owed_epoch = 0  # counts the moments owed rows may have appeared
+        self.scan_at = 0.0
+        self.sent_counter = DESTINATION_EVENTS.labels(destination_id, "sent")
+        self.failed_counter = DESTINATION_EVENTS.labels(destination_id, "failed")
 
     # ------------------------------------------------------------------ the loop
 
@@ -128,15 +140,23 @@ class Courier:
             while True:
                 if self.broken is not None:
                     raise self.broken
-                await self.refresh()
+                now = time.monotonic()
+                if now >= self.refresh_at:
+                    await self.refresh()
+                    self.refresh_at = now + REFRESH_EVERY
                 assert self.config is not None
                 busy = False
-                if not self.config.paused:
-                    busy = await self.scan()
-                    await self.send_due()
-                if time.monotonic() - last_flush >= FLUSH_EVERY:
+                if self.config.paused:
+                    self.due_at = max(self.due_at, now + IDLE_WAIT)
+                else:
+                    if now >= self.scan_at:
+                        busy = await self.scan()
+                        self.scan_at = now + (0.0 if busy else SCAN_GAP)
+                    if now >= self.due_at:
+                        await self.send_due()
+                if now - last_flush >= FLUSH_EVERY:
                     await self.flush()
-                    last_flush = time.monotonic()
+                    last_flush = now
                 if not busy:
                     await self.sleep()
         except Gone:
@@ -144,15 +164,27 @@ class Courier:
         finally:
             await self.stop()
 
+    def changed(self) -> None:
+        """The destination was changed elsewhere (paused, resumed, retried): look again now."""
+        self.refresh_at = self.due_at = 0.0
+        self.owe_maybe()
+        self.wake.set()
+
+    def owe_maybe(self) -> None:
+        self.maybe_owed = True
+        self.owed_epoch += 1
+
     async def sleep(self) -> None:
-        wait = IDLE_WAIT
-        async with self.pool.acquire() as conn:
-            due = await conn.fetchval(NEXT_DUE, self.id)
-        if due is not None:
-            wait = max(0.0, min(wait, due.total_seconds()))
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait):
-                await self.wake.wait()
+        now = time.monotonic()
+        wake_at = min(now + IDLE_WAIT, self.due_at, self.refresh_at)
+        if self.wake.is_set():
+            wake_at = max(wake_at, self.scan_at)  # news: look again, but not before the gap
+        if wake_at > now:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wake_at - now):
+                    await self.wake.wait()
+                    if self.scan_at > time.monotonic():
+                        await asyncio.sleep(self.scan_at - time.monotonic())
         self.wake.clear()
 
     async def stop(self) -> None:
@@ -216,12 +248,13 @@ class Courier:
                 else:
                     self._start(row)
             if behind:
+                self.owe_maybe()
                 await self._owe(conn, behind)
         self.scanned_to = rows[-1]["seq"] if len(rows) == PAGE else horizon
         return len(rows) == PAGE
 
     async def _owed_predictions(self, conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> set[str]:
-        if not rows:
+        if not rows or not self.maybe_owed:
             return set()
         found = await conn.fetch(
             "SELECT DISTINCT prediction_id FROM destination_events"
@@ -268,6 +301,7 @@ class Courier:
         """A fast-path failure: the event and those queued behind it become owed rows."""
         chain = self.chains[prediction_id]
         self.diverted.add(prediction_id)  # for a scan whose look at owed rows came before this
+        self.owe_maybe()
         first = True
         while chain:
             rows = list(chain)
@@ -284,6 +318,11 @@ class Courier:
                 chain.popleft()
                 self._resolve(row["seq"])
         del self.chains[prediction_id]
+        self.owe_maybe()  # again: a look at owed rows may have run before these were committed
+        self.due_at = min(self.due_at, time.monotonic() + self._delay_floor())
+
+    def _delay_floor(self) -> float:
+        return min(self.schedule[1:], default=0.0) * 0.8  # the earliest a first retry can be due
 
     def _delay(self, failures: int, attempt: Attempt) -> float:
         delay = scheduled_delay(self.schedule, failures, attempt.retry_after)
@@ -320,11 +359,18 @@ class Courier:
     async def send_due(self) -> None:
         """Send the owed heads whose time has come (one per prediction)."""
         room = self.concurrency * 4 - len(self.retrying)
+        self.due_at = time.monotonic() + IDLE_WAIT
         if room <= 0:
             return
+        epoch = self.owed_epoch
         async with self.pool.acquire() as conn:
             heads = await conn.fetch(HEADS, self.id, list(self.retrying), room)
             if not heads:
+                due = await conn.fetchval(NEXT_DUE, self.id)
+                if due is None and not self.retrying and epoch == self.owed_epoch:
+                    self.maybe_owed = False
+                elif due is not None:
+                    self.due_at = time.monotonic() + max(0.0, min(IDLE_WAIT, due.total_seconds()))
                 return
             rows = await store.fetch_seqs(conn, [h["seq"] for h in heads])
         attempts = {h["seq"]: h["attempts"] for h in heads}
@@ -366,6 +412,7 @@ class Courier:
                 )
         finally:
             self.retrying.discard(row["prediction_id"])
+            self.due_at = 0.0  # its prediction's next owed event may be due now
 
     # ------------------------------------------------------------------ sending
 
@@ -382,10 +429,10 @@ class Courier:
                 {"relay-seq": str(row["seq"])},
             )
         if attempt.ok:
-            DESTINATION_EVENTS.labels(self.id, "sent").inc()
+            self.sent_counter.inc()
             self.sent_since_flush += 1
         else:
-            DESTINATION_EVENTS.labels(self.id, "failed").inc()
+            self.failed_counter.inc()
             self.failure = (attempt.reason or "failed", True)
         return attempt
 

@@ -72,9 +72,11 @@ class Destinations:
                     await asyncio.wait_for(conn.close(), 2)
             await asyncio.sleep(RECONNECT_DELAY)
 
-    def _changed(self, *_args: object) -> None:
+    def _changed(self, _conn: object, _pid: int, _channel: str, destination_id: str) -> None:
         self.look.set()
-        self.nudge()
+        held = self.couriers.get(destination_id)
+        if held is not None:
+            held[0].changed()
 
     async def _hold(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         while not lost.is_set():

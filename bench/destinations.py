@@ -22,6 +22,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.deliveries import bodies, raw_request  # noqa: E402
+from service.core.settings import decode_webhook_secret  # noqa: E402
 from service.core.signatures import signed_headers  # noqa: E402
 from tests.support import ADMIN_TOKEN, WEBHOOK_KEY, Postgres, RelayProcess, relay_env  # noqa: E402
 
@@ -207,6 +209,29 @@ def forward_rate(relay: RelayProcess, url: str, count: int, received: multiproce
     return count / elapsed
 
 
+def forwarding_ingest(
+    relay: RelayProcess,
+    url: str,
+    received: multiprocessing.Value,  # type: ignore[valid-type]
+    seconds: float,
+) -> tuple[float, float, int, float]:
+    """Ingest while a destination forwards every new event: (ingest/s, forwarded/s, lag at the
+    end of ingest, seconds from then until the lag was 0)."""
+    with httpx.Client(base_url=relay.url, headers=ADMIN, timeout=30) as admin:
+        added = admin.post("/admin/destinations", json={"url": url, "secret": SECRET}).json()
+        busy, during = ingest_rate(relay.port, INGEST_REQUESTS, seconds, received)
+        started = time.perf_counter()
+        lag = admin.get(f"/admin/destinations/{added['id']}").json()["lag"]
+        while admin.get(f"/admin/destinations/{added['id']}").json()["lag"] > 0:
+            time.sleep(0.1)
+        drained = time.perf_counter() - started
+        admin.delete(f"/admin/destinations/{added['id']}")
+    return busy, during, lag, drained
+
+
+INGEST_REQUESTS = 60_000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
@@ -224,24 +249,26 @@ def main() -> None:
         postgres = Postgres(Path(tmp))
         dsn = postgres.new_database()
         asyncio.run(load_log(dsn, options.events))
-        from service.core.settings import decode_webhook_secret
-
-        top = asyncio.run(ceiling(dsn, url, decode_webhook_secret(SECRET)))
-        own = asyncio.run(sender_loop(dsn, url, decode_webhook_secret(SECRET)))
+        key = decode_webhook_secret(SECRET)
+        top = asyncio.run(ceiling(dsn, url, key))
+        own = asyncio.run(sender_loop(dsn, url, key))
         with RelayProcess(relay_env(dsn)) as relay:
             forwarded = forward_rate(relay, url, options.events, received)
-            plain, _ = ingest_rate(relay.port, 200_000, options.seconds, received)
-            with httpx.Client(base_url=relay.url, headers=ADMIN, timeout=30) as admin:
-                added = admin.post("/admin/destinations", json={"url": url, "secret": SECRET}).json()
-                busy, during = ingest_rate(relay.port, 200_000, options.seconds, received)
-                started = time.perf_counter()
-                lag = admin.get(f"/admin/destinations/{added['id']}").json()
-                while admin.get(f"/admin/destinations/{added['id']}").json()["lag"] > 0:
-                    time.sleep(0.1)
-                drained = time.perf_counter() - started
+            plain, _ = ingest_rate(relay.port, INGEST_REQUESTS, options.seconds, received)
+            inline = forwarding_ingest(relay, url, received, options.seconds)
+        env = relay_env(dsn, RELAY_DESTINATIONS="off")
+        with RelayProcess(env) as relay:
+            sender = subprocess.Popen([sys.executable, "-m", "service", "destinations", "run"], env=env)
+            try:
+                apart = forwarding_ingest(relay, url, received, options.seconds)
+            finally:
+                sender.terminate()
+                sender.wait()
     receiver.terminate()
 
-    print(f"machine: {os.cpu_count()} cores; {options.events:,} events; ingest phases {options.seconds:g} s")
+    load = os.getloadavg()[0]
+    events, seconds = options.events, options.seconds
+    print(f"machine: {os.cpu_count()} cores, load {load:.1f}; {events:,} events; ingest {seconds:g} s")
     print()
     print("| measure | events/s | against |")
     print("| --- | ---: | --- |")
@@ -250,9 +277,11 @@ def main() -> None:
     against = f"{forwarded / top:.1f}x httpx, {forwarded / own:.0%} of the sender loop"
     print(f"| destination, from start | {forwarded:,.0f} | {against} |")
     print(f"| webhook ingest, no destination | {plain:,.0f} | |")
-    print(f"| webhook ingest while forwarding | {busy:,.0f} | {busy / plain:.0%} of ingest alone |")
-    print(f"| forwarded during that ingest | {during:,.0f} | lag at its end {lag['lag']:,} events, "
-          f"drained {drained:.1f} s later |")  # fmt: skip
+    for name, (busy, during, lag, drained) in (("in relay serve", inline), ("in its own process", apart)):
+        print(
+            f"| webhook ingest, destination sent {name} | {busy:,.0f} | {busy / plain:.0%} of ingest alone |"
+        )
+        print(f"| forwarded meanwhile | {during:,.0f} | lag {lag:,} at the end, 0 after {drained:.1f} s |")
 
 
 if __name__ == "__main__":

@@ -414,3 +414,22 @@ def test_a_forgotten_prediction_is_sent_as_erased_never_in_clear(postgres, recei
         wait_for(lambda: len(receiver.accepted) == len(events), what="the erased events")
         assert sorted(receiver.accepted_ids()) == sorted(e["webhook_id"] for e in events)
         assert all(json.loads(body) == {"erased": True} for _, body in receiver.accepted)
+
+
+def test_a_standalone_sender_sends_for_servers_that_do_not(postgres, receiver):
+    """RELAY_DESTINATIONS=off: the server sends nothing; `relay destinations run` does, and stops
+    on SIGTERM."""
+    env = relay_env(postgres.new_database(), RELAY_DESTINATIONS="off", RELAY_RETRY_SCHEDULE=SCHEDULE)
+    with RelayProcess(env) as relay, httpx.Client(base_url=relay.url, headers=admin_headers()) as admin:
+        add(admin, receiver)
+        with httpx.Client(base_url=relay.url, timeout=30) as client:
+            seqs = deliver_lifecycle(client, new_prediction_id())
+        time.sleep(1)
+        assert receiver.attempts == [], "a server with RELAY_DESTINATIONS=off sent"
+        sender = subprocess.Popen([sys.executable, "-m", "service", "destinations", "run"], env=env, cwd=ROOT)
+        try:
+            wait_for(lambda: len(receiver.accepted) == len(seqs), what="the standalone sender")
+        finally:
+            sender.send_signal(signal.SIGTERM)
+            assert sender.wait(20) == 0
+    assert [receiver.seqs[w] for w in receiver.accepted_ids()] == seqs

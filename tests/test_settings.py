@@ -26,6 +26,7 @@ DESIGN_VARIABLES = {
     "REPLICATE_API_BASE": "--replicate-api-base",
     "RELAY_PUBLIC_URL": "--public-url",
     "RELAY_ENCRYPTION_KEY": "--encryption-key",
+    "RELAY_RETRY_SCHEDULE": "--retry-schedule",
 }
 # A valid value, different from the suite's environment and the default, for every flag.
 SAMPLES = {
@@ -59,6 +60,10 @@ SAMPLES = {
     "RELAY_RECONCILE_INTERVAL": "12",
     "RELAY_ALLOWED_ORIGINS": "https://app.example.com",
     "RELAY_CORS_ORIGINS": "*",
+    # Destinations
+    "RELAY_RETRY_SCHEDULE": "0,1,2",
+    "RELAY_DESTINATION_CONCURRENCY": "4",
+    "RELAY_DESTINATIONS": "off",
 }
 FLAGS = {flag.variable: flag.name for flag in SERVE_FLAGS}
 

@@ -1,4 +1,4 @@
-"""`relay destinations add URL [filters] [--from …] | list | remove ID | retry ID | pause ID | resume ID`.
+"""`relay destinations add URL [filters] [--from …] | list | remove | retry | pause | resume ID | run`.
 
 Like the other operator commands it works on the database directly; the running instances
 notice a change at once (NOTIFY) and start, stop or re-send accordingly.
@@ -7,7 +7,10 @@ notice a change at once (NOTIFY) and start, stop or re-send accordingly.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,7 +19,11 @@ import asyncpg
 
 from service.cli.operators import cli_vault, with_connection
 from service.core.errors import ConfigError, RelayError
+from service.core.settings import tool_settings
+from service.db import database
+from service.db.vault import check_keys
 from service.destinations import model
+from service.destinations.manager import run_standalone
 
 FILTER_FLAGS = {"prediction_id": "--prediction", "status": "--status", "source": "--source",
                 "since": "--since", "until": "--until"}  # fmt: skip
@@ -91,6 +98,24 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Send every destination this process can hold, until SIGINT or SIGTERM."""
+    settings = tool_settings()
+
+    async def main(dsn: str) -> None:
+        await check_keys(dsn, cli_vault())
+        task = asyncio.ensure_future(run_standalone(dsn, cli_vault(), settings))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with database.database_dsn(settings) as dsn:
+        asyncio.run(main(dsn))
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add", help="forward every matching event to URL")
@@ -113,6 +138,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command = sub.add_parser(name, help=text)
         command.add_argument("id")
         command.set_defaults(run_action=func)
+    runner = sub.add_parser(
+        "run", help="send destinations from this process (servers with RELAY_DESTINATIONS=off)"
+    )
+    runner.set_defaults(run_action=cmd_run)
 
 
 def cmd_destinations(args: argparse.Namespace) -> int:

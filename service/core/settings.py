@@ -93,6 +93,13 @@ def _usd(raw: str, name: str, *, rule: str = "0 or more", positive: bool = False
     return value
 
 
+def _on_off(env: Mapping[str, str], name: str, default: bool = True) -> bool:
+    raw = (env.get(name) or ("on" if default else "off")).strip().lower()
+    if raw not in ("on", "off"):
+        raise ConfigError(f"{name} must be on or off, got {raw[:20]!r}")
+    return raw == "on"
+
+
 def _prices(env: Mapping[str, str]) -> dict[str, float]:
     """`RELAY_PRICES`: space-separated `model=price` pairs, price in USD per second."""
     prices = {}
@@ -218,6 +225,7 @@ class Settings:
     # Destinations
     retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
     destination_concurrency: int = 16
+    destinations: bool = True
     generated: frozenset[str] = field(default_factory=frozenset)
     flags: dict[str, str] = field(default_factory=dict, repr=False)  # given on the command line
 
@@ -308,6 +316,7 @@ def load_settings(
         # Destinations
         "retry_schedule": parse_schedule(env.get("RELAY_RETRY_SCHEDULE") or DEFAULT_SCHEDULE_TEXT),
         "destination_concurrency": _int(env, "RELAY_DESTINATION_CONCURRENCY", 16),
+        "destinations": _on_off(env, "RELAY_DESTINATIONS"),
         "flags": flags,
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]

@@ -1,6 +1,10 @@
 """Which instance sends which destination: each destination is held by one instance at a time,
 through a session-level advisory lock on a connection of its own.
 
+The same connection LISTENs for new events (the log's NOTIFY) and for changes to destinations,
+so a sender needs nothing else from the process it runs in: `relay serve` runs one, and
+`relay destinations run` runs one on its own (with `RELAY_DESTINATIONS=off` on the servers).
+
 Postgres releases the lock when that connection ends, which happens at once when the holding
 process dies (even `kill -9`: the kernel closes its socket), so another instance takes the
 destination over on its next look (at most REFRESH seconds, or at once on a change). When the
@@ -18,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from service.core.settings import Settings
+from service.db.store import NOTIFY_CHANNEL
 from service.db.vault import Vault
 from service.destinations.courier import Courier
 from service.destinations.model import CHANGES_CHANNEL
@@ -63,6 +68,7 @@ class Destinations:
             conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
             try:
                 await conn.add_listener(CHANGES_CHANNEL, self._changed)
+                await conn.add_listener(NOTIFY_CHANNEL, self._committed)
                 await self._hold(conn, lost)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("destinations: lost the lock connection (%s); stopping", type(exc).__name__)
@@ -71,6 +77,9 @@ class Destinations:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 2)
             await asyncio.sleep(RECONNECT_DELAY)
+
+    def _committed(self, *_args: object) -> None:
+        self.nudge()
 
     def _changed(self, _conn: object, _pid: int, _channel: str, destination_id: str) -> None:
         self.look.set()
@@ -130,3 +139,15 @@ async def _first(*waits: Awaitable[object]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def run_standalone(dsn: str, vault: Vault, settings: Settings) -> None:
+    """`relay destinations run`: the senders without an HTTP server, until cancelled."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=POOL_SIZE)
+    try:
+        await Destinations(pool, lambda: asyncpg.connect(dsn), vault, settings).run()
+    finally:
+        await pool.close()
+
+
+POOL_SIZE = 5

@@ -90,7 +90,6 @@ class Hub:
         self._tasks: list[asyncio.Task] = []
         self._closing_code: int | None = None
         self.listening = asyncio.Event()
-        self.on_notify: list[Callable[[], None]] = []  # also told of new commits (destinations)
 
     async def start(self) -> None:
         async with self._pool.acquire() as conn:
@@ -218,8 +217,6 @@ class Hub:
         if payload.isdigit():
             self._notified = max(self._notified, int(payload))
         self._nudge.set()
-        for wake in self.on_notify:
-            wake()
 
     def _on_replay(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._replays.put_nowait(payload)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 from collections import defaultdict
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ class Origin:
         return host if self.port == default else f"{host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=256)
 def split(url: str) -> tuple[Origin, str]:
     """The origin and the request target (path and query) of an http(s) URL; ValueError if not one."""
     parts = urlsplit(url)

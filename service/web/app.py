@@ -132,8 +132,9 @@ def start_budget(relay: Relay) -> None:
 
 def start_destinations(relay: Relay) -> None:
     """The senders of the destinations this instance holds (each held by one instance)."""
+    if not relay.settings.destinations:
+        return  # RELAY_DESTINATIONS=off: `relay destinations run` sends, elsewhere
     sender = Destinations(relay.pool, relay.connect, relay.vault, relay.settings)
-    relay.hub.on_notify.append(sender.nudge)
     relay.background.add(asyncio.create_task(sender.run(), name="relay-destinations"))
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -50,7 +51,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 def receive(port: multiprocessing.Value, count: multiprocessing.Value) -> None:  # type: ignore[valid-type]
     """A receiver that answers 200 to every POST at once, counting them (a process of its own)."""
     import httptools
-    import uvloop
 
     class Answer(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -80,7 +80,6 @@ def generate(
 ) -> None:  # type: ignore[type-arg]
     """Closed loop: each connection sends its next pre-signed request when the last is answered."""
     import httptools
-    import uvloop
 
     async def run() -> int:
         done = 0
@@ -250,8 +249,9 @@ def main() -> None:
         dsn = postgres.new_database()
         asyncio.run(load_log(dsn, options.events))
         key = decode_webhook_secret(SECRET)
-        top = asyncio.run(ceiling(dsn, url, key))
-        own = asyncio.run(sender_loop(dsn, url, key))
+        # On uvloop, like relay serve (uvicorn[standard]).
+        top = uvloop.run(ceiling(dsn, url, key))
+        own = uvloop.run(sender_loop(dsn, url, key))
         with RelayProcess(relay_env(dsn)) as relay:
             forwarded = forward_rate(relay, url, options.events, received)
             plain, _ = ingest_rate(relay.port, INGEST_REQUESTS, options.seconds, received)

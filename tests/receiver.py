@@ -43,6 +43,7 @@ class Receiver(ThreadingHTTPServer):
         self.seqs: dict[str, int] = {}
         self.in_flight: set[str] = set()
         self.overlaps = 0  # requests that arrived while the same webhook-id was in flight
+        self.arrivals: list[tuple[str, float]] = []  # (webhook-id, time.monotonic()) of every request
 
     @property
     def url(self) -> str:
@@ -53,6 +54,7 @@ class Receiver(ThreadingHTTPServer):
         with self.lock:
             self.overlaps += webhook_id in self.in_flight
             self.in_flight.add(webhook_id)
+            self.arrivals.append((webhook_id, time.monotonic()))
         try:
             if self.delay:
                 time.sleep(self.delay)

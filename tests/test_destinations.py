@@ -155,6 +155,9 @@ def test_a_receiver_answering_503_for_a_while_then_200_gets_everything(relay, re
     assert "503" in failing["last_error"] and failing["lag"] > 0
     wait_for(lambda: len(set(receiver.accepted_ids())) == len(events), timeout=30, what="recovery")
     assert_in_seq_order_per_prediction(receiver, events)
+    first = [at for webhook_id, at in receiver.arrivals if webhook_id == events[0]["webhook_id"]]
+    gaps = [later - earlier for earlier, later in zip(first, first[1:], strict=False)]
+    assert len(gaps) >= 2 and min(gaps) >= 0.9, f"Retry-After: 1 was not honoured ({gaps})"
     wait_for(lambda: status_of(admin, destination["id"])["lag"] == 0, what="lag to drain")
     assert status_of(admin, destination["id"])["exhausted"] == 0
 

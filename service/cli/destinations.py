@@ -64,7 +64,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no destinations")
         return 0
     for d in found:
-        state = "paused" if d["paused"] else ("FAILING" if d["failing"] else "active")
+        state = (
+            "paused"
+            if d["paused"]
+            else "FAILING"
+            if d["failing"]
+            else "retrying"
+            if d["pending"]
+            else "active"
+        )
         print(
             f"{d['id']}  {state}  {d['url']}  cursor {d['cursor']}  lag {d['lag']} ({d['lag_seconds']:.0f}s)"
             f"  pending {d['pending']}  exhausted {d['exhausted']}"

@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main(dsn: str) -> None:
         await check_keys(dsn, cli_vault())
-        task = asyncio.ensure_future(run_standalone(dsn, cli_vault(), settings))
+        task = asyncio.ensure_future(run_standalone(database.databases(settings, dsn), cli_vault(), settings))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from service.core.settings import Settings
+from service.db.database import Databases
 from service.db.store import NOTIFY_CHANNEL
 from service.db.vault import Vault
 from service.destinations.courier import Courier
@@ -141,11 +142,13 @@ async def _first(*waits: Awaitable[object]) -> None:
             task.cancel()
 
 
-async def run_standalone(dsn: str, vault: Vault, settings: Settings) -> None:
-    """`relay destinations run`: the senders without an HTTP server, until cancelled."""
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=POOL_SIZE)
+async def run_standalone(dbs: Databases, vault: Vault, settings: Settings) -> None:
+    """`relay destinations run`: the senders without an HTTP server, until cancelled. The lock
+    and LISTEN connection goes to RELAY_LISTEN_DATABASE_URL (a transaction pooler cannot hold a
+    session lock); the rest through DATABASE_URL."""
+    pool = await asyncpg.create_pool(dbs.write, min_size=1, max_size=POOL_SIZE, **dbs.pool_options())
     try:
-        await Destinations(pool, lambda: asyncpg.connect(dsn), vault, settings).run()
+        await Destinations(pool, lambda: asyncpg.connect(dbs.listen), vault, settings).run()
     finally:
         await pool.close()
 

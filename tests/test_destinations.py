@@ -436,3 +436,25 @@ def test_a_standalone_sender_sends_for_servers_that_do_not(postgres, receiver):
             sender.send_signal(signal.SIGTERM)
             assert sender.wait(20) == 0
     assert [receiver.seqs[w] for w in receiver.accepted_ids()] == seqs
+
+
+def test_a_secret_is_resealed_under_the_new_key_after_a_rotation(postgres, receiver):
+    """Old key second in RELAY_ENCRYPTION_KEY: the sender re-seals the secret under the new one,
+    after which the old key can go and the destination still sends."""
+    old, new = (base64.b64encode(os.urandom(32)).decode() for _ in range(2))
+    dsn = postgres.new_database()
+    with (
+        RelayProcess(relay_env(dsn, RELAY_ENCRYPTION_KEY=old)) as relay,
+        httpx.Client(base_url=relay.url, headers=admin_headers()) as admin,
+    ):
+        add(admin, receiver)
+    sealed_by = query(dsn, "SELECT kek_id FROM destinations")[0]["kek_id"]
+    with RelayProcess(relay_env(dsn, RELAY_ENCRYPTION_KEY=f"{new} {old}")):
+        wait_for(
+            lambda: query(dsn, "SELECT kek_id FROM destinations")[0]["kek_id"] != sealed_by, what="reseal"
+        )
+    with RelayProcess(relay_env(dsn, RELAY_ENCRYPTION_KEY=new)) as relay:
+        with httpx.Client(base_url=relay.url, timeout=30) as client:
+            seqs = deliver_lifecycle(client, new_prediction_id())
+        wait_for(lambda: len(receiver.accepted) == len(seqs), what="deliveries with the new key only")
+    assert receiver.bad_signatures == 0

@@ -220,6 +220,21 @@ class Courier:
                 raise Gone from None
             key = decode_webhook_secret(secret, "the destination's secret")
             self.config = Config(row["url"], key, event_filter(row["filter"]), row["paused"])
+            if row["kek_id"] != self.vault.current_id:
+                await self._reseal(secret, row["secret"])
+
+    async def _reseal(self, secret: str, stored: bytes) -> None:
+        """Seal the secret under the current RELAY_ENCRYPTION_KEY (after a rotation, or once
+        encryption is turned on), so the old key can be retired; in clear when it is off."""
+        sealed, kek_id = self.vault.seal_secret(secret, self.id)
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE destinations SET secret = $2, kek_id = $3 WHERE id = $1 AND secret = $4",
+                self.id,
+                sealed,
+                kek_id,
+                stored,
+            )
 
     # ------------------------------------------------------------------ fast path
 

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from service.cli import destinations, retention
 from service.cli import operators as console
@@ -55,7 +55,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     except usage.UsageInputError as error:
         raise ConfigError(f"--{error}") from None
 
-    async def fetch(dsn: str) -> dict:
+    async def fetch(dsn: str) -> dict[str, Any]:
         conn = await database.connect(dsn)
         try:
             return await usage.report(conn, when, settings.prices)
@@ -113,7 +113,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", help="write acknowledged webhook-ids and outcomes to this JSON file")
 
 
-COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
+COMMANDS: list[console.Command] = [
     ("serve", "run the HTTP/WebSocket service", cmd_serve, add_serve_arguments),
     ("migrate", "apply database migrations", cmd_migrate, None),
     (
@@ -153,10 +153,11 @@ class Parser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         # Each subcommand's parser refuses its own unknown flags, so the line names the command.
-        namespace, extras = super().parse_known_args(args, namespace)
+        given = argparse.Namespace() if namespace is None else namespace  # as argparse itself does
+        parsed, extras = super().parse_known_args(args, given)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return namespace, extras
+        return parsed, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ConfigError as error:
         print(f"relay: error: {error}", file=sys.stderr)
         return 2

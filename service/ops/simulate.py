@@ -204,9 +204,9 @@ class Simulator:
                 status = 0
             else:
                 status = response.status_code
-            if 200 <= status < 300:
-                self._acknowledged(webhook_id, response.json())
-                return
+                if 200 <= status < 300:
+                    self._acknowledged(webhook_id, response.json())
+                    return
             if status and not retryable_status(status):
                 self.report.rejected += 1
                 return
@@ -215,7 +215,7 @@ class Simulator:
                 await asyncio.sleep(wait)
         self.report.failed += 1
 
-    def _acknowledged(self, webhook_id: str, answer: dict) -> None:
+    def _acknowledged(self, webhook_id: str, answer: dict[str, Any]) -> None:
         self.report.acknowledged += 1
         if answer.get("duplicate"):
             self.report.duplicates += 1

@@ -17,7 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ExceptionHandler, Receive, Scope, Send
 
 from service.core import metrics
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
@@ -232,7 +232,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     ]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
-    handlers = {
+    handlers: dict[int | type[Exception], ExceptionHandler] = {
         RelayError: relay_error,
         **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files
         **dict.fromkeys(DATABASE_DOWN, database_down),

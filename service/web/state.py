@@ -35,7 +35,7 @@ class Relay:
     webhook_keys: tuple[bytes, ...] = field(init=False)
     vault: Vault = field(init=False)
     upstream: Upstream | None = field(init=False, default=None)
-    background: set[asyncio.Task] = field(init=False, default_factory=set)
+    background: set[asyncio.Task[None]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys

@@ -35,10 +35,10 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.deliveries import bodies, raw_request  # noqa: E402
-from service.core.settings import decode_webhook_secret  # noqa: E402
-from service.core.signatures import signed_headers  # noqa: E402
-from tests.support import ADMIN_TOKEN, WEBHOOK_KEY, Postgres, RelayProcess, relay_env  # noqa: E402
+from bench.deliveries import bodies, raw_request
+from service.core.settings import decode_webhook_secret
+from service.core.signatures import signed_headers
+from tests.support import ADMIN_TOKEN, WEBHOOK_KEY, Postgres, RelayProcess, relay_env
 
 SECRET = "whsec_" + "YmVuY2gtZGVzdGluYXRpb24tc2VjcmV0LWtleS0wMQ=="
 CONCURRENCY = 16

@@ -35,6 +35,7 @@ from service.core.metrics import DESTINATION_EVENTS, DESTINATION_LAG_EVENTS, DES
 from service.core.retry import scheduled_delay
 from service.core.settings import decode_webhook_secret
 from service.db import store
+from service.db.connection import Connection
 from service.db.events import body_bytes
 from service.db.vault import Vault
 from service.destinations.model import event_filter
@@ -267,7 +268,7 @@ class Courier:
         self.scanned_to = rows[-1]["seq"] if len(rows) == PAGE else horizon
         return len(rows) == PAGE
 
-    async def _owed_predictions(self, conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> set[str]:
+    async def _owed_predictions(self, conn: Connection, rows: list[asyncpg.Record]) -> set[str]:
         if not rows or not self.maybe_owed:
             return set()
         found = await conn.fetch(
@@ -343,7 +344,7 @@ class Courier:
         return 0.0 if delay is None else delay
 
     async def _owe(
-        self, conn: asyncpg.Connection, entries: list[tuple[asyncpg.Record, int, float, str | None]]
+        self, conn: Connection, entries: list[tuple[asyncpg.Record, int, float, str | None]]
     ) -> None:
         await conn.execute(
             OWE,
@@ -482,9 +483,10 @@ class Courier:
             if time.monotonic() >= self.next_stats:
                 await self._publish_stats(conn)
 
-    async def _publish_stats(self, conn: asyncpg.Connection) -> None:
+    async def _publish_stats(self, conn: Connection) -> None:
         self.next_stats = time.monotonic() + STATS_EVERY
         stats = await conn.fetchrow(STATS, self.id)
+        assert stats is not None  # an aggregate always has its row
         end = await store.max_seq(conn)
         behind = max(0, end - self.stored_cursor)
         oldest = stats["oldest"]

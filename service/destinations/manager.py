@@ -82,9 +82,9 @@ class Destinations:
     def _committed(self, *_args: object) -> None:
         self.nudge()
 
-    def _changed(self, _conn: object, _pid: int, _channel: str, destination_id: str) -> None:
+    def _changed(self, _conn: object, _pid: int, _channel: str, destination_id: object) -> None:
         self.look.set()
-        held = self.couriers.get(destination_id)
+        held = self.couriers.get(str(destination_id))
         if held is not None:
             held[0].changed()
 

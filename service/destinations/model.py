@@ -21,6 +21,7 @@ from service.core.errors import ConfigError, InvalidRequest, NotFound
 from service.core.filters import EventFilter, parse_filter
 from service.core.settings import decode_webhook_secret
 from service.db import store
+from service.db.connection import Connection
 from service.db.vault import Vault
 
 MAX_URL = 2048
@@ -47,10 +48,10 @@ def check_url(url: Any) -> str:
     text: str = url if isinstance(url, str) and len(url) <= MAX_URL and "\x00" not in url else ""
     try:
         parts = urlsplit(text)
-        host = parts.hostname
+        scheme, host = parts.scheme, parts.hostname
     except ValueError:  # a malformed [IPv6] or port
-        host = None
-    if parts.scheme not in ("http", "https") or not host:
+        scheme, host = "", None
+    if scheme not in ("http", "https") or not host:
         raise InvalidRequest(f"url must be an http:// or https:// URL with a host (at most {MAX_URL} chars)")
     return text
 
@@ -114,7 +115,7 @@ def event_filter(stored: Any) -> EventFilter:
     return parse_filter(values)
 
 
-async def create(conn: asyncpg.Connection, new: NewDestination, vault: Vault) -> dict[str, Any]:
+async def create(conn: Connection, new: NewDestination, vault: Vault) -> dict[str, Any]:
     """Store a destination; the answer is the only place its secret is shown."""
     end = await store.max_seq(conn)
     if new.start == "now":
@@ -160,13 +161,13 @@ GROUP BY d.id ORDER BY d.created_at, d.id
 """
 
 
-async def listing(conn: asyncpg.Connection, destination_id: str | None = None) -> list[dict[str, Any]]:
+async def listing(conn: Connection, destination_id: str | None = None) -> list[dict[str, Any]]:
     """Every destination (or one) with `cursor`, `lag`, `pending`, `exhausted`, `last_error`..."""
     rows = await conn.fetch(LIST, destination_id)
     return [await _described(conn, row) for row in rows]
 
 
-async def _described(conn: asyncpg.Connection, row: asyncpg.Record) -> dict[str, Any]:
+async def _described(conn: Connection, row: asyncpg.Record) -> dict[str, Any]:
     unscanned, oldest = await _unscanned(conn, row)
     oldest_owed = row["oldest_owed"]
     if oldest_owed is not None:
@@ -193,7 +194,7 @@ async def _described(conn: asyncpg.Connection, row: asyncpg.Record) -> dict[str,
     }
 
 
-async def _unscanned(conn: asyncpg.Connection, row: asyncpg.Record) -> tuple[int, datetime | None]:
+async def _unscanned(conn: Connection, row: asyncpg.Record) -> tuple[int, datetime | None]:
     """Matching events past the cursor (counted up to LAG_COUNT_LIMIT), and when the first came."""
     where, args = event_filter(row["filter"]).starting_after(row["cursor"]).where()
     found = await conn.fetchrow(
@@ -201,24 +202,25 @@ async def _unscanned(conn: asyncpg.Connection, row: asyncpg.Record) -> tuple[int
         f" (SELECT received_at FROM events WHERE {where} ORDER BY seq LIMIT {LAG_COUNT_LIMIT}) AS t",
         *args,
     )
+    assert found is not None  # an aggregate always has its row
     return found["n"], found["first"]
 
 
-async def one(conn: asyncpg.Connection, destination_id: str) -> dict[str, Any]:
+async def one(conn: Connection, destination_id: str) -> dict[str, Any]:
     found = await listing(conn, destination_id)
     if not found:
         raise NotFound(f"no destination {destination_id[:80]!r}")
     return found[0]
 
 
-async def remove(conn: asyncpg.Connection, destination_id: str) -> None:
+async def remove(conn: Connection, destination_id: str) -> None:
     deleted = await conn.fetchval("DELETE FROM destinations WHERE id = $1 RETURNING id", destination_id)
     if deleted is None:
         raise NotFound(f"no destination {destination_id[:80]!r}")
     await conn.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, destination_id)
 
 
-async def set_paused(conn: asyncpg.Connection, destination_id: str, paused: bool) -> dict[str, Any]:
+async def set_paused(conn: Connection, destination_id: str, paused: bool) -> dict[str, Any]:
     changed = await conn.fetchval(
         "UPDATE destinations SET paused = $2 WHERE id = $1 RETURNING id", destination_id, paused
     )
@@ -228,7 +230,7 @@ async def set_paused(conn: asyncpg.Connection, destination_id: str, paused: bool
     return await one(conn, destination_id)
 
 
-async def retry(conn: asyncpg.Connection, destination_id: str) -> int:
+async def retry(conn: Connection, destination_id: str) -> int:
     """Re-queue the destination's exhausted events (sent again from the start of the schedule)."""
     async with conn.transaction():
         exists = await conn.fetchval("SELECT 1 FROM destinations WHERE id = $1 FOR UPDATE", destination_id)

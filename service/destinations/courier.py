@@ -114,7 +114,7 @@ class Courier:
         self.tasks: set[asyncio.Task[None]] = set()
         self.http: Pool | None = None
         self.sent_since_flush = 0
-        self.failure: tuple[str, bool] | None = None  # the newest (error, is_failure) to record
+        self.failure: str | None = None  # the newest error, to record at the next flush
         self.next_stats = 0.0
         self.diverted: set[str] = set()
         self.broken: BaseException | None = None
@@ -448,7 +448,7 @@ class Courier:
             self.sent_since_flush += 1
         else:
             self.failed_counter.inc()
-            self.failure = (attempt.reason or "failed", True)
+            self.failure = attempt.reason or "failed"
         return attempt
 
     # ------------------------------------------------------------------ bookkeeping
@@ -477,7 +477,7 @@ class Courier:
                 self.id,
                 cursor,
                 sent > 0,
-                failure[0][:MAX_ERROR] if failure else None,
+                failure[:MAX_ERROR] if failure else None,
             )
             self.stored_cursor = max(self.stored_cursor, cursor)
             if time.monotonic() >= self.next_stats:

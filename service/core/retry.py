@@ -79,6 +79,12 @@ class Backoff:
         return max(retry_after or 0.0, self.step(failures))
 
 
+def exponential(failures: int, base: float, cap: float, spread: float = SCHEDULE_JITTER) -> float:
+    """`base × 2^(failures-1)`, capped, spread over ±`spread` (background work: the archive)."""
+    step: float = min(cap, base * 2.0 ** max(0, failures - 1))
+    return step * _RNG.uniform(1 - spread, 1 + spread)
+
+
 def parse_schedule(text: str, name: str = "RELAY_RETRY_SCHEDULE") -> tuple[float, ...]:
     """`0,5,300`: the delay before each attempt, in seconds (the first is the first attempt)."""
     try:

@@ -21,6 +21,7 @@ from service.upstream import ratelimit
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
 from service.web.routes.webhooks import read_body
+from service.web.state import relay_of
 
 
 class ProxyDisabled(RelayError):
@@ -30,7 +31,7 @@ class ProxyDisabled(RelayError):
 
 async def admit(request: Request) -> tuple[Upstream, Quota]:
     """Authenticate, count the request against the key's quota, and require the upstream."""
-    relay = request.app.state.relay
+    relay = relay_of(request)
     settings = relay.settings
     key = require_api_key(
         token_from(request.headers, request.query_params), settings.admin_token, settings.api_keys
@@ -47,7 +48,7 @@ async def admit(request: Request) -> tuple[Upstream, Quota]:
 
 def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
     """Replicate's prediction plus where and with what token to watch it on Relay."""
-    settings = request.app.state.relay.settings
+    settings = relay_of(request).settings
     prediction_id = prediction.get("id")
     if not isinstance(prediction_id, str):
         return prediction
@@ -61,7 +62,7 @@ def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
 
 
 async def read_json(request: Request) -> Any:
-    body = await read_body(request, request.app.state.relay.settings.api_max_body)
+    body = await read_body(request, relay_of(request).settings.api_max_body)
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
@@ -70,7 +71,7 @@ async def read_json(request: Request) -> Any:
 
 async def create_prediction(request: Request) -> JSONResponse:
     upstream, quota = await admit(request)
-    path, payload = create_request(await read_json(request), request.app.state.relay.settings.webhook_url)
+    path, payload = create_request(await read_json(request), relay_of(request).settings.webhook_url)
     reply = await upstream.create(path, payload)
     return JSONResponse(with_relay(request, reply.data), status_code=201, headers=quota.headers())
 
@@ -90,7 +91,7 @@ async def cancel_prediction(request: Request) -> JSONResponse:
 async def list_predictions(request: Request) -> JSONResponse:
     upstream, quota = await admit(request)
     reply = await upstream.list(request.query_params.get("cursor") or None)
-    page = list_page(reply.data, request.app.state.relay.settings.base_url)
+    page = list_page(reply.data, relay_of(request).settings.base_url)
     return JSONResponse(page, headers=quota.headers())
 
 

@@ -283,12 +283,16 @@ class Scheduler:
                 async with conn.transaction():
                     await conn.execute(NOT_SENT, ref.batch_id, ref.index)
                     await conn.execute(HOLD, ref.batch_id, wait, f"{error.code}: {error.message}")
-                log.info("batch %s: Replicate answered %s; no new item for %.0fs", ref.batch_id, error.code, wait)
+                log.info(
+                    "batch %s: Replicate answered %s; no new item for %.0fs", ref.batch_id, error.code, wait
+                )
             elif error.code in ITEM_FAILURES:
                 await conn.execute(ITEM_FAILED, ref.batch_id, ref.index, error.code, error.message)
                 log.info("batch %s item %d failed: %s", ref.batch_id, ref.index, error.code)
             else:
-                log.warning("batch %s item %d: create outcome unknown (%s)", ref.batch_id, ref.index, error.code)
+                log.warning(
+                    "batch %s item %d: create outcome unknown (%s)", ref.batch_id, ref.index, error.code
+                )
 
     async def _cancel(self, prediction_id: str) -> None:
         try:

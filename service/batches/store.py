@@ -151,29 +151,30 @@ async def is_member(conn: asyncpg.Connection, batch_id: str, prediction_id: str)
     return bool(found)
 
 
-async def all_ended(conn: asyncpg.Connection, batch_id: str) -> bool:
-    """Whether every item has ended: its own status, or its prediction's in the log, is terminal."""
-    open_items = await conn.fetchval(
-        """SELECT count(*) FROM batch_items i LEFT JOIN predictions p ON p.prediction_id = i.prediction_id
-           WHERE i.batch_id = $1 AND i.status = ANY($2::text[]) AND coalesce(p.status_rank, 0) < 3""",
+async def end_seq(conn: asyncpg.Connection, batch_id: str) -> int | None:
+    """None while an item is unfinished; once every item has ended (its own status, or its
+    prediction's in the log, is terminal), the seq of the batch's last event (0 if none)."""
+    return await conn.fetchval(
+        """SELECT CASE WHEN bool_and(i.status <> ALL($2::text[]) OR coalesce(p.status_rank, 0) = 3)
+                       THEN coalesce(max(p.last_seq), 0) END
+           FROM batch_items i LEFT JOIN predictions p ON p.prediction_id = i.prediction_id
+           WHERE i.batch_id = $1""",
         batch_id,
         list(OPEN_STATUSES),
     )
-    return open_items == 0
 
 
-def batch_events_where(after_arg: int, up_to_arg: int, batch_arg: int) -> str:
-    return (
-        f"seq > ${after_arg} AND seq <= ${up_to_arg} AND prediction_id IN"
-        f" (SELECT prediction_id FROM batch_items WHERE batch_id = ${batch_arg} AND prediction_id IS NOT NULL)"
-    )
+BATCH_EVENTS_WHERE = (
+    "seq > $1 AND seq <= $2 AND prediction_id IN"
+    " (SELECT prediction_id FROM batch_items WHERE batch_id = $3 AND prediction_id IS NOT NULL)"
+)
 
 
 async def batch_events(
     conn: asyncpg.Connection, batch_id: str, after: int, up_to: int, limit: int
 ) -> list[asyncpg.Record]:
     """The events of the batch's predictions in (after, up_to], in seq order."""
-    where = select_where(batch_events_where(1, 2, 3))
+    where = select_where(BATCH_EVENTS_WHERE)
     return await conn.fetch(f"{where} LIMIT $4", after, up_to, batch_id, limit)
 
 

@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from service.batches.scheduler import BudgetGate, Scheduler
 from service.core import metrics
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
 from service.core.settings import Settings
@@ -28,9 +30,10 @@ from service.live.hub import Hub
 from service.upstream.client import Upstream
 from service.upstream.reconcile import Reconciler
 from service.usage import budget
+from service.usage.report import month_spend
 from service.web.origins import ApiCors
 from service.web.responses import error_response
-from service.web.routes import admin, dashboard, privacy, reading, sockets, usage, webhooks
+from service.web.routes import admin, batches, dashboard, privacy, reading, sockets, usage, webhooks
 from service.web.routes import api as predictions_api
 from service.web.state import CONNECT_TIMEOUT, Relay, relay_of
 
@@ -122,6 +125,40 @@ def start_upstream(relay: Relay) -> None:
     relay.background.add(task)  # a strong reference, so the task is never garbage collected
 
 
+def budget_gate(relay: Relay) -> BudgetGate | None:
+    """Why a batch may start no new item: this month's estimated spend has reached RELAY_BUDGET."""
+    settings = relay.settings
+    budget = settings.budget
+    if budget is None:
+        return None
+
+    async def blocked() -> str | None:
+        async with relay.pool.acquire() as conn:
+            spend = await month_spend(conn, settings.prices, datetime.now(UTC))
+        if spend < budget:
+            return None
+        return (
+            f"RELAY_BUDGET reached: {spend:.2f} of {budget:.2f} USD spent this month; "
+            "no new item starts until the month's spend allows"
+        )
+
+    return blocked
+
+
+def start_batches(relay: Relay) -> None:
+    """The batch scheduler, driven by webhooks; it reaches Replicate through the upstream client."""
+    if relay.upstream is None:
+        return
+    relay.scheduler = Scheduler(
+        relay.pool,
+        relay.upstream,
+        relay.batch_link_key,
+        relay.settings.webhook_url,
+        budget=budget_gate(relay),
+    )
+    relay.background.add(asyncio.create_task(relay.scheduler.run(), name="relay-batches"))
+
+
 def start_budget(relay: Relay) -> None:
     """The monthly spend check, when prices or a budget are configured."""
     settings = relay.settings
@@ -167,6 +204,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.committer = GroupCommitter(relay.pool, prepare=relay.vault.prepare, on_commit=handover)
         relay.committer.start()
         start_upstream(relay)
+        start_batches(relay)
         start_budget(relay)
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out
         # of the collector's sight, a full collection took ~1 ms instead of 13-33 ms, which were
@@ -193,6 +231,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *sockets.routes,
         *admin.routes,
         *predictions_api.routes,
+        *batches.routes,
         *dashboard.routes,
         *privacy.routes,
         *usage.routes,

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import asyncpg
 from starlette.requests import HTTPConnection
 
+from service.batches.links import link_key
+from service.batches.scheduler import Scheduler
 from service.core.settings import Settings
 from service.db.vault import Vault
 from service.ingest.committer import GroupCommitter
@@ -34,10 +36,13 @@ class Relay:
     vault: Vault = field(init=False)
     upstream: Upstream | None = field(init=False, default=None)
     background: set[asyncio.Task] = field(init=False, default_factory=set)
+    scheduler: Scheduler | None = field(init=False, default=None)  # batches, with an upstream
+    batch_link_key: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys
         self.vault = Vault(self.settings.key_encryption_keys)
+        self.batch_link_key = link_key(self.settings.subscribe_key or "")
 
     def connect(self) -> asyncpg.Connection:
         return asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)

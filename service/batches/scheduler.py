@@ -145,15 +145,16 @@ class Scheduler:
         owners: OwnerHook | None = None,
         tick: float = TICK,
         unknown_after: float = UNKNOWN_AFTER,
+        budget_recheck: float = BUDGET_RECHECK,
     ):
         self.pool, self.api = pool, api
         self.link_key, self.webhook_url = link_key, webhook_url
         self.budget, self.owners = budget, owners
-        self.tick, self.unknown_after = tick, unknown_after
+        self.tick, self.unknown_after, self.budget_recheck = tick, unknown_after, budget_recheck
         self._nudge = asyncio.Event()
         self._calls: set[asyncio.Task[None]] = set()
         self._budget_reason: str | None = None
-        self._budget_checked = -BUDGET_RECHECK
+        self._budget_checked = -budget_recheck
 
     def nudge(self) -> None:
         self._nudge.set()
@@ -235,7 +236,9 @@ class Scheduler:
     async def _budget_block(self) -> str | None:
         if self.budget is None:
             return None
-        if time.monotonic() - self._budget_checked >= BUDGET_RECHECK:
+        # The spend is a sum over the month's predictions: read at most every `budget_recheck`
+        # seconds, so a batch may start a few items past the budget, never a flood.
+        if time.monotonic() - self._budget_checked >= self.budget_recheck:
             self._budget_reason = await self.budget()
             self._budget_checked = time.monotonic()
         return self._budget_reason

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from service.batches.scheduler import BudgetGate, Scheduler
+from service.batches.scheduler import BUDGET_RECHECK, BudgetGate, Scheduler
 from service.core import metrics
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
 from service.core.settings import Settings
@@ -155,6 +155,7 @@ def start_batches(relay: Relay) -> None:
         relay.batch_link_key,
         relay.settings.webhook_url,
         budget=budget_gate(relay),
+        budget_recheck=min(relay.settings.budget_interval, BUDGET_RECHECK),
     )
     relay.background.add(asyncio.create_task(relay.scheduler.run(), name="relay-batches"))
 

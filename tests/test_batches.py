@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import signal
 import threading
 from collections.abc import Iterator
@@ -10,7 +11,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from .batch_support import CREATES, batch_of, creates, qwen_inputs, submit, wait_for, wait_until_ended
+from .batch_support import (
+    CREATES,
+    batch_of,
+    creates,
+    qwen_inputs,
+    relay_cli,
+    submit,
+    wait_for,
+    wait_until_ended,
+)
 from .fake_replicate import (
     OTHER_API_KEY,
     QWEN,
@@ -22,7 +32,7 @@ from .fake_replicate import (
     relay_for,
     watch,
 )
-from .support import ADMIN_TOKEN, RelayProcess, free_port, query, relay_env
+from .support import ADMIN_TOKEN, RelayProcess, free_port, query, relay_env, relay_on_terminal
 
 FAST_RECONCILE = {"RELAY_RECONCILE_INTERVAL": "1", "RELAY_RECONCILE_AFTER": "1"}
 
@@ -259,3 +269,65 @@ def test_items_page_with_after_and_limit(api, fake):
     page = api.get(f"/api/batches/{batch['id']}", params={"after": 3, "limit": 2}).json()
     assert [i["index"] for i in page["items"]] == [4] and page["next_after"] is None
     assert error_of(api.get(f"/api/batches/{batch['id']}", params={"limit": 0}))[0] == 400
+
+
+# ---- relay batch submit | status ---------------------------------------------------------------
+
+
+def jsonl(tmp_path, lines: list[str]) -> str:
+    path = tmp_path / "inputs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_batch_submit_draws_a_bar_and_exits_0_when_all_succeeded(api, batch_relay, fake, tmp_path):
+    lines = [json.dumps(values) for values in qwen_inputs(6)]
+    file = jsonl(tmp_path, [*lines[:3], "", *lines[3:]])  # a blank line is skipped
+    done, terminal = relay_on_terminal(
+        "batch", "submit", file, "--model", QWEN, "--concurrency", "2", env=batch_relay.env
+    )
+    assert done.returncode == 0, (done.stdout, terminal)
+    first, last = done.stdout.strip().splitlines()
+    assert first.startswith("batch b_") and first.endswith(": 6 item(s), 2 at a time")
+    assert "succeeded: 6 item(s), 6 succeeded in " in last
+    assert b"items:" in terminal and b"6/6" in terminal and b"/s)" in terminal
+    assert len(creates(fake)) == 6 and fake.max_unfinished <= 2
+    batch_id = first.split()[1].rstrip(":")
+    status = relay_cli("batch", "status", batch_id, env=batch_relay.env)
+    assert status.returncode == 0 and status.stdout == f"batch {batch_id} succeeded: 6 item(s), 6 succeeded\n"
+
+
+def test_batch_submit_exits_1_with_a_summary_when_an_item_failed(api, batch_relay, fake, tmp_path):
+    fake.script("POST", CREATES, Answer(422, body={"detail": "nope", "status": 422}))
+    file = jsonl(tmp_path, [json.dumps(values) for values in qwen_inputs(2)])
+    done = relay_cli("batch", "submit", file, "--model", QWEN, env=batch_relay.env)
+    assert done.returncode == 1 and "2 item(s), 1 failed, 1 succeeded in " in done.stdout
+    assert done.stderr == ""  # no bar when stderr is not a terminal
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"prompt": "a"}', '{"prompt": ', '{"prompt": "c"}'], "line 2 is not valid JSON"),
+        (['{"prompt": "a"}', "", "[1]"], "line 3 is not a JSON object"),
+        (
+            [json.dumps(qwen_inputs(1)[0]), "", '{"image": ["https://x/y.png"]}'],
+            "line 3: input.prompt is required",
+        ),
+    ],
+)
+def test_batch_submit_names_the_bad_line_and_creates_nothing(
+    api, batch_relay, fake, tmp_path, lines, message
+):
+    done = relay_cli("batch", "submit", jsonl(tmp_path, lines), "--model", QWEN, env=batch_relay.env)
+    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert fake.requests == []
+
+
+def test_batch_status_of_an_unknown_batch_is_one_line(batch_relay):
+    done = relay_cli("batch", "status", "b_" + "0" * 32, env=batch_relay.env)
+    assert (
+        done.returncode == 2
+        and done.stderr.startswith("relay: error: Relay answered 404")
+        and "no batch" in done.stderr
+    )

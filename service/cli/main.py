@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from service.cli import batches as batch_cli
 from service.cli import operators as console
 from service.cli.privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
 from service.core.auth import DEFAULT_TTL, mint_token
@@ -136,6 +137,7 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
     ("forget", "erase predictions' content by destroying their data keys", cmd_forget, add_forget_arguments),
     ("rotate-keys", "re-wrap every data key under the current RELAY_ENCRYPTION_KEY", cmd_rotate_keys, None),
     *console.COMMANDS,
+    *batch_cli.COMMANDS,
 ]
 
 

@@ -87,6 +87,7 @@ class FakeReplicate:
         self.created: dict[str, dict[str, Any]] = {}  # since reset: prediction id -> create request
         self.retry_final = False  # resend a failed `completed` delivery (as Replicate does) for 30 s
         self.answer_delay = 0.0  # create, start running, then wait this long before answering
+        self.output_base: str | None = None  # serve outputs from here instead of replicate.delivery
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -114,6 +115,7 @@ class FakeReplicate:
         self.created = {}
         self.retry_final = False
         self.answer_delay = 0.0
+        self.output_base = None
 
     def calls(self, method: str, path_regex: str) -> list[Seen]:
         pattern = re.compile(path_regex)
@@ -195,6 +197,10 @@ class FakeReplicate:
                 webhook=body.get("webhook"),
                 webhook_events_filter=body.get("webhook_events_filter"),
             )
+            if self.output_base and item.get("output"):
+                item["output"] = [
+                    url.replace("https://replicate.delivery", self.output_base) for url in item["output"]
+                ]
             item["urls"] = {
                 key: url.replace("https://api.replicate.com/v1", self.api_base)
                 for key, url in item["urls"].items()

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -29,6 +29,7 @@ from service.live.hub import Message, Subscriber
 from service.upstream import ratelimit
 from service.upstream.ratelimit import Quota
 from service.web.routes.api import ProxyDisabled
+from service.web.routes.dashboard import NO_CACHE, PAGE_HEADERS, STATIC
 from service.web.routes.reading import int_param
 from service.web.routes.sockets import POLICY_VIOLATION, admitted, close, first_to_end, wait_for_disconnect
 from service.web.routes.webhooks import read_body
@@ -271,7 +272,14 @@ class BatchStream:
         return final is not None and final <= self.last
 
 
+async def batch_page(request: Request) -> FileResponse:
+    """`/batches` (every batch) and `/b/{id}` (one batch); the script reads the path."""
+    return FileResponse(STATIC / "batch.html", headers={**PAGE_HEADERS, **NO_CACHE})
+
+
 routes = [
+    Route("/batches", batch_page),
+    Route("/b/{batch_id}", batch_page),
     Route("/api/batches", submit_batch, methods=["POST"]),
     Route("/api/batches", list_batches, methods=["GET"]),
     Route("/api/batches/{batch_id}", get_batch, methods=["GET"]),

@@ -66,11 +66,12 @@ async def fetch_batch(conn: asyncpg.Connection, batch_id: str, owner: str | None
 
 
 async def list_batches(conn: asyncpg.Connection, owner: str | None, limit: int) -> list[asyncpg.Record]:
-    return await conn.fetch(
+    rows: list[asyncpg.Record] = await conn.fetch(
         "SELECT * FROM batches WHERE $1::text IS NULL OR owner = $1 ORDER BY created_at DESC LIMIT $2",
         owner,
         limit,
     )
+    return rows
 
 
 async def counts(conn: asyncpg.Connection, batch_ids: list[str]) -> dict[str, dict[str, int]]:
@@ -101,7 +102,8 @@ LIMIT $3
 
 async def items_page(conn: asyncpg.Connection, batch_id: str, after: int, limit: int) -> list[asyncpg.Record]:
     """Items with `index > after`, each with the body of its prediction's current state, if any."""
-    return await conn.fetch(ITEMS_PAGE, batch_id, after, limit)
+    rows: list[asyncpg.Record] = await conn.fetch(ITEMS_PAGE, batch_id, after, limit)
+    return rows
 
 
 # A delivery names its item: the prediction is bound to it if nothing was yet (the create's
@@ -154,7 +156,7 @@ async def is_member(conn: asyncpg.Connection, batch_id: str, prediction_id: str)
 async def end_seq(conn: asyncpg.Connection, batch_id: str) -> int | None:
     """None while an item is unfinished; once every item has ended (its own status, or its
     prediction's in the log, is terminal), the seq of the batch's last event (0 if none)."""
-    return await conn.fetchval(
+    final: int | None = await conn.fetchval(
         """SELECT CASE WHEN bool_and(i.status <> ALL($2::text[]) OR coalesce(p.status_rank, 0) = 3)
                        THEN coalesce(max(p.last_seq), 0) END
            FROM batch_items i LEFT JOIN predictions p ON p.prediction_id = i.prediction_id
@@ -162,6 +164,7 @@ async def end_seq(conn: asyncpg.Connection, batch_id: str) -> int | None:
         batch_id,
         list(OPEN_STATUSES),
     )
+    return final
 
 
 BATCH_EVENTS_WHERE = (
@@ -175,7 +178,8 @@ async def batch_events(
 ) -> list[asyncpg.Record]:
     """The events of the batch's predictions in (after, up_to], in seq order."""
     where = select_where(BATCH_EVENTS_WHERE)
-    return await conn.fetch(f"{where} LIMIT $4", after, up_to, batch_id, limit)
+    rows: list[asyncpg.Record] = await conn.fetch(f"{where} LIMIT $4", after, up_to, batch_id, limit)
+    return rows
 
 
 def batch_fields(row: asyncpg.Record, item_counts: dict[str, int]) -> dict[str, Any]:

@@ -38,8 +38,9 @@ CREATE TABLE batch_items (
     PRIMARY KEY (batch_id, index)
 );
 
-CREATE INDEX batch_items_open ON batch_items (batch_id, status)
-    WHERE status IN ('pending', 'creating', 'submitted');
+-- The unfinished items of a batch (few: at most `concurrency`), and its pending ones in order.
+CREATE INDEX batch_items_unfinished ON batch_items (batch_id) WHERE status IN ('creating', 'submitted');
+CREATE INDEX batch_items_pending ON batch_items (batch_id, index) WHERE status = 'pending';
 CREATE UNIQUE INDEX batch_items_prediction ON batch_items (prediction_id) WHERE prediction_id IS NOT NULL;
 
 GRANT SELECT, INSERT, UPDATE ON batches, batch_items TO relay_app;

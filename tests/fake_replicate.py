@@ -88,6 +88,8 @@ class FakeReplicate:
         self.retry_final = False  # resend a failed `completed` delivery (as Replicate does) for 30 s
         self.answer_delay = 0.0  # create, start running, then wait this long before answering
         self.output_base: str | None = None  # serve outputs from here instead of replicate.delivery
+        self.instant = False  # (bench) each prediction sends `start` then `completed` at once
+        self._shared: httpx.AsyncClient | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -240,22 +242,39 @@ class FakeReplicate:
     # ---- the prediction "running" ----------------------------------------------------------
     async def _run(self, prediction_id: str, bodies: list[dict], webhook: str | None, request: dict) -> None:
         wanted = set(request.get("webhook_events_filter") or ["start", "output", "logs", "completed"])
+        if self.instant:
+            if self._shared is None:
+                limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+                self._shared = httpx.AsyncClient(timeout=30, limits=limits)
+            await self._send_all(prediction_id, [bodies[0], bodies[-1]], webhook, wanted, self._shared, 0.0)
+            return
         async with httpx.AsyncClient(timeout=10) as client:
-            for index, body in enumerate(bodies):
-                while index == len(bodies) - 1 and self.hold and not self._canceled(prediction_id):
-                    await asyncio.sleep(WEBHOOK_GAP)
-                if self._canceled(prediction_id):
-                    body = self.predictions[prediction_id]
-                    index = len(bodies) - 1
-                self.predictions[prediction_id] = body
-                event = self._event(index, len(bodies), body)
-                if event == "completed":
-                    self.unfinished.discard(prediction_id)  # terminal upstream before it is sent
-                if webhook and event in wanted and event not in self.lose:
-                    await self._deliver(client, webhook, body, final=event == "completed")
-                if index == len(bodies) - 1:
-                    return
+            await self._send_all(prediction_id, bodies, webhook, wanted, client, WEBHOOK_GAP)
+
+    async def _send_all(
+        self,
+        prediction_id: str,
+        bodies: list[dict],
+        webhook: str | None,
+        wanted: set[str],
+        client: httpx.AsyncClient,
+        gap: float,
+    ) -> None:
+        for index, body in enumerate(bodies):
+            while index == len(bodies) - 1 and self.hold and not self._canceled(prediction_id):
                 await asyncio.sleep(WEBHOOK_GAP)
+            if self._canceled(prediction_id):
+                body = self.predictions[prediction_id]
+                index = len(bodies) - 1
+            self.predictions[prediction_id] = body
+            event = self._event(index, len(bodies), body)
+            if event == "completed":
+                self.unfinished.discard(prediction_id)  # terminal upstream before it is sent
+            if webhook and event in wanted and event not in self.lose:
+                await self._deliver(client, webhook, body, final=event == "completed")
+            if index == len(bodies) - 1:
+                return
+            await asyncio.sleep(gap)
 
     def _canceled(self, prediction_id: str) -> bool:
         return self.predictions[prediction_id]["status"] == "canceled"

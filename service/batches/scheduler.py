@@ -96,10 +96,11 @@ UPDATE batch_items SET cancel_sent = true
 WHERE batch_id = $1 AND status = 'submitted' AND NOT cancel_sent
 RETURNING prediction_id
 """
+# Both read a partial index: the unfinished items are few, and one pending item answers "any?".
 OPEN_COUNTS = """
-SELECT count(*) FILTER (WHERE status IN ('creating', 'submitted')) AS unfinished,
-       count(*) FILTER (WHERE status = 'pending') AS pending
-FROM batch_items WHERE batch_id = $1 AND status IN ('pending', 'creating', 'submitted')
+SELECT (SELECT count(*) FROM batch_items WHERE batch_id = $1 AND status IN ('creating', 'submitted'))
+           AS unfinished,
+       EXISTS (SELECT FROM batch_items WHERE batch_id = $1 AND status = 'pending') AS pending
 """
 FINISH = """
 UPDATE batches SET status = CASE WHEN cancel_requested THEN 'canceled' ELSE 'succeeded' END,
@@ -208,12 +209,12 @@ class Scheduler:
             if batch["cancel_requested"]:
                 plan.cancels = [r["prediction_id"] for r in await conn.fetch(TO_CANCEL, batch_id)]
             counts = await conn.fetchrow(OPEN_COUNTS, batch_id)
-            if counts["unfinished"] == 0 and counts["pending"] == 0:
+            if counts["unfinished"] == 0 and not counts["pending"]:
                 await conn.execute(FINISH, batch_id)
                 log.info("batch %s ended", batch_id)
                 return plan
             slots = batch["concurrency"] - counts["unfinished"]
-            if batch["cancel_requested"] or counts["pending"] == 0 or slots <= 0:
+            if batch["cancel_requested"] or not counts["pending"] or slots <= 0:
                 return plan
             if not await self._may_start(conn, batch):
                 return plan

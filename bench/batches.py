@@ -47,9 +47,9 @@ def relay_cpu(pid: int) -> float:
 
 def run_relay(postgres: Postgres, fake: FakeReplicate, items: int, concurrency: int) -> dict[str, float]:
     fake.reset()
-    fake.instant = True
+    fake.instant = fake.retry_final = True
     dsn = postgres.new_database()
-    extra = {"RELAY_LOG_LEVEL": "WARNING", "RELAY_API_MAX_BODY": "1048576"}
+    extra = {"RELAY_LOG_LEVEL": "WARNING", "RELAY_UPSTREAM_TIMEOUT": "30"}
     with relay_for(dsn, fake, **extra) as relay, api_client(relay) as api:
         assert relay.proc is not None
         cpu_before = relay_cpu(relay.proc.pid)

@@ -19,6 +19,7 @@ upstream client, so this package does not import another feature.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -40,6 +41,7 @@ TICK = 1.0
 UNKNOWN_AFTER = 600.0
 BUDGET_RECHECK = 5.0
 AUTH_HOLD = 60.0
+BOUND_MEMORY = 100_000
 # Replicate refused this input (or model): the item fails, the batch goes on.
 ITEM_FAILURES = frozenset({"INVALID_REQUEST", "NOT_FOUND", "FILE_TOO_LARGE"})
 # Replicate refused the call as a whole: nothing was created, the item waits its turn again.
@@ -155,10 +157,21 @@ class Scheduler:
         self._nudge = asyncio.Event()
         self._calls: set[asyncio.Task[None]] = set()
         self._budget_reason: str | None = None
+        # Items whose prediction this process has recorded: their webhooks need no binding.
+        self._bound: collections.OrderedDict[ItemRef, None] = collections.OrderedDict()
         self._budget_checked = -budget_recheck
 
     def nudge(self) -> None:
         self._nudge.set()
+
+    def remember_bound(self, ref: ItemRef) -> None:
+        self._bound[ref] = None
+        while len(self._bound) > BOUND_MEMORY:
+            self._bound.popitem(last=False)
+
+    def knows_bound(self, ref: ItemRef) -> bool:
+        """Whether this process recorded the item's prediction (a webhook for it binds nothing)."""
+        return ref in self._bound
 
     async def run(self) -> None:
         """Step every running batch on each nudge, and every `tick` seconds, until cancelled."""
@@ -272,6 +285,7 @@ class Scheduler:
                 return
             async with self.pool.acquire() as conn:
                 await conn.execute(RECORD_ANSWER, ref.batch_id, ref.index, prediction_id)
+                self.remember_bound(ref)
                 if self.owners is not None:
                     await self.owners(conn, prediction_id, claim.owner)
         except Exception as exc:  # noqa: BLE001 - a lost record is recovered by the item's webhook

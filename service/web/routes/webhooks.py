@@ -65,8 +65,13 @@ async def bind_batch_item(relay: Relay, query_string: bytes, delivery: Delivery)
     ref = parse_ref(values[0], relay.batch_link_key) if values else None
     if ref is None:
         return False
+    scheduler = relay.scheduler
+    if scheduler is not None and scheduler.knows_bound(ref):
+        return True  # this process recorded the create's answer: already bound
     async with relay.pool.acquire() as conn:
         await batch_store.bind(conn, ref, delivery.prediction_id)
+    if scheduler is not None:
+        scheduler.remember_bound(ref)
     return True
 
 

@@ -306,7 +306,14 @@ class FakeReplicate:
     def __enter__(self) -> FakeReplicate:
         app = Starlette(routes=[Route("/v1/{path:path}", self.handle, methods=["GET", "POST"])])
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none", http="h11"
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            ws="none",
+            http="h11",
+            timeout_keep_alive=75,  # as long-lived as an API's: no race on an idle connection
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)

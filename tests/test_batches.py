@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from service.upstream.ratelimit import key_hash
+
 from .batch_support import (
     CREATES,
     batch_of,
@@ -22,6 +24,7 @@ from .batch_support import (
     wait_until_ended,
 )
 from .fake_replicate import (
+    API_KEY,
     OTHER_API_KEY,
     QWEN,
     Answer,
@@ -331,3 +334,21 @@ def test_batch_status_of_an_unknown_batch_is_one_line(batch_relay):
         and done.stderr.startswith("relay: error: Relay answered 404")
         and "no batch" in done.stderr
     )
+
+
+OWNERS_TABLE = """CREATE TABLE IF NOT EXISTS prediction_owners (
+    prediction_id text PRIMARY KEY, owner text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"""
+
+
+def test_item_predictions_are_owned_by_the_batchs_key_when_prediction_owners_exists(postgres, fake):
+    """Recorded from the create's answer, and from the first delivery when the answer was lost."""
+    fake.reset()
+    dsn = postgres.new_database()
+    query(dsn, OWNERS_TABLE)  # sql/050_owners.sql's table (a no-op once that migration is merged)
+    with relay_for(dsn, fake) as relay, api_client(relay) as api:
+        answered = wait_until_ended(api, submit(api, 2, 2)["id"])
+        fake.answer_delay = 1.5  # longer than RELAY_UPSTREAM_TIMEOUT: the answers are lost
+        lost = wait_until_ended(api, submit(api, 2, 2)["id"])
+    owners = {r["prediction_id"]: r["owner"] for r in query(dsn, "SELECT * FROM prediction_owners")}
+    predictions = [i["prediction_id"] for i in answered["items"] + lost["items"]]
+    assert owners == dict.fromkeys(predictions, key_hash(API_KEY))

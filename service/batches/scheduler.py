@@ -46,6 +46,8 @@ BOUND_MEMORY = 100_000
 ITEM_FAILURES = frozenset({"INVALID_REQUEST", "NOT_FOUND", "FILE_TOO_LARGE"})
 # Replicate refused the call as a whole: nothing was created, the item waits its turn again.
 NOT_CREATED = frozenset({"RATE_LIMIT_ERROR", "AUTHENTICATION_ERROR"})
+# The upstream client names the transport error; these fail before a request can leave.
+NEVER_CONNECTED = ("(ConnectError)",)
 
 
 class Created(Protocol):
@@ -294,8 +296,12 @@ class Scheduler:
             self.nudge()
 
     async def _refused(self, ref: ItemRef, error: RelayError) -> None:
+        never_sent = error.code == "NETWORK_ERROR" and error.message.endswith(NEVER_CONNECTED)
         async with self.pool.acquire() as conn:
-            if error.code in NOT_CREATED:
+            if never_sent:
+                await conn.execute(NOT_SENT, ref.batch_id, ref.index)
+                await conn.execute(HOLD, ref.batch_id, 1.0, f"{error.code}: {error.message}")
+            elif error.code in NOT_CREATED:
                 wait = retry_after_seconds(error.headers.get("Retry-After"))
                 wait = AUTH_HOLD if error.code == "AUTHENTICATION_ERROR" else (wait or 1.0)
                 async with conn.transaction():

@@ -115,16 +115,33 @@ UPDATE batch_items SET prediction_id = $3, input = NULL,
     error_code = CASE WHEN status = 'failed' THEN NULL ELSE error_code END
 WHERE batch_id = $1 AND index = $2 AND prediction_id IS NULL
   AND (status = 'creating' OR (status = 'failed' AND error_code = $4))
+RETURNING (SELECT owner FROM batches WHERE id = $1)
 """
 
 
-async def bind(conn: asyncpg.Connection, ref: ItemRef, prediction_id: str) -> None:
+async def bind(conn: asyncpg.Connection, ref: ItemRef, prediction_id: str) -> str | None:
+    """Bind the prediction to the item if it had none; the batch's owner when it was bound now."""
     # A prediction id can belong to one item only (unique index): a replayed or forged pairing
     # with another item is ignored, never an error for Replicate's delivery.
     try:
-        await conn.execute(BIND, ref.batch_id, ref.index, prediction_id, UNKNOWN_OUTCOME)
+        owner: str | None = await conn.fetchval(BIND, ref.batch_id, ref.index, prediction_id, UNKNOWN_OUTCOME)
     except asyncpg.UniqueViolationError:
-        return
+        return None
+    return owner
+
+
+async def owners_table(conn: asyncpg.Connection) -> bool:
+    """Whether `prediction_owners` (sql/050_owners.sql) exists, so item predictions get owners."""
+    return bool(await conn.fetchval("SELECT to_regclass('prediction_owners') IS NOT NULL"))
+
+
+async def record_owner(conn: asyncpg.Connection, prediction_id: str, owner: str) -> None:
+    """The batch's owner owns each of its predictions (another key gets 404 for them)."""
+    await conn.execute(
+        "INSERT INTO prediction_owners (prediction_id, owner) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        prediction_id,
+        owner,
+    )
 
 
 async def request_cancel(conn: asyncpg.Connection, batch_id: str) -> str:

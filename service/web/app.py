@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from service.batches import store as batch_store
 from service.batches.scheduler import BUDGET_RECHECK, BudgetGate, Scheduler
 from service.core import metrics
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
@@ -145,16 +146,20 @@ def budget_gate(relay: Relay) -> BudgetGate | None:
     return blocked
 
 
-def start_batches(relay: Relay) -> None:
-    """The batch scheduler, driven by webhooks; it reaches Replicate through the upstream client."""
+async def start_batches(relay: Relay) -> None:
+    """The batch scheduler, driven by webhooks; it reaches Replicate through the upstream client.
+    Item predictions get ownership records once `prediction_owners` exists."""
     if relay.upstream is None:
         return
+    async with relay.pool.acquire() as conn:
+        owners = batch_store.record_owner if await batch_store.owners_table(conn) else None
     relay.scheduler = Scheduler(
         relay.pool,
         relay.upstream,
         relay.batch_link_key,
         relay.settings.webhook_url,
         budget=budget_gate(relay),
+        owners=owners,
         budget_recheck=min(relay.settings.budget_interval, BUDGET_RECHECK),
     )
     relay.background.add(asyncio.create_task(relay.scheduler.run(), name="relay-batches"))
@@ -205,7 +210,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.committer = GroupCommitter(relay.pool, prepare=relay.vault.prepare, on_commit=handover)
         relay.committer.start()
         start_upstream(relay)
-        start_batches(relay)
+        await start_batches(relay)
         start_budget(relay)
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out
         # of the collector's sight, a full collection took ~1 ms instead of 13-33 ms, which were

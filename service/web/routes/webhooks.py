@@ -69,7 +69,9 @@ async def bind_batch_item(relay: Relay, query_string: bytes, delivery: Delivery)
     if scheduler is not None and scheduler.knows_bound(ref):
         return True  # this process recorded the create's answer: already bound
     async with relay.pool.acquire() as conn:
-        await batch_store.bind(conn, ref, delivery.prediction_id)
+        owner = await batch_store.bind(conn, ref, delivery.prediction_id)
+        if owner is not None and scheduler is not None and scheduler.owners is not None:
+            await scheduler.owners(conn, delivery.prediction_id, owner)
     if scheduler is not None:
         scheduler.remember_bound(ref)
     return True

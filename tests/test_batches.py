@@ -10,7 +10,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
+from service.core.auth import mint_token
 from service.upstream.ratelimit import key_hash
 
 from .batch_support import (
@@ -35,7 +38,7 @@ from .fake_replicate import (
     relay_for,
     watch,
 )
-from .support import ADMIN_TOKEN, RelayProcess, free_port, query, relay_env, relay_on_terminal
+from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, RelayProcess, free_port, query, relay_env, relay_on_terminal
 
 FAST_RECONCILE = {"RELAY_RECONCILE_INTERVAL": "1", "RELAY_RECONCILE_AFTER": "1"}
 
@@ -352,3 +355,17 @@ def test_item_predictions_are_owned_by_the_batchs_key_when_prediction_owners_exi
     owners = {r["prediction_id"]: r["owner"] for r in query(dsn, "SELECT * FROM prediction_owners")}
     predictions = [i["prediction_id"] for i in answered["items"] + lost["items"]]
     assert owners == dict.fromkeys(predictions, key_hash(API_KEY))
+
+
+def test_the_batch_socket_takes_only_its_own_batch_token_or_the_admin_token(api, batch_relay, fake):
+    """Another batch's token, a prediction token or none: the handshake is refused with 403."""
+    first, second = submit(api, 1, 1), submit(api, 1, 1)
+    ws = first["relay"]["ws"]
+    prediction_token = mint_token(SUBSCRIBE_KEY, "*")
+    for token in (second["relay"]["token"], prediction_token, "nope"):
+        with pytest.raises(InvalidStatus) as refused, connect(f"{ws}?token={token}", open_timeout=10):
+            pass
+        assert refused.value.response.status_code == 403
+    messages, code = watch(batch_relay, ws, ADMIN_TOKEN, timeout=30)
+    assert code == 1000 and any(m.get("status") == "succeeded" for m in messages)
+    wait_until_ended(api, second["id"])

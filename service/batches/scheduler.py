@@ -215,7 +215,9 @@ class Scheduler:
         plan = Plan([], [])
         async with self.pool.acquire() as conn, conn.transaction():
             batch = await conn.fetchrow(
-                "SELECT * FROM batches WHERE id = $1 AND status = 'running' FOR UPDATE", batch_id
+                "SELECT *, coalesce(hold_until > now(), false) AS holding FROM batches"
+                " WHERE id = $1 AND status = 'running' FOR UPDATE",
+                batch_id,
             )
             if batch is None:
                 return plan
@@ -239,8 +241,7 @@ class Scheduler:
 
     async def _may_start(self, conn: asyncpg.Connection, batch: asyncpg.Record) -> bool:
         """No new item while a hold runs or the budget is spent; the reason is kept on the batch."""
-        now = await conn.fetchval("SELECT now()")
-        if batch["hold_until"] is not None and batch["hold_until"] > now:
+        if batch["holding"]:
             return False
         reason = await self._budget_block()
         if reason != batch["hold_reason"] or batch["hold_until"] is not None:

@@ -15,6 +15,7 @@ from starlette.requests import HTTPConnection
 from service.batches.links import link_key
 from service.batches.scheduler import Scheduler
 from service.core.settings import Settings
+from service.db.database import Databases
 from service.db.vault import Vault
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
@@ -28,8 +29,9 @@ class Relay:
     """What handlers share: settings and the per-process resources built in the lifespan."""
 
     settings: Settings
-    dsn: str
+    databases: Databases
     pool: asyncpg.Pool = field(init=False)
+    read_pool: asyncpg.Pool = field(init=False)  # the pool itself unless RELAY_READ_DATABASE_URL is set
     committer: GroupCommitter = field(init=False)
     hub: Hub = field(init=False)
     webhook_keys: tuple[bytes, ...] = field(init=False)
@@ -44,8 +46,9 @@ class Relay:
         self.vault = Vault(self.settings.key_encryption_keys)
         self.batch_link_key = link_key(self.settings.subscribe_key or "")
 
-    def connect(self) -> asyncpg.Connection:
-        return asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+    async def listen_connection(self) -> asyncpg.Connection:
+        """The hub's LISTEN connection: RELAY_LISTEN_DATABASE_URL, direct or session-pooled."""
+        return await asyncpg.connect(self.databases.listen, timeout=CONNECT_TIMEOUT)
 
 
 def relay_of(connection: HTTPConnection) -> Relay:

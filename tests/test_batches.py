@@ -140,7 +140,9 @@ def test_unknown_and_foreign_batches_are_404_and_cancel_twice_is_409(api, batch_
     """Another key gets 404 (no data, no cancel) and an empty list; the admin sees every batch."""
     fake.hold = True
     batch = submit(api, 3, 1)
-    assert error_of(api.get("/api/batches/b_" + "0" * 32))[:2] == (404, "NOT_FOUND")
+    for unknown in ("b_" + "0" * 32, "nope", "b_%00", "%F0%9F%98%80"):
+        assert error_of(api.get(f"/api/batches/{unknown}"))[:2] == (404, "NOT_FOUND")
+        assert error_of(api.post(f"/api/batches/{unknown}/cancel"))[:2] == (404, "NOT_FOUND")
     with api_client(batch_relay, OTHER_API_KEY) as other:
         assert other.get(f"/api/batches/{batch['id']}").status_code == 404
         assert other.post(f"/api/batches/{batch['id']}/cancel").status_code == 404
@@ -274,7 +276,8 @@ def test_items_page_with_after_and_limit(api, fake):
     assert [i["index"] for i in page["items"]] == [0, 1] and page["next_after"] == 1
     page = api.get(f"/api/batches/{batch['id']}", params={"after": 3, "limit": 2}).json()
     assert [i["index"] for i in page["items"]] == [4] and page["next_after"] is None
-    assert error_of(api.get(f"/api/batches/{batch['id']}", params={"limit": 0}))[0] == 400
+    for bad in ({"limit": 0}, {"limit": 1001}, {"after": -1}, {"after": 2**70}, {"after": "x"}):
+        assert error_of(api.get(f"/api/batches/{batch['id']}", params=bad))[:2] == (400, "INVALID_REQUEST")
 
 
 # ---- relay batch submit | status ---------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import asyncpg
@@ -18,7 +19,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from service.batches import store as batches
-from service.batches.requests import batch_request
+from service.batches.requests import MAX_INPUTS, batch_request
 from service.batches.scheduler import Scheduler
 from service.core.auth import matches_any, mint_batch_token, require_api_key, require_batch_reader, token_from
 from service.core.errors import InvalidRequest, NotFound, RelayError
@@ -36,6 +37,8 @@ from service.web.routes.webhooks import read_body
 from service.web.state import Relay, relay_of
 
 ADMIN_OWNER = "admin"
+MAX_SEQ = 2**63 - 1
+BATCH_ID = re.compile(r"^b_[0-9a-f]{32}$")
 # 10,000 inputs of about a kilobyte each; larger than RELAY_API_MAX_BODY on purpose.
 MAX_BATCH_BODY = 16 * 1024 * 1024
 DEFAULT_ITEMS, MAX_ITEMS = 100, 1000
@@ -104,7 +107,8 @@ async def submit_batch(request: Request) -> JSONResponse:
 
 
 async def owned_batch(conn: asyncpg.Connection, batch_id: str, owner: str | None) -> asyncpg.Record:
-    row = await batches.fetch_batch(conn, batch_id, owner)
+    # An id that cannot be a batch's (NUL and other bytes Postgres refuses) is simply unknown.
+    row = await batches.fetch_batch(conn, batch_id, owner) if BATCH_ID.match(batch_id) else None
     if row is None:
         raise NotFound(f"no batch {batch_id[:60]!r}")
     return row
@@ -126,7 +130,7 @@ def item_view(row: asyncpg.Record, relay: Relay) -> dict[str, Any]:
 async def get_batch(request: Request) -> JSONResponse:
     relay = relay_of(request)
     owner, quota = await caller(request)
-    after = int_param(request, "after", -1) if request.query_params.get("after") else -1
+    after = int_param(request, "after", -1, maximum=MAX_INPUTS) if request.query_params.get("after") else -1
     limit = int_param(request, "limit", DEFAULT_ITEMS, minimum=1, maximum=MAX_ITEMS)
     batch_id = request.path_params["batch_id"]
     async with relay.pool.acquire() as conn:
@@ -186,12 +190,12 @@ async def batch_stream(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     try:
-        after = int_param(websocket, "after", 0)  # type: ignore[arg-type]
+        after = int_param(websocket, "after", 0, maximum=MAX_SEQ)  # type: ignore[arg-type]
     except RelayError as error:
         await websocket.close(POLICY_VIOLATION, error.message)
         return
     async with relay.pool.acquire() as conn:
-        known = await batches.fetch_batch(conn, batch_id, None)
+        known = await batches.fetch_batch(conn, batch_id, None) if BATCH_ID.match(batch_id) else None
     if known is None:
         await websocket.close(POLICY_VIOLATION, "no such batch")
         return

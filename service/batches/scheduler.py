@@ -199,6 +199,11 @@ class Scheduler:
         for row in ids:
             self.launch(await self.advance(row["id"]))
 
+    async def drain(self) -> None:
+        """Wait for the upstream calls started so far to finish."""
+        while self._calls:
+            await asyncio.gather(*list(self._calls), return_exceptions=True)
+
     def launch(self, plan: Plan) -> None:
         for claim in plan.claims:
             self._spawn(self._create(claim))

@@ -18,8 +18,10 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ExceptionHandler, Receive, Scope, Send
 
+from service.archive.stores import open_store
+from service.archive.worker import Archiver, Tuning
 from service.batches import store as batch_store
 from service.batches.scheduler import BUDGET_RECHECK, BudgetGate, Scheduler
 from service.core import metrics
@@ -34,7 +36,7 @@ from service.usage import budget
 from service.usage.report import month_spend
 from service.web.origins import ApiCors
 from service.web.responses import error_response
-from service.web.routes import admin, batches, dashboard, privacy, reading, sockets, usage, webhooks
+from service.web.routes import admin, batches, dashboard, files, privacy, reading, sockets, usage, webhooks
 from service.web.routes import api as predictions_api
 from service.web.state import CONNECT_TIMEOUT, Relay, relay_of
 
@@ -166,7 +168,9 @@ async def start_batches(relay: Relay) -> None:
         owners=owners,
         budget_recheck=min(relay.settings.budget_interval, BUDGET_RECHECK),
     )
-    relay.background.add(asyncio.create_task(relay.scheduler.run(), name="relay-batches"))
+    task = asyncio.create_task(relay.scheduler.run(), name="relay-batches")
+    task.add_done_callback(log_crash)
+    relay.background.add(task)
 
 
 def start_budget(relay: Relay) -> None:
@@ -174,6 +178,48 @@ def start_budget(relay: Relay) -> None:
     settings = relay.settings
     if settings.prices or settings.budget is not None:
         relay.background.add(asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget"))
+
+
+def log_crash(task: asyncio.Task[None]) -> None:
+    """A background loop that ends by an exception (not a cancel) says so in the log."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s stopped: %r", task.get_name(), task.exception())
+
+
+async def start_archive(relay: Relay) -> None:
+    """The output archive's worker (discovery and downloads), unless RELAY_ARCHIVE=off."""
+    settings = relay.settings
+    relay.archive_store = open_store(settings.archive)
+    if relay.archive_store is None:
+        return
+    tuning = Tuning(concurrency=settings.archive_concurrency)
+    # Each download holds a connection for its whole attempt (the job's row lock): its own pool,
+    # so downloads never starve webhooks and reads of connections.
+    dbs = relay.databases
+    pool = await asyncpg.create_pool(
+        dbs.write, min_size=1, max_size=tuning.concurrency + 2, timeout=CONNECT_TIMEOUT, **dbs.pool_options()
+    )
+    spool = settings.data_dir.resolve() / "archive-spool"
+    archiver = Archiver(
+        pool,
+        relay.archive_store,
+        relay.vault,
+        relay.archive_policy,
+        spool,
+        settings.archive_max_bytes,
+        tuning,
+    )
+
+    async def run() -> None:
+        try:
+            await archiver.run()
+        finally:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
+
+    task = asyncio.create_task(run(), name="relay-archive")
+    task.add_done_callback(log_crash)
+    relay.background.add(task)
 
 
 async def stop_background(relay: Relay) -> None:
@@ -237,6 +283,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         await start_batches(relay)
         start_budget(relay)
         relay.background.add(asyncio.create_task(partitions.keep_ahead(relay.pool), name="relay-partitions"))
+        await start_archive(relay)
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out
         # of the collector's sight, a full collection took ~1 ms instead of 13-33 ms, which were
         # the tail of the webhook latency (bench/ingest.py with a gc.callbacks probe).
@@ -263,10 +310,11 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *dashboard.routes,
         *privacy.routes,
         *usage.routes,
+        *files.routes,
     ]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
-    handlers = {
+    handlers: dict[int | type[Exception], ExceptionHandler] = {
         RelayError: relay_error,
         **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files
         **dict.fromkeys(DATABASE_DOWN, database_down),

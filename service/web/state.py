@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import asyncpg
 from starlette.requests import HTTPConnection
 
+from service.archive.stores import ArchiveStore
 from service.batches.links import link_key
 from service.batches.scheduler import Scheduler
+from service.core.hosts import HostPolicy
 from service.core.settings import Settings
 from service.db.database import Databases
 from service.db.vault import Vault
@@ -37,7 +39,9 @@ class Relay:
     webhook_keys: tuple[bytes, ...] = field(init=False)
     vault: Vault = field(init=False)
     upstream: Upstream | None = field(init=False, default=None)
-    background: set[asyncio.Task] = field(init=False, default_factory=set)
+    background: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    archive_store: ArchiveStore | None = field(init=False, default=None)  # None: RELAY_ARCHIVE=off
+    archive_policy: HostPolicy = field(init=False)
     scheduler: Scheduler | None = field(init=False, default=None)  # batches, with an upstream
     batch_link_key: bytes = field(init=False)
 
@@ -45,6 +49,7 @@ class Relay:
         self.webhook_keys = self.settings.webhook_keys
         self.vault = Vault(self.settings.key_encryption_keys)
         self.batch_link_key = link_key(self.settings.subscribe_key or "")
+        self.archive_policy = HostPolicy(self.settings.archive_hosts)
 
     async def listen_connection(self) -> asyncpg.Connection:
         """The hub's LISTEN connection: RELAY_LISTEN_DATABASE_URL, direct or session-pooled."""

@@ -20,6 +20,7 @@ from service.core.validation import create_request
 from service.upstream import ratelimit
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
+from service.web.routes.reading import archive_list
 from service.web.routes.webhooks import read_body
 from service.web.state import relay_of
 
@@ -79,7 +80,9 @@ async def create_prediction(request: Request) -> JSONResponse:
 async def get_prediction(request: Request) -> JSONResponse:
     upstream, quota = await admit(request)
     reply = await upstream.get(request.path_params["prediction_id"])
-    return JSONResponse(with_relay(request, reply.data), headers=quota.headers())
+    async with relay_of(request).pool.acquire() as conn:
+        archive = await archive_list(conn, request, reply.data)
+    return JSONResponse({**with_relay(request, reply.data), "archive": archive}, headers=quota.headers())
 
 
 async def cancel_prediction(request: Request) -> JSONResponse:

@@ -34,6 +34,7 @@ from service.batches.links import ItemRef, item_webhook_url
 from service.batches.store import UNKNOWN_OUTCOME
 from service.core.errors import RelayError
 from service.core.retry import retry_after_seconds
+from service.db.connection import Connection
 
 log = logging.getLogger("relay.batches")
 
@@ -66,7 +67,7 @@ class PredictionsApi(Protocol):
 # Why no new item may start now (RELAY_BUDGET reached), or None.
 BudgetGate = Callable[[], Awaitable[str | None]]
 # Called with (prediction id, owner) once an item's prediction is known (ownership records).
-OwnerHook = Callable[[asyncpg.Connection, str, str], Awaitable[None]]
+OwnerHook = Callable[[Connection, str, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,7 @@ class Scheduler:
             if batch["cancel_requested"]:
                 plan.cancels = [r["prediction_id"] for r in await conn.fetch(TO_CANCEL, batch_id)]
             counts = await conn.fetchrow(OPEN_COUNTS, batch_id)
+            assert counts is not None  # a SELECT without FROM returns one row
             if counts["unfinished"] == 0 and not counts["pending"]:
                 await conn.execute(FINISH, batch_id)
                 log.info("batch %s ended", batch_id)
@@ -244,7 +246,7 @@ class Scheduler:
         plan.claims = [self._claim(batch, row) for row in rows]
         return plan
 
-    async def _may_start(self, conn: asyncpg.Connection, batch: asyncpg.Record) -> bool:
+    async def _may_start(self, conn: Connection, batch: asyncpg.Record) -> bool:
         """No new item while a hold runs or the budget is spent; the reason is kept on the batch."""
         if batch["holding"]:
             return False

@@ -13,6 +13,7 @@ import asyncpg
 
 from service.batches.links import ItemRef
 from service.batches.requests import BatchRequest
+from service.db.connection import Connection
 from service.db.store import DATA_KEY_COLUMN, select_where
 
 OPEN_STATUSES = ("pending", "creating", "submitted")
@@ -41,7 +42,7 @@ def new_batch_id() -> str:
     return "b_" + uuid.uuid4().hex
 
 
-async def insert_batch(conn: asyncpg.Connection, owner: str, request: BatchRequest) -> asyncpg.Record:
+async def insert_batch(conn: Connection, owner: str, request: BatchRequest) -> asyncpg.Record:
     """The batch and all its items, in one transaction: either all is stored or nothing."""
     async with conn.transaction():
         row = await conn.fetchrow(
@@ -54,18 +55,19 @@ async def insert_batch(conn: asyncpg.Connection, owner: str, request: BatchReque
             request.concurrency,
             len(request.inputs),
         )
+        assert row is not None  # INSERT … RETURNING returns the row
         await conn.execute(INSERT_ITEMS, row["id"], [json.dumps(values) for values in request.inputs])
     return row
 
 
-async def fetch_batch(conn: asyncpg.Connection, batch_id: str, owner: str | None) -> asyncpg.Record | None:
+async def fetch_batch(conn: Connection, batch_id: str, owner: str | None) -> asyncpg.Record | None:
     """The batch, if it exists and `owner` may see it (None: the admin, who sees every batch)."""
     return await conn.fetchrow(
         "SELECT * FROM batches WHERE id = $1 AND ($2::text IS NULL OR owner = $2)", batch_id, owner
     )
 
 
-async def list_batches(conn: asyncpg.Connection, owner: str | None, limit: int) -> list[asyncpg.Record]:
+async def list_batches(conn: Connection, owner: str | None, limit: int) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(
         "SELECT * FROM batches WHERE $1::text IS NULL OR owner = $1 ORDER BY created_at DESC LIMIT $2",
         owner,
@@ -74,7 +76,7 @@ async def list_batches(conn: asyncpg.Connection, owner: str | None, limit: int) 
     return rows
 
 
-async def counts(conn: asyncpg.Connection, batch_ids: list[str]) -> dict[str, dict[str, int]]:
+async def counts(conn: Connection, batch_ids: list[str]) -> dict[str, dict[str, int]]:
     """Items by status, per batch."""
     rows = await conn.fetch(
         f"""SELECT i.batch_id, {VIEW_STATUS} AS status, count(*) AS n
@@ -100,7 +102,7 @@ LIMIT $3
 """
 
 
-async def items_page(conn: asyncpg.Connection, batch_id: str, after: int, limit: int) -> list[asyncpg.Record]:
+async def items_page(conn: Connection, batch_id: str, after: int, limit: int) -> list[asyncpg.Record]:
     """Items with `index > after`, each with the body of its prediction's current state, if any."""
     rows: list[asyncpg.Record] = await conn.fetch(ITEMS_PAGE, batch_id, after, limit)
     return rows
@@ -119,7 +121,7 @@ RETURNING (SELECT owner FROM batches WHERE id = $1)
 """
 
 
-async def bind(conn: asyncpg.Connection, ref: ItemRef, prediction_id: str) -> str | None:
+async def bind(conn: Connection, ref: ItemRef, prediction_id: str) -> str | None:
     """Bind the prediction to the item if it had none; the batch's owner when it was bound now."""
     # A prediction id can belong to one item only (unique index): a replayed or forged pairing
     # with another item is ignored, never an error for Replicate's delivery.
@@ -130,12 +132,12 @@ async def bind(conn: asyncpg.Connection, ref: ItemRef, prediction_id: str) -> st
     return owner
 
 
-async def owners_table(conn: asyncpg.Connection) -> bool:
+async def owners_table(conn: Connection) -> bool:
     """Whether `prediction_owners` (sql/050_owners.sql) exists, so item predictions get owners."""
     return bool(await conn.fetchval("SELECT to_regclass('prediction_owners') IS NOT NULL"))
 
 
-async def record_owner(conn: asyncpg.Connection, prediction_id: str, owner: str) -> None:
+async def record_owner(conn: Connection, prediction_id: str, owner: str) -> None:
     """The batch's owner owns each of its predictions (another key gets 404 for them)."""
     await conn.execute(
         "INSERT INTO prediction_owners (prediction_id, owner) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -144,12 +146,14 @@ async def record_owner(conn: asyncpg.Connection, prediction_id: str, owner: str)
     )
 
 
-async def request_cancel(conn: asyncpg.Connection, batch_id: str) -> str:
+async def request_cancel(conn: Connection, batch_id: str) -> str:
     """'canceling' when this call canceled the batch, else why not: 'canceled' (already) or 'ended'."""
     async with conn.transaction():
         row = await conn.fetchrow(
             "SELECT status, cancel_requested FROM batches WHERE id = $1 FOR UPDATE", batch_id
         )
+        if row is None:
+            return "ended"  # the caller has just read it: batches are never deleted
         if row["cancel_requested"] or row["status"] == "canceled":
             return "canceled"
         if row["status"] != "running":
@@ -163,14 +167,14 @@ async def request_cancel(conn: asyncpg.Connection, batch_id: str) -> str:
     return "canceling"
 
 
-async def is_member(conn: asyncpg.Connection, batch_id: str, prediction_id: str) -> bool:
+async def is_member(conn: Connection, batch_id: str, prediction_id: str) -> bool:
     found = await conn.fetchval(
         "SELECT batch_id = $1 FROM batch_items WHERE prediction_id = $2", batch_id, prediction_id
     )
     return bool(found)
 
 
-async def end_seq(conn: asyncpg.Connection, batch_id: str) -> int | None:
+async def end_seq(conn: Connection, batch_id: str) -> int | None:
     """None while an item is unfinished; once every item has ended (its own status, or its
     prediction's in the log, is terminal), the seq of the batch's last event (0 if none)."""
     final: int | None = await conn.fetchval(
@@ -191,7 +195,7 @@ BATCH_EVENTS_WHERE = (
 
 
 async def batch_events(
-    conn: asyncpg.Connection, batch_id: str, after: int, up_to: int, limit: int
+    conn: Connection, batch_id: str, after: int, up_to: int, limit: int
 ) -> list[asyncpg.Record]:
     """The events of the batch's predictions in (after, up_to], in seq order."""
     where = select_where(BATCH_EVENTS_WHERE)

@@ -25,6 +25,7 @@ from service.core.auth import matches_any, mint_batch_token, require_api_key, re
 from service.core.errors import InvalidRequest, NotFound, RelayError
 from service.core.metrics import MESSAGES_SENT
 from service.db import store
+from service.db.connection import Connection
 from service.db.events import event_text, open_body
 from service.live.hub import Message, Subscriber
 from service.upstream import ratelimit
@@ -106,7 +107,7 @@ async def submit_batch(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=201, headers=quota.headers())
 
 
-async def owned_batch(conn: asyncpg.Connection, batch_id: str, owner: str | None) -> asyncpg.Record:
+async def owned_batch(conn: Connection, batch_id: str, owner: str | None) -> asyncpg.Record:
     # An id that cannot be a batch's (NUL and other bytes Postgres refuses) is simply unknown.
     row = await batches.fetch_batch(conn, batch_id, owner) if BATCH_ID.match(batch_id) else None
     if row is None:

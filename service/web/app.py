@@ -21,7 +21,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from service.core import metrics
-from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
+from service.core.errors import DatabaseUnavailable, InvalidRequest, MethodNotAllowed, NotFound, RelayError
 from service.core.origins import ApiCors
 from service.core.settings import Settings
 from service.db import migrations
@@ -123,6 +123,15 @@ async def metrics_page(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
+async def data_error(request: Request, error: Exception) -> Response:
+    """Postgres refusing a value a request carried (class 22, data exception) is the client's
+    error, 400; parameters are checked before queries, so this is only the safety net."""
+    if request.scope["type"] != "http":
+        raise error
+    log.warning("the database refused a value in %s (%s)", request.url.path, type(error).__name__)
+    return InvalidRequest("a parameter holds a value the database cannot take").response()
+
+
 async def relay_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RelayError)
     return error.response()
@@ -176,7 +185,19 @@ class RelayApp(Starlette):
             scope["app"] = self
             await webhooks.endpoint(scope, receive, send)
             return
+        if scope["type"] in ("http", "websocket") and "\x00" in scope["path"]:
+            await refuse_nul_path(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
+
+
+async def refuse_nul_path(scope: Scope, receive: Receive, send: Send) -> None:
+    """A NUL in a decoded path (`/predictions/a%00b`) can match no id Postgres stores, and
+    Postgres text cannot even carry it: 400 (a refused handshake for a WebSocket)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await InvalidRequest("the path must not contain NUL (%00)").response()(scope, receive, send)
 
 
 def create_app(settings: Settings, dsn: str) -> Starlette:
@@ -226,6 +247,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
     handlers = {
         RelayError: relay_error,
+        asyncpg.DataError: data_error,
         **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files
         **dict.fromkeys(DATABASE_DOWN, database_down),
     }

@@ -12,6 +12,7 @@ token sees every prediction.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -26,6 +27,9 @@ from service.upstream import ratelimit
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
 from service.web.routes.webhooks import read_body
+
+
+CURSOR = re.compile(r"[A-Za-z0-9=+/_.:%-]{1,512}")
 
 
 class ProxyDisabled(RelayError):
@@ -114,11 +118,21 @@ async def cancel_prediction(request: Request) -> JSONResponse:
 
 async def list_predictions(request: Request) -> JSONResponse:
     upstream, quota, caller = await admit(request)
-    reply = await upstream.list(request.query_params.get("cursor") or None)
+    reply = await upstream.list(list_cursor(request.query_params.get("cursor")))
     page = list_page(reply.data, request.app.state.relay.settings.base_url)
     if caller != owners.ADMIN:
         page["results"] = await only_owned(request, caller, page.get("results"))
     return JSONResponse(page, headers=quota.headers())
+
+
+def list_cursor(raw: str | None) -> str | None:
+    """Replicate's opaque page cursor (URL-safe base64-like text), refused (400) when it could
+    not be one, before it reaches Replicate."""
+    if not raw:
+        return None
+    if not CURSOR.fullmatch(raw):
+        raise InvalidRequest("cursor must be the cursor of a page link (letters, digits, =+/_.-)")
+    return raw
 
 
 async def only_owned(request: Request, caller: str, results: Any) -> list[Any]:

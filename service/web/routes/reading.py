@@ -7,28 +7,24 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.core.auth import require_reader, token_from
-from service.core.errors import InvalidRequest, NotFound
+from service.core.errors import NotFound
+from service.core.params import check_text, parse_int
 from service.db import store
 from service.db.events import EventsResponse, events_page, prediction_state
 
 MAX_PAGE = 1000
+MAX_ID = 256  # as ingest allows (service.ingest.committer.MAX_LENGTHS)
 
-
-def parse_int(name: str, raw: str | None, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-    """A bounded non-negative integer from text; InvalidRequest naming `name` otherwise."""
-    if raw is None or raw == "":
-        return default
-    if not raw.isascii() or not raw.isdigit():
-        raise InvalidRequest(f"{name} must be a non-negative integer, got {raw[:40]!r}")
-    value = int(raw)
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise InvalidRequest(f"{name} must be {bounds}, got {value}")
-    return value
+__all__ = ["parse_int", "int_param", "MAX_PAGE"]
 
 
 def int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     return parse_int(name, request.query_params.get(name), default, minimum, maximum)
+
+
+def path_id(request: Request, name: str = "prediction_id") -> str:
+    """A path's id, refused (400) when no stored id could match it (NUL, too long)."""
+    return check_text(name, request.path_params[name], MAX_ID)
 
 
 def authorize(request: Request, prediction_id: str | None) -> None:
@@ -38,7 +34,7 @@ def authorize(request: Request, prediction_id: str | None) -> None:
 
 
 async def get_prediction(request: Request) -> EventsResponse:
-    prediction_id = request.path_params["prediction_id"]
+    prediction_id = path_id(request)
     authorize(request, prediction_id)
     relay = request.app.state.relay
     async with relay.pool.acquire() as conn:
@@ -49,7 +45,7 @@ async def get_prediction(request: Request) -> EventsResponse:
 
 
 async def list_prediction_events(request: Request) -> Response:
-    prediction_id = request.path_params["prediction_id"]
+    prediction_id = path_id(request)
     authorize(request, prediction_id)
     after = int_param(request, "after", 0)
     limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)

@@ -124,6 +124,12 @@ async def deliver(websocket: WebSocket, relay: Any, subscriber: Subscriber, afte
     """
     async with relay.pool.acquire() as conn:
         horizon = await store.max_seq(conn)
+    if after > horizon:
+        # Nothing past the head exists yet, so waiting could only skip the events in between:
+        # the cursor came from elsewhere (another database, a typo). Refuse it and say why.
+        reason = f"after={after} is beyond the log's head ({horizon}); resume from caught_up.seq"
+        await websocket.close(POLICY_VIOLATION, reason[:120])
+        return None
     subscriber.live_from = max(subscriber.live_from, horizon)
     last, ended = await send_backlog(websocket, relay, subscriber.prediction_id, after, horizon)
     await websocket.send_text(json.dumps({"type": "caught_up", "seq": max(last, horizon)}))

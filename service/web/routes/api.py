@@ -28,7 +28,6 @@ from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
 from service.web.routes.webhooks import read_body
 
-
 CURSOR = re.compile(r"[A-Za-z0-9=+/_.:%-]{1,512}")
 
 

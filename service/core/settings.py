@@ -125,6 +125,26 @@ def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+SWITCH_VALUES = {
+    "1": True,
+    "on": True,
+    "true": True,
+    "yes": True,
+    "0": False,
+    "off": False,
+    "false": False,
+    "no": False,
+}
+
+
+def _switch(env: Mapping[str, str], name: str) -> bool:
+    """An on/off variable: unset or empty is off."""
+    raw = (env.get(name) or "off").strip().lower()
+    if raw not in SWITCH_VALUES:
+        raise ConfigError(f"{name} must be on or off, got {raw[:20]!r}")
+    return SWITCH_VALUES[raw]
+
+
 @dataclass(frozen=True)
 class Flag:
     """A `relay serve` flag: the command-line form of one variable (the flag wins)."""
@@ -169,6 +189,10 @@ SERVE_FLAGS = (
     Flag("--reconcile-interval", "RELAY_RECONCILE_INTERVAL", "reconcile period, seconds", int),
     Flag("--allowed-origins", "RELAY_ALLOWED_ORIGINS", "origins that may open streams, comma-separated"),
     Flag("--cors-origins", "RELAY_CORS_ORIGINS", "origins that may call /api/*, comma-separated"),
+    # hardening: bounds a hostile client cannot push past, and replay to private addresses
+    Flag("--max-header-bytes", "RELAY_MAX_HEADER_BYTES", "largest request head, bytes (larger: 431)", int),
+    Flag("--ws-queue-bytes", "RELAY_WS_QUEUE_BYTES", "bytes queued per subscriber before 1013", int),
+    Flag("--replay-private", "RELAY_REPLAY_PRIVATE", "allow replays to private/loopback addresses (on/off)"),
 )
 
 
@@ -204,6 +228,10 @@ class Settings:
     reconcile_interval: int = 60
     allowed_origins: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    # hardening
+    max_header_bytes: int = 65536
+    ws_queue_bytes: int = 8 * 1024 * 1024
+    replay_private: bool = False
     generated: frozenset[str] = field(default_factory=frozenset)
     flags: dict[str, str] = field(default_factory=dict, repr=False)  # given on the command line
 
@@ -291,6 +319,10 @@ def load_settings(
         "reconcile_interval": _int(env, "RELAY_RECONCILE_INTERVAL", 60),
         "allowed_origins": _origins(env, "RELAY_ALLOWED_ORIGINS"),
         "cors_origins": _origins(env, "RELAY_CORS_ORIGINS"),
+        # hardening
+        "max_header_bytes": _int(env, "RELAY_MAX_HEADER_BYTES", 65536, minimum=1024),
+        "ws_queue_bytes": _int(env, "RELAY_WS_QUEUE_BYTES", 8 * 1024 * 1024, minimum=1024),
+        "replay_private": _switch(env, "RELAY_REPLAY_PRIVATE"),
         "flags": flags,
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]

@@ -117,7 +117,7 @@ async def matching_rows(conn: asyncpg.Connection, event_filter: EventFilter) -> 
         rows = await store.fetch_where(conn, where, args, PAGE)
         for row in rows:
             yield row
-        if len(rows) < PAGE:
+        if not store.page_may_continue(rows, PAGE):
             return
         event_filter = event_filter.starting_after(rows[-1]["seq"])
 

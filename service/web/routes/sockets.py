@@ -79,7 +79,7 @@ async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
     except RelayError as error:
         await websocket.close(POLICY_VIOLATION, error.message)
         return
-    subscriber = Subscriber(prediction_id, relay.settings.ws_queue_size, after)
+    subscriber = Subscriber(prediction_id, relay.settings.ws_queue_size, after, relay.settings.ws_queue_bytes)
     relay.hub.subscribe(subscriber)
     try:
         code = await first_to_end(
@@ -153,7 +153,7 @@ async def send_backlog(
             await websocket.send_text(event_text(row, relay.vault))
             MESSAGES_SENT.inc()
             last = row["seq"]
-        if len(rows) < BACKLOG_PAGE:
+        if not store.page_may_continue(rows, BACKLOG_PAGE):
             break
     if prediction_id is None:
         return last, False
@@ -165,7 +165,7 @@ async def send_backlog(
 
 async def write_live(websocket: WebSocket, subscriber: Subscriber, close_on_terminal: bool) -> int:
     while True:
-        message = await subscriber.queue.get()
+        message = await subscriber.next()
         if not subscriber.wants(message):
             continue  # queued before the horizon was known: the backlog had it
         await websocket.send_text(message.text)

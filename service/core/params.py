@@ -13,6 +13,7 @@ from service.core.errors import InvalidRequest
 
 MAX_BIGINT = 2**63 - 1  # Postgres bigint: every seq, every limit
 MAX_DIGITS = len(str(MAX_BIGINT))
+MAX_PAGE = 1000  # rows in one page of events, over HTTP and in `relay events`
 
 
 def parse_int(name: str, raw: str | None, default: int, minimum: int = 0, maximum: int | None = None) -> int:

@@ -185,16 +185,20 @@ async def fetch_prediction(conn: asyncpg.Connection, prediction_id: str) -> asyn
     return await conn.fetchrow(f"{PREDICTION_STATE} WHERE p.prediction_id = $1", prediction_id)
 
 
+# The projection's most recent rows, with each state body's size and its rank, for `sized_page`.
+RECENT_STATES = PREDICTION_STATE.replace(
+    " FROM predictions p",
+    ", octet_length(events.body) AS size, row_number() OVER (ORDER BY p.updated_at DESC) AS ord"
+    " FROM predictions p",
+)
+
+
 async def fetch_recent_predictions(
     conn: asyncpg.Connection, limit: int, max_bytes: int = PAGE_BYTES
 ) -> list[asyncpg.Record]:
     """The most recently updated predictions, in the shape of `fetch_prediction`: at most
     `limit`, and fewer when their state bodies would pass `max_bytes` (the first always comes)."""
-    inner = (
-        f"{PREDICTION_STATE.replace(' FROM predictions p', ', octet_length(events.body) AS size,"
-        " row_number() OVER (ORDER BY p.updated_at DESC) AS ord FROM predictions p')}"
-        " ORDER BY p.updated_at DESC LIMIT $1"
-    )
+    inner = f"{RECENT_STATES} ORDER BY p.updated_at DESC LIMIT $1"
     return await conn.fetch(sized_page(inner, "ord", "$2"), limit, max_bytes)
 
 

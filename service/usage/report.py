@@ -13,12 +13,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import asyncpg
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from service.core.auth import require_admin, token_from
-from service.core.errors import InvalidRequest
 from service.core.params import utc_moment
 from service.db.store import iso
 
@@ -180,21 +175,3 @@ def _aligned(row: tuple[str, ...], widths: list[int]) -> str:
     cells = [row[0].ljust(widths[0])]
     cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
     return "  ".join(cells)
-
-
-async def get_usage(request: Request) -> JSONResponse:
-    relay = request.app.state.relay
-    require_admin(token_from(request.headers, request.query_params), relay.settings.admin_token)
-    params = request.query_params
-    try:
-        when = period(params.get("since"), params.get("until"), params.get("group"))
-    except UsageInputError as error:
-        raise InvalidRequest(str(error)) from None
-    settings = relay.settings
-    async with relay.pool.acquire() as conn:
-        body = await report(conn, when, settings.prices)
-        body["this_month"] = await budget_status(conn, settings.prices, settings.budget)
-    return JSONResponse(body)
-
-
-routes = [Route("/admin/usage", get_usage)]

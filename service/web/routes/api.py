@@ -27,6 +27,7 @@ from service.upstream import ratelimit
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
 from service.web.routes.webhooks import read_body
+from service.web.state import relay_of
 
 CURSOR = re.compile(r"[A-Za-z0-9=+/_.:%-]{1,512}")
 
@@ -44,7 +45,7 @@ def caller_owner(key: str, admin_token: str) -> str:
 async def admit(request: Request) -> tuple[Upstream, Quota, str]:
     """Authenticate, count the request against the key's quota, and require the upstream.
     Returns the upstream, the quota and the caller's owner name."""
-    relay = request.app.state.relay
+    relay = relay_of(request)
     settings = relay.settings
     key = require_api_key(
         token_from(request.headers, request.query_params), settings.admin_token, settings.api_keys
@@ -64,7 +65,7 @@ async def require_owned(request: Request, caller: str, quota: Quota) -> str:
     otherwise, so another key cannot even learn that the prediction exists."""
     prediction_id = check_prediction_id(request.path_params["prediction_id"])
     if caller != owners.ADMIN:
-        owner = await owners.owner_of(request.app.state.relay.pool, prediction_id)
+        owner = await owners.owner_of(relay_of(request).pool, prediction_id)
         if not owners.may_see(caller, owner):
             raise NotFound(f"no prediction {prediction_id[:40]!r} for this API key", headers=quota.headers())
     return prediction_id
@@ -72,7 +73,7 @@ async def require_owned(request: Request, caller: str, quota: Quota) -> str:
 
 def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
     """Replicate's prediction plus where and with what token to watch it on Relay."""
-    settings = request.app.state.relay.settings
+    settings = relay_of(request).settings
     prediction_id = prediction.get("id")
     if not isinstance(prediction_id, str):
         return prediction
@@ -86,7 +87,7 @@ def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
 
 
 async def read_json(request: Request) -> Any:
-    body = await read_body(request, request.app.state.relay.settings.api_max_body, "RELAY_API_MAX_BODY")
+    body = await read_body(request, relay_of(request).settings.api_max_body, "RELAY_API_MAX_BODY")
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
@@ -95,11 +96,11 @@ async def read_json(request: Request) -> Any:
 
 async def create_prediction(request: Request) -> JSONResponse:
     upstream, quota, caller = await admit(request)
-    path, payload = create_request(await read_json(request), request.app.state.relay.settings.webhook_url)
+    path, payload = create_request(await read_json(request), relay_of(request).settings.webhook_url)
     reply = await upstream.create(path, payload)
     prediction_id = reply.data.get("id") if isinstance(reply.data, dict) else None
     if isinstance(prediction_id, str):
-        await owners.record_owner(request.app.state.relay.pool, prediction_id, caller)
+        await owners.record_owner(relay_of(request).pool, prediction_id, caller)
     return JSONResponse(with_relay(request, reply.data), status_code=201, headers=quota.headers())
 
 
@@ -118,7 +119,7 @@ async def cancel_prediction(request: Request) -> JSONResponse:
 async def list_predictions(request: Request) -> JSONResponse:
     upstream, quota, caller = await admit(request)
     reply = await upstream.list(list_cursor(request.query_params.get("cursor")))
-    page = list_page(reply.data, request.app.state.relay.settings.base_url)
+    page = list_page(reply.data, relay_of(request).settings.base_url)
     if caller != owners.ADMIN:
         page["results"] = await only_owned(request, caller, page.get("results"))
     return JSONResponse(page, headers=quota.headers())
@@ -139,7 +140,7 @@ async def only_owned(request: Request, caller: str, results: Any) -> list[Any]:
     than Replicate's: the cursors still walk the whole upstream list)."""
     entries = results if isinstance(results, list) else []
     ids = [entry["id"] for entry in entries if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
-    mine = await owners.owned_among(request.app.state.relay.pool, caller, ids)
+    mine = await owners.owned_among(relay_of(request).pool, caller, ids)
     return [entry for entry in entries if isinstance(entry, dict) and entry.get("id") in mine]
 
 

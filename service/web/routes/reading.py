@@ -8,14 +8,13 @@ from starlette.routing import Route
 
 from service.core.auth import require_reader, token_from
 from service.core.errors import NotFound
-from service.core.params import check_text, parse_int
+from service.core.params import MAX_PAGE, check_text, parse_int
 from service.db import store
-from service.db.events import EventsResponse, events_page, prediction_state
+from service.db.events import prediction_state
+from service.web.responses import EventsResponse, events_page
+from service.web.state import relay_of
 
-MAX_PAGE = 1000
 MAX_ID = 256  # as ingest allows (service.ingest.committer.MAX_LENGTHS)
-
-__all__ = ["parse_int", "int_param", "MAX_PAGE"]
 
 
 def int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
@@ -28,7 +27,7 @@ def path_id(request: Request, name: str = "prediction_id") -> str:
 
 
 def authorize(request: Request, prediction_id: str | None) -> None:
-    settings = request.app.state.relay.settings
+    settings = relay_of(request).settings
     token = token_from(request.headers, request.query_params)
     require_reader(token, prediction_id, settings.admin_token, settings.subscribe_key)
 
@@ -36,7 +35,7 @@ def authorize(request: Request, prediction_id: str | None) -> None:
 async def get_prediction(request: Request) -> EventsResponse:
     prediction_id = path_id(request)
     authorize(request, prediction_id)
-    relay = request.app.state.relay
+    relay = relay_of(request)
     async with relay.pool.acquire() as conn:
         row = await store.fetch_prediction(conn, prediction_id)
     if row is None:
@@ -49,7 +48,7 @@ async def list_prediction_events(request: Request) -> Response:
     authorize(request, prediction_id)
     after = int_param(request, "after", 0)
     limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
-    relay = request.app.state.relay
+    relay = relay_of(request)
     async with relay.pool.acquire() as conn:
         rows = await store.fetch_events(conn, prediction_id=prediction_id, after=after, limit=limit)
     return events_page(rows, relay.vault, after)

@@ -17,6 +17,8 @@ from service.core.errors import BodyIncomplete, BodyTooLarge, RelayError
 from service.core.metrics import DELIVERIES, DUPLICATES, INGEST_SECONDS, REJECTS
 from service.core.signatures import verify
 from service.ingest.committer import webhook_delivery
+from service.web.responses import error_response
+from service.web.state import relay_of
 
 # Bound once: `labels()` takes a lock and a dict lookup on every call.
 STORED, DUPLICATE, REJECTED = (DELIVERIES.labels(outcome) for outcome in ("stored", "duplicate", "rejected"))
@@ -57,7 +59,7 @@ class WebhookEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        relay = request.app.state.relay
+        relay = relay_of(request)
         started = time.perf_counter()
         try:
             body = await read_body(request, relay.settings.max_body)
@@ -68,7 +70,7 @@ class WebhookEndpoint:
         except RelayError as error:
             REJECTS.labels(error.code).inc()
             REJECTED.inc()
-            await error.response()(scope, receive, send)
+            await error_response(error)(scope, receive, send)
             return
         INGEST_SECONDS.observe(time.perf_counter() - started)
         if appended.duplicate:

@@ -104,7 +104,7 @@ async def data_error(request: Request, error: Exception) -> Response:
     if request.scope["type"] != "http":
         raise error
     log.warning("the database refused a value in %s (%s)", request.url.path, type(error).__name__)
-    return InvalidRequest("a parameter holds a value the database cannot take").response()
+    return error_response(InvalidRequest("a parameter holds a value the database cannot take"))
 
 
 async def relay_error(request: Request, error: Exception) -> Response:
@@ -172,7 +172,7 @@ async def refuse_nul_path(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
-    await InvalidRequest("the path must not contain NUL (%00)").response()(scope, receive, send)
+    await error_response(InvalidRequest("the path must not contain NUL (%00)"))(scope, receive, send)
 
 
 def create_app(settings: Settings, dsn: str) -> Starlette:

@@ -114,6 +114,8 @@ def relay_env(dsn: str, **extra: str) -> dict[str, str]:
         REPLICATE_WEBHOOK_SECRET=WEBHOOK_SECRET,
         RELAY_ADMIN_TOKEN=ADMIN_TOKEN,
         RELAY_SUBSCRIBE_KEY=SUBSCRIBE_KEY,
+        # The test receivers listen on loopback, which replays refuse by default (test_replay_guard).
+        RELAY_REPLAY_PRIVATE="on",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import random
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +36,7 @@ from service.core.signatures import signed_headers
 from service.db import store
 from service.db.events import body_bytes
 from service.db.vault import Vault
+from service.net.guard import is_public, system_resolve
 
 PAGE = 500
 LANE_DEPTH = 100
@@ -45,6 +47,7 @@ BACKOFF_CAP = 30.0
 MAX_RETRY_AFTER = 120.0
 REQUEST_TIMEOUT = 30.0
 NOTIFY_LIMIT = 7900  # pg_notify payloads must stay under 8000 bytes
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,36 @@ def target_from_json(target: Any) -> Target:
     if isinstance(target, dict) and set(target) == {"url", "secret"}:
         return url_target(target["url"], target["secret"])
     raise InvalidRequest('target must be {"url": "https://…", "secret": "whsec_…"} or {"fanout": true}')
+
+
+async def check_target_address(
+    target: UrlTarget, allow_private: bool, resolve: Resolver = system_resolve
+) -> None:
+    """Refuse (400) a target whose host resolves to a loopback, private, link-local or other
+    non-global address, unless RELAY_REPLAY_PRIVATE is on: the admin API must not become a way
+    to reach the services next to Relay. Checked once, before anything is sent."""
+    if allow_private:
+        return
+    parts = urlsplit(target.url)
+    host = parts.hostname or ""
+    try:
+        found = [host] if _is_literal(host) else await resolve(host, parts.port or 443)
+        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
+    except (OSError, ValueError):
+        raise InvalidRequest("the replay target's host name does not resolve") from None
+    if not addresses or not all(is_public(a) for a in addresses):
+        raise InvalidRequest(
+            "the replay target resolves to a private, loopback or link-local address; "
+            "set RELAY_REPLAY_PRIVATE=on to allow replays to such addresses"
+        )
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def plan(conn: asyncpg.Connection, event_filter: EventFilter) -> Report:

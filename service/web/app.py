@@ -139,6 +139,7 @@ def start_budget(relay: Relay) -> None:
 
 
 async def stop_background(relay: Relay) -> None:
+    await relay.replays.stop()
     for task in relay.background:
         task.cancel()
     await asyncio.gather(*relay.background, return_exceptions=True)

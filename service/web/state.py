@@ -16,6 +16,7 @@ from service.core.settings import Settings
 from service.db.vault import Vault
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
+from service.ops.replay_jobs import ReplayJobs
 from service.upstream.client import Upstream
 
 CONNECT_TIMEOUT = 5.0
@@ -34,6 +35,7 @@ class Relay:
     vault: Vault = field(init=False)
     upstream: Upstream | None = field(init=False, default=None)
     background: set[asyncio.Task] = field(init=False, default_factory=set)
+    replays: ReplayJobs = field(init=False, default_factory=ReplayJobs)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys

@@ -171,9 +171,9 @@ def test_an_oversized_request_head_is_431_and_the_server_stays_responsive(relay,
 
 
 def test_the_head_limit_is_configurable(postgres):
-    with RelayProcess(relay_env(postgres.new_database(), RELAY_MAX_HEADER_BYTES="4096")) as relay:
-        with httpx.Client(base_url=relay.url) as http:
-            assert http.get("/healthz", headers={"x-pad": "a" * 3000}).status_code == 200
-            refused = http.get("/healthz", headers={"x-pad": "a" * 5000})
-            assert refused.status_code == 431
-            assert refused.json()["error"]["code"] == "HEADERS_TOO_LARGE"
+    env = relay_env(postgres.new_database(), RELAY_MAX_HEADER_BYTES="4096")
+    with RelayProcess(env) as relay, httpx.Client(base_url=relay.url) as http:
+        assert http.get("/healthz", headers={"x-pad": "a" * 3000}).status_code == 200
+        refused = http.get("/healthz", headers={"x-pad": "a" * 5000})
+        assert refused.status_code == 431
+        assert refused.json()["error"]["code"] == "HEADERS_TOO_LARGE"

@@ -110,3 +110,43 @@ def test_the_tolerance_is_exact_in_both_directions(skew, accepted):
     else:
         with pytest.raises(TimestampOutOfTolerance):
             verify(headers, b"{}", [KEY], DEFAULT_TOLERANCE, now=NOW)
+
+
+def test_signature_and_token_checks_compare_with_hmac_compare_digest(monkeypatch):
+    """A planted `==` in place of hmac.compare_digest (timing leaks the signature byte by byte)
+    fails here: every candidate signature and every configured secret goes through it."""
+    import hmac
+
+    from service.core import auth
+
+    real = hmac.compare_digest
+    calls: list[tuple[object, object]] = []
+
+    def spy(a, b):  # type: ignore[no-untyped-def]
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    body = b'{"id": "p1", "status": "starting"}'
+    headers = signed_headers(KEY, "msg_1", body, NOW)
+    headers["webhook-signature"] = "v1,AAAA " + headers["webhook-signature"]
+    assert verify(headers, body, [KEY], TOLERANCE, now=NOW) == ("msg_1", NOW)
+    assert len(calls) == 2  # both candidates, though the first already failed
+    with pytest.raises(RelayError):
+        verify({**headers, "webhook-signature": "v1,AAAA"}, body, [KEY], TOLERANCE, now=NOW)
+    assert len(calls) == 3
+    assert auth.matches_any("secret-b", ["secret-a", "secret-b"]) and len(calls) == 5
+
+
+def test_no_equality_operator_compares_secrets_in_the_checking_code():
+    """The lint half: verify() and matches_any() contain no ==/!= at all, so a shortcut
+    comparison cannot slip in beside compare_digest."""
+    import ast
+    import inspect
+
+    from service.core import auth, signatures
+
+    for function in (signatures.verify, auth.matches_any):
+        tree = ast.parse(inspect.getsource(function))
+        operators = [op for node in ast.walk(tree) if isinstance(node, ast.Compare) for op in node.ops]
+        assert not any(isinstance(op, ast.Eq | ast.NotEq) for op in operators), function.__name__

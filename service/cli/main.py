@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from service.cli import operators as console
+from service.cli import retention
 from service.cli.privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
 from service.core.auth import DEFAULT_TTL, mint_token
 from service.core.errors import ConfigError
@@ -41,6 +42,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = tool_settings()
     with database.database_dsn(settings) as dsn:
+        asyncio.run(database.require_writable(dsn))
         applied = asyncio.run(database.migrate(dsn))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
@@ -53,7 +55,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     except usage.UsageInputError as error:
         raise ConfigError(f"--{error}") from None
 
-    async def fetch(dsn: str) -> dict:
+    async def fetch(dsn: str) -> dict[str, Any]:
         conn = await database.connect(dsn)
         try:
             return await usage.report(conn, when, settings.prices)
@@ -111,7 +113,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", help="write acknowledged webhook-ids and outcomes to this JSON file")
 
 
-COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
+COMMANDS: list[console.Command] = [
     ("serve", "run the HTTP/WebSocket service", cmd_serve, add_serve_arguments),
     ("migrate", "apply database migrations", cmd_migrate, None),
     (
@@ -136,6 +138,7 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
     ("forget", "erase predictions' content by destroying their data keys", cmd_forget, add_forget_arguments),
     ("rotate-keys", "re-wrap every data key under the current RELAY_ENCRYPTION_KEY", cmd_rotate_keys, None),
     *console.COMMANDS,
+    *retention.COMMANDS,
 ]
 
 
@@ -149,10 +152,11 @@ class Parser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         # Each subcommand's parser refuses its own unknown flags, so the line names the command.
-        namespace, extras = super().parse_known_args(args, namespace)
+        given = argparse.Namespace() if namespace is None else namespace  # as argparse itself does
+        parsed, extras = super().parse_known_args(args, given)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return namespace, extras
+        return parsed, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ConfigError as error:
         print(f"relay: error: {error}", file=sys.stderr)
         return 2

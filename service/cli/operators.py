@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 import asyncpg
 
@@ -76,12 +76,20 @@ class Progress:
             self.draw("\n")
 
 
-def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]], *, writes: bool = False) -> T:
     """Run `work` on a connection to the configured database, once the configured key is known
-    to open its payloads: a wrong or missing key is a one-line error, never unreadable output."""
+    to open its payloads: a wrong or missing key is a one-line error, never unreadable output.
+
+    Reads go to RELAY_READ_DATABASE_URL when it is set (a replica: seq order is commit order, so
+    a lagging copy holds a prefix of the log and paging by seq skips nothing); work that
+    `writes` goes to DATABASE_URL, which must then be writable (one line if it is a standby)."""
     settings = tool_settings()
 
     async def run(dsn: str) -> T:
+        if writes:
+            await database.require_writable(dsn)
+        elif settings.read_database_url is not None:
+            dsn = str(settings.read_database_url)
         conn = await ready_connection(dsn, cli_vault())
         try:
             return await work(conn)
@@ -197,7 +205,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         )
 
     try:
-        with_connection(run)
+        # To live subscribers, replay NOTIFYs: only the primary can (a standby refuses writes).
+        with_connection(run, writes=isinstance(target, FanoutTarget) and not args.dry_run)
     except KeyboardInterrupt:
         progress.close()
         print(
@@ -215,8 +224,10 @@ def describe(report: Report) -> str:
     if report.matched == 0:
         return "no events match"
     lines = [
-        f"matched {report.matched} event(s), seq {report.first_seq}..{report.last_seq}, "
-        f"{report.predictions} prediction(s)"
+        (
+            f"matched {report.matched} event(s), seq {report.first_seq}..{report.last_seq}, "
+            f"{report.predictions} prediction(s)"
+        )
     ]
     if report.dry_run:
         return lines[0] + "\ndry run: nothing sent"
@@ -273,7 +284,12 @@ def add_tail_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="Relay's base URL (default: RELAY_PUBLIC_URL or http://HOST:PORT)")
 
 
-COMMANDS: list[tuple[str, str, Callable[[argparse.Namespace], int], Callable[[Any], None]]] = [
+# (name, help, run it, add its arguments)
+Command = tuple[
+    str, str, Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], object] | None
+]
+
+COMMANDS: list[Command] = [
     ("events", "list stored events as a table", cmd_events, add_events_arguments),
     ("export", "write stored events as JSON Lines", cmd_export, add_export_arguments),
     ("replay", "re-deliver stored events to a URL or to live subscribers", cmd_replay, add_replay_arguments),

@@ -52,11 +52,12 @@ def exposition(multiprocess_dir: Path | None) -> bytes:
     if multiprocess_dir is None:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir))
+    # prometheus_client leaves its multiprocess helpers unannotated (the rest of it is typed).
+    multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
     return generate_latest(registry)
 
 
 def forget_process(multiprocess_dir: Path | None, pid: int) -> None:
     """Drop an exiting worker's live gauges (subscribers) from the merged view."""
     if multiprocess_dir is not None:
-        multiprocess.mark_process_dead(pid, path=str(multiprocess_dir))
+        multiprocess.mark_process_dead(pid, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]

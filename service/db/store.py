@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from service.core.statuses import rank
+from service.db.connection import Connection
 
 SEQ_LOCK = 0x52454C4153  # serialises the commits that assign seq
 NOTIFY_CHANNEL = "relay_events"
@@ -62,11 +63,11 @@ class Appended:
     duplicate: bool
 
 
-Prepare = Callable[[asyncpg.Connection, list[Delivery]], Awaitable[list[Delivery]]]
+Prepare = Callable[[Connection, list[Delivery]], Awaitable[list[Delivery]]]
 
 
 async def append(
-    conn: asyncpg.Connection, deliveries: Sequence[Delivery], prepare: Prepare | None = None
+    conn: Connection, deliveries: Sequence[Delivery], prepare: Prepare | None = None
 ) -> list[Appended]:
     """Append a batch atomically; outside a transaction it is committed when this returns.
     Results follow input order.
@@ -84,7 +85,7 @@ async def append(
         return await _append_statement(conn, await prepare(conn, list(deliveries)))
 
 
-async def _append_statement(conn: asyncpg.Connection, deliveries: Sequence[Delivery]) -> list[Appended]:
+async def _append_statement(conn: Connection, deliveries: Sequence[Delivery]) -> list[Appended]:
     rows = await conn.fetch(
         APPEND,
         [d.webhook_id for d in deliveries],
@@ -104,12 +105,13 @@ async def _append_statement(conn: asyncpg.Connection, deliveries: Sequence[Deliv
     return [Appended(r["seq"], r["duplicate"]) for r in rows]
 
 
-async def max_seq(conn: asyncpg.Connection) -> int:
-    return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+async def max_seq(conn: Connection) -> int:
+    seq: int = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+    return seq
 
 
 async def fetch_events(
-    conn: asyncpg.Connection,
+    conn: Connection,
     *,
     prediction_id: str | None = None,
     after: int = 0,
@@ -117,7 +119,8 @@ async def fetch_events(
     limit: int = 500,
 ) -> list[asyncpg.Record]:
     """Events with `after < seq <= up_to`, in seq order, optionally for one prediction."""
-    clauses, args = ["seq > $1"], [after]
+    clauses: list[str] = ["seq > $1"]
+    args: list[object] = [after]
     if up_to is not None:
         args.append(up_to)
         clauses.append(f"seq <= ${len(args)}")
@@ -128,7 +131,7 @@ async def fetch_events(
 
 
 async def fetch_seqs(
-    conn: asyncpg.Connection, seqs: Sequence[int], after: int = 0, limit: int = 500
+    conn: Connection, seqs: Sequence[int], after: int = 0, limit: int = 500
 ) -> list[asyncpg.Record]:
     """A page (rows and bytes bounded) of the events with these seqs past `after`, in seq order."""
     return await fetch_where(conn, "seq = ANY($1::int8[]) AND seq > $2", [list(seqs), after], limit)
@@ -156,7 +159,7 @@ def sized_page(inner: str, order: str, budget: str) -> str:
 
 
 async def fetch_where(
-    conn: asyncpg.Connection, where: str, args: Sequence[Any], limit: int, max_bytes: int = PAGE_BYTES
+    conn: Connection, where: str, args: Sequence[Any], limit: int, max_bytes: int = PAGE_BYTES
 ) -> list[asyncpg.Record]:
     """At most `limit` matching events in seq order, and no more than `max_bytes` of bodies after
     the first (octet_length reads a stored body's size without fetching or decompressing it)."""
@@ -180,7 +183,7 @@ PREDICTION_STATE = (
 )
 
 
-async def fetch_prediction(conn: asyncpg.Connection, prediction_id: str) -> asyncpg.Record | None:
+async def fetch_prediction(conn: Connection, prediction_id: str) -> asyncpg.Record | None:
     """The projection row plus the body of the event that defines the current state."""
     return await conn.fetchrow(f"{PREDICTION_STATE} WHERE p.prediction_id = $1", prediction_id)
 
@@ -194,7 +197,7 @@ RECENT_STATES = PREDICTION_STATE.replace(
 
 
 async def fetch_recent_predictions(
-    conn: asyncpg.Connection, limit: int, max_bytes: int = PAGE_BYTES
+    conn: Connection, limit: int, max_bytes: int = PAGE_BYTES
 ) -> list[asyncpg.Record]:
     """The most recently updated predictions, in the shape of `fetch_prediction`: at most
     `limit`, and fewer when their state bodies would pass `max_bytes` (the first always comes)."""
@@ -217,7 +220,7 @@ ORDER BY prediction_id, min(seq)
 """
 
 
-async def fetch_status_runs(conn: asyncpg.Connection, prediction_ids: list[str]) -> list[asyncpg.Record]:
+async def fetch_status_runs(conn: Connection, prediction_ids: list[str]) -> list[asyncpg.Record]:
     """Each prediction's timeline: runs of consecutive events with the same status, in seq order."""
     return await conn.fetch(STATUS_RUNS, prediction_ids)
 

@@ -42,7 +42,7 @@ ROW_ERRORS = (
 MAX_LENGTHS = {"id": 256, "status": 64, "model": 512, "version": 512}
 
 
-def _string_field(prediction: dict, name: str) -> str:
+def _string_field(prediction: dict[str, Any], name: str) -> str:
     value = prediction.get(name)
     if not isinstance(value, str) or not value:
         raise InvalidPayload(f"the body's {name!r} must be a non-empty string")
@@ -65,15 +65,16 @@ def _text_or_none(prediction: dict, name: str) -> str | None:
     return _checked_text(name, value)
 
 
-def prediction_model(prediction: dict) -> str | None:
+def prediction_model(prediction: dict[str, Any]) -> str | None:
     return _text_or_none(prediction, "model") or _text_or_none(prediction, "version")
 
 
-def predict_time(prediction: dict) -> float | None:
+def predict_time(prediction: dict[str, Any]) -> float | None:
     metrics = prediction.get("metrics")
     value = metrics.get("predict_time") if isinstance(metrics, dict) else None
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    return float(value) if is_number and value >= 0 else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
 
 
 def _finite(text: str) -> float:
@@ -98,7 +99,7 @@ def nesting_depth(value: Any) -> int:
     return deepest
 
 
-def parse_prediction(body: bytes) -> dict:
+def parse_prediction(body: bytes) -> dict[str, Any]:
     """The delivered prediction object; 400 unless it is a JSON object with string id/status.
 
     Encodings other than UTF-8, NaN, Infinity and floats that overflow are refused: readers
@@ -124,7 +125,7 @@ def parse_prediction(body: bytes) -> dict:
 
 
 def delivery_from(
-    prediction: dict,
+    prediction: dict[str, Any],
     body: bytes,
     *,
     webhook_id: str,
@@ -178,7 +179,7 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._pending: deque[tuple[Delivery, asyncio.Future[Appended]]] = deque()
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self.batches = 0
 
     def start(self) -> None:

@@ -16,9 +16,12 @@ rows and sends them marked replayed, whatever each subscriber's cursor, without 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import secrets
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import asyncpg
@@ -26,6 +29,7 @@ import asyncpg
 from service.core.metrics import LISTENER_RECONNECTS, SLOW_CLIENT_CLOSES, SUBSCRIBERS
 from service.core.statuses import is_terminal
 from service.db import store
+from service.db.connection import Row
 from service.db.database import HeldConnection
 from service.db.events import event_text
 from service.db.vault import Vault
@@ -35,6 +39,12 @@ log = logging.getLogger("relay.fanout")
 READ_PAGE = 1000
 POLL_INTERVAL = 1.0
 LISTEN_CHECK_INTERVAL = 5.0
+PROBE_TIMEOUT = 2.0
+LISTEN_BLOCKED = (
+    "LISTEN through RELAY_LISTEN_DATABASE_URL received no notification within {timeout:g} s: a "
+    "transaction pooler is in the way; point RELAY_LISTEN_DATABASE_URL at Postgres directly or at "
+    "a session pooler (until then live events arrive only by the periodic poll)"
+)
 RECONNECT_DELAY = 0.5
 
 
@@ -97,8 +107,11 @@ class Subscriber:
             self.stopped.set()
 
 
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+
+
 class Hub:
-    def __init__(self, pool: asyncpg.Pool, connect: Callable[[], asyncpg.Connection], vault: Vault):
+    def __init__(self, pool: asyncpg.Pool, connect: Connect, vault: Vault):
         self._pool = pool
         self._reader = HeldConnection(pool, 5)
         self._connect = connect
@@ -109,9 +122,10 @@ class Hub:
         self._notified = 0  # the newest seq a notification announced
         self._stale = True  # rows may have committed unannounced: read the log on the next wake
         self._replays: asyncio.Queue[str] = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing_code: int | None = None
         self.listening = asyncio.Event()
+        self.listen_blocked: str | None = None  # why LISTEN cannot receive, once the probe failed
 
     async def start(self) -> None:
         async with self._pool.acquire() as conn:
@@ -156,7 +170,7 @@ class Hub:
             if not group:
                 del self._subscribers[subscriber.prediction_id]
 
-    def dispatch(self, rows: Iterable[asyncpg.Record | dict], *, replayed: bool = False) -> None:
+    def dispatch(self, rows: Iterable[Row], *, replayed: bool = False) -> None:
         for row in rows:
             if not replayed and row["seq"] <= self.cursor:
                 continue  # handed over by this process's writer while the log was being read
@@ -235,13 +249,14 @@ class Hub:
             if not store.page_may_continue(rows, READ_PAGE):
                 return
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        if payload.isdigit():
-            self._notified = max(self._notified, int(payload))
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        text = str(payload)  # asyncpg passes a str; its type says object
+        if text.isdigit():
+            self._notified = max(self._notified, int(text))
         self._nudge.set()
 
-    def _on_replay(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self._replays.put_nowait(payload)
+    def _on_replay(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self._replays.put_nowait(str(payload))
 
     async def _replay_forever(self) -> None:
         while True:
@@ -271,6 +286,7 @@ class Hub:
                 conn = await self._connect()
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await self._probe(conn)  # first, so the connection's last statement is the LISTEN
                 await conn.add_listener(store.NOTIFY_CHANNEL, self._on_notify)
                 await conn.add_listener(store.REPLAY_CHANNEL, self._on_replay)
                 if not first:
@@ -289,6 +305,35 @@ class Hub:
                 if conn is not None:
                     conn.terminate()
             await asyncio.sleep(RECONNECT_DELAY)
+
+    def listen_warning(self) -> dict[str, list[str]]:
+        """For /readyz: Relay works without LISTEN (the poll), but an operator must hear of it."""
+        return {"warnings": [self.listen_blocked]} if self.listen_blocked else {}
+
+    async def _probe(self, conn: asyncpg.Connection) -> None:
+        """Send one notification through the pool and wait for it on the LISTEN connection: a
+        transaction pooler accepts LISTEN, then hands the server connection to someone else."""
+        channel = f"relay_probe_{os.getpid()}_{secrets.token_hex(4)}"
+        heard = asyncio.Event()
+
+        def on_probe(*_: object) -> None:
+            heard.set()
+
+        await conn.add_listener(channel, on_probe)
+        try:
+            async with self._pool.acquire() as sender:
+                await sender.execute("SELECT pg_notify($1, '')", channel)
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await heard.wait()
+        except TimeoutError:
+            if self.listen_blocked is None:
+                self.listen_blocked = LISTEN_BLOCKED.format(timeout=PROBE_TIMEOUT)
+                log.error(self.listen_blocked)
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(channel, on_probe)
+        self.listen_blocked = None
 
     @staticmethod
     async def _watch(conn: asyncpg.Connection, lost: asyncio.Event) -> None:

@@ -34,6 +34,7 @@ from service.core.retry import retry_after_seconds
 from service.core.settings import decode_webhook_secret
 from service.core.signatures import signed_headers
 from service.db import store
+from service.db.connection import Connection
 from service.db.events import body_bytes
 from service.db.vault import Vault
 from service.net.guard import is_public, system_resolve
@@ -132,7 +133,7 @@ def _is_literal(host: str) -> bool:
     return True
 
 
-async def plan(conn: asyncpg.Connection, event_filter: EventFilter) -> Report:
+async def plan(conn: Connection, event_filter: EventFilter) -> Report:
     """What a replay would send: count, seq range and number of predictions."""
     where, args = event_filter.where()
     row = await conn.fetchrow(
@@ -140,10 +141,11 @@ async def plan(conn: asyncpg.Connection, event_filter: EventFilter) -> Report:
         f" count(DISTINCT prediction_id) AS predictions FROM events WHERE {where}",
         *args,
     )
+    assert row is not None  # an aggregate without GROUP BY yields one row
     return Report(**dict(row), dry_run=True)
 
 
-async def matching_rows(conn: asyncpg.Connection, event_filter: EventFilter) -> AsyncIterator[asyncpg.Record]:
+async def matching_rows(conn: Connection, event_filter: EventFilter) -> AsyncIterator[asyncpg.Record]:
     """The matching events page by page (keyset on seq), so memory stays flat."""
     while True:
         where, args = event_filter.where()
@@ -156,7 +158,7 @@ async def matching_rows(conn: asyncpg.Connection, event_filter: EventFilter) -> 
 
 
 async def replay(
-    conn: asyncpg.Connection,
+    conn: Connection,
     event_filter: EventFilter,
     target: Target,
     vault: Vault,
@@ -183,7 +185,7 @@ async def replay(
 
 
 async def _announce(
-    conn: asyncpg.Connection, event_filter: EventFilter, report: Report, progress: Callable[[int], None]
+    conn: Connection, event_filter: EventFilter, report: Report, progress: Callable[[int], None]
 ) -> None:
     chunk: list[str] = []
     size = 0
@@ -198,9 +200,7 @@ async def _announce(
         await _notify(conn, chunk, report, progress)
 
 
-async def _notify(
-    conn: asyncpg.Connection, seqs: list[str], report: Report, progress: Callable[[int], None]
-) -> None:
+async def _notify(conn: Connection, seqs: list[str], report: Report, progress: Callable[[int], None]) -> None:
     await conn.execute("SELECT pg_notify($1, $2)", store.REPLAY_CHANNEL, ",".join(seqs))
     report.delivered += len(seqs)
     report.resume_after = int(seqs[-1])
@@ -233,7 +233,7 @@ class Watermark:
 
 
 async def _deliver_all(
-    conn: asyncpg.Connection,
+    conn: Connection,
     event_filter: EventFilter,
     target: UrlTarget,
     vault: Vault,
@@ -313,5 +313,5 @@ async def send(
 
 def backoff(attempt: int) -> float:
     """Capped exponential backoff with full jitter between half and all of the step."""
-    step = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
+    step = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**attempt)
     return step * random.uniform(0.5, 1.0)

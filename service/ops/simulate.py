@@ -201,9 +201,9 @@ class Simulator:
                 status = 0
             else:
                 status = response.status_code
-            if 200 <= status < 300:
-                self._acknowledged(webhook_id, response.json())
-                return
+                if 200 <= status < 300:
+                    self._acknowledged(webhook_id, response.json())
+                    return
             if 400 <= status < 500:
                 self.report.rejected += 1
                 return
@@ -211,7 +211,7 @@ class Simulator:
                 await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
         self.report.failed += 1
 
-    def _acknowledged(self, webhook_id: str, answer: dict) -> None:
+    def _acknowledged(self, webhook_id: str, answer: dict[str, Any]) -> None:
         self.report.acknowledged += 1
         if answer.get("duplicate"):
             self.report.duplicates += 1

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from service.core.params import utc_moment
+from service.db.connection import Connection
 from service.db.store import iso
 
 GROUPS = ("model", "day")
@@ -114,7 +115,7 @@ def _key(value: Any) -> Any:
     return value.isoformat() if isinstance(value, date) else value
 
 
-async def report(conn: asyncpg.Connection, when: Period, prices: dict[str, float]) -> dict[str, Any]:
+async def report(conn: Connection, when: Period, prices: dict[str, float]) -> dict[str, Any]:
     """`{since, until, group, groups: [...], total}`; each line has counts, seconds and cost."""
     rows = await conn.fetch(usage_sql(when.group), when.since, when.until)
     seconds: dict[Any, dict[str | None, float]] = {}
@@ -139,13 +140,14 @@ async def report(conn: asyncpg.Connection, when: Period, prices: dict[str, float
     }
 
 
-async def month_spend(conn: asyncpg.Connection, prices: dict[str, float], now: datetime) -> float:
+async def month_spend(conn: Connection, prices: dict[str, float], now: datetime) -> float:
     """Estimated spend of `now`'s UTC calendar month; unpriced models add nothing."""
     rows = await conn.fetch(SPEND_SQL, month_start(now), next_month(now))
-    return round(sum(r["seconds"] * prices.get(r["model"], 0.0) for r in rows if r["seconds"]), 6)
+    spend: float = sum(r["seconds"] * prices.get(r["model"], 0.0) for r in rows if r["seconds"])
+    return round(spend, 6)
 
 
-async def budget_status(conn: asyncpg.Connection, prices: dict[str, float], budget: float | None) -> dict:
+async def budget_status(conn: Connection, prices: dict[str, float], budget: float | None) -> dict[str, Any]:
     """This UTC month's spend against `RELAY_BUDGET` (what a dashboard shows)."""
     now = datetime.now(UTC)
     spend = await month_spend(conn, prices, now)
@@ -163,7 +165,7 @@ def _cell(value: Any) -> str:
 
 def format_table(usage: dict[str, Any]) -> str:
     """The report as an aligned text table, one line per group and a total; no price shows "-"."""
-    lines = [(usage["group"], *HEADINGS)]
+    lines: list[tuple[str, ...]] = [(usage["group"], *HEADINGS)]
     for line in [*usage["groups"], {usage["group"]: "total", **usage["total"]}]:
         lines.append((_cell(line[usage["group"]]), *(_cell(line[c]) for c in (*COLUMNS, "cost"))))
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]

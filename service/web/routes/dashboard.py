@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from starlette.requests import Request
@@ -49,7 +50,7 @@ async def relay_js(request: Request) -> FileResponse:
     return FileResponse(STATIC / "relay.js", media_type="text/javascript", headers=NO_CACHE)
 
 
-def timeline_entry(run: asyncpg.Record) -> dict:
+def timeline_entry(run: asyncpg.Record) -> dict[str, Any]:
     return {
         "status": run["status"],
         "seq": run["seq"],

@@ -127,7 +127,7 @@ async def close_of(url: str) -> tuple[int | None, str]:
         return ws.close_code, ws.close_reason or ""
 
 
-@pytest.mark.parametrize("after", [BIG, HUGE, "-1", "x"])
+@pytest.mark.parametrize("after", [BIG, HUGE, "-1", "x", "\U000f41f5" * 40])
 def test_a_websocket_after_the_server_cannot_parse_closes_1008_with_a_reason(relay, after):
     url = stream_url(relay, None) + f"&after={after}"
     code, reason = asyncio.run(close_of(url))

@@ -39,6 +39,7 @@ POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 # A client that stopped reading cannot take a close frame; give up on it after this long.
 CLOSE_WAIT = 5.0
+MAX_CLOSE_REASON = 123  # bytes (RFC 6455: 125 for the payload, 2 of them the code)
 
 
 async def prediction_stream(websocket: WebSocket) -> None:
@@ -77,7 +78,7 @@ async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
     try:
         after = int_param(websocket, "after", 0)  # type: ignore[arg-type]
     except RelayError as error:
-        await websocket.close(POLICY_VIOLATION, error.message)
+        await websocket.close(POLICY_VIOLATION, close_reason(error.message))
         return
     subscriber = Subscriber(prediction_id, relay.settings.ws_queue_size, after, relay.settings.ws_queue_bytes)
     relay.hub.subscribe(subscriber)
@@ -92,6 +93,12 @@ async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
             await close(websocket, code)
     finally:
         relay.hub.unsubscribe(subscriber)
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to the 123 UTF-8 bytes a close frame can carry: a longer reason (an `after`
+    echoed back in 4-byte characters) made the close itself fail, and the client saw 1006."""
+    return text.encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
 
 
 async def first_to_end(
@@ -128,7 +135,7 @@ async def deliver(websocket: WebSocket, relay: Relay, subscriber: Subscriber, af
         # Nothing past the head exists yet, so waiting could only skip the events in between:
         # the cursor came from elsewhere (another database, a typo). Refuse it and say why.
         reason = f"after={after} is beyond the log's head ({horizon}); resume from caught_up.seq"
-        await websocket.close(POLICY_VIOLATION, reason[:120])
+        await websocket.close(POLICY_VIOLATION, close_reason(reason))
         return None
     subscriber.live_from = max(subscriber.live_from, horizon)
     last, ended = await send_backlog(websocket, relay, subscriber.prediction_id, after, horizon)

@@ -57,7 +57,7 @@ def _checked_text(name: str, value: str) -> str:
     return value
 
 
-def _text_or_none(prediction: dict, name: str) -> str | None:
+def _text_or_none(prediction: dict[str, Any], name: str) -> str | None:
     """An optional text field: absent, empty or not a string reads as None; too long is a 400."""
     value = prediction.get(name)
     if not isinstance(value, str) or not value or "\x00" in value:

@@ -37,7 +37,7 @@ class ProxyDisabled(RelayError):
     code = "PROXY_DISABLED"
 
 
-def caller_owner(key: str, admin_token: str) -> str:
+def caller_owner(key: str, admin_token: str | None) -> str:
     """The owner name of a caller: `admin` for the admin token, else the key's hash."""
     return owners.ADMIN if matches_any(key, [admin_token]) else ratelimit.key_hash(key)
 
@@ -98,7 +98,7 @@ async def create_prediction(request: Request) -> JSONResponse:
     upstream, quota, caller = await admit(request)
     path, payload = create_request(await read_json(request), relay_of(request).settings.webhook_url)
     reply = await upstream.create(path, payload)
-    prediction_id = reply.data.get("id") if isinstance(reply.data, dict) else None
+    prediction_id = reply.data.get("id")
     if isinstance(prediction_id, str):
         await owners.record_owner(relay_of(request).pool, prediction_id, caller)
     return JSONResponse(with_relay(request, reply.data), status_code=201, headers=quota.headers())

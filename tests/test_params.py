@@ -114,6 +114,14 @@ def test_fuzzed_replay_filters_get_clean_answers(admin, filters):
     assert_clean(admin.post("/admin/replay", json=body))
 
 
+@FUZZ
+@given(wait=values)
+def test_fuzzed_replay_wait_gets_clean_answers(admin, wait):
+    """`?wait=` of POST /admin/replay, the one query parameter of a POST route."""
+    body = {"filter": {"prediction_id": "nothing-matches"}, "target": {"fanout": True}, "dry_run": True}
+    assert_clean(admin.post("/admin/replay", params={"wait": wait}, json=body))
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cursor=values)
 def test_fuzzed_api_list_cursor_gets_clean_answers(api_relay, fake, cursor):

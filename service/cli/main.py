@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from service.cli import operators as console
 from service.cli import retention
+from service.cli.archive import add_archive_arguments, cmd_archive
 from service.cli.privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
 from service.core.auth import DEFAULT_TTL, mint_token
 from service.core.errors import ConfigError
@@ -111,6 +112,17 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--secret", help="whsec_… to sign with (default: the configured or dev secret)")
     parser.add_argument("--seed", type=int, help="random seed, for a repeatable run")
     parser.add_argument("--report", help="write acknowledged webhook-ids and outcomes to this JSON file")
+    parser.add_argument(
+        "--serve-outputs",
+        action="store_true",
+        help="serve outputs as real PNGs from 127.0.0.1 (Relay's port + 1: a dev instance archives them)",
+    )
+    parser.add_argument(
+        "--outputs-port", type=int, help="port for --serve-outputs (default: Relay's port + 1)"
+    )
+    parser.add_argument(
+        "--serve-for", type=float, default=60.0, help="seconds to keep serving outputs until all are fetched"
+    )
 
 
 COMMANDS: list[console.Command] = [
@@ -137,6 +149,7 @@ COMMANDS: list[console.Command] = [
     ),
     ("forget", "erase predictions' content by destroying their data keys", cmd_forget, add_forget_arguments),
     ("rotate-keys", "re-wrap every data key under the current RELAY_ENCRYPTION_KEY", cmd_rotate_keys, None),
+    ("archive", "output archive: status of downloads, retry failed ones", cmd_archive, add_archive_arguments),
     *console.COMMANDS,
     *retention.COMMANDS,
 ]

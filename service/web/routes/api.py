@@ -26,6 +26,7 @@ from service.db import owners
 from service.upstream import ratelimit
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
+from service.web.routes.reading import archive_list
 from service.web.routes.webhooks import read_body
 from service.web.state import relay_of
 
@@ -107,7 +108,9 @@ async def create_prediction(request: Request) -> JSONResponse:
 async def get_prediction(request: Request) -> JSONResponse:
     upstream, quota, caller = await admit(request)
     reply = await upstream.get(await require_owned(request, caller, quota))
-    return JSONResponse(with_relay(request, reply.data), headers=quota.headers())
+    async with relay_of(request).pool.acquire() as conn:
+        archive = await archive_list(conn, request, reply.data)
+    return JSONResponse({**with_relay(request, reply.data), "archive": archive}, headers=quota.headers())
 
 
 async def cancel_prediction(request: Request) -> JSONResponse:

@@ -21,7 +21,7 @@ from service.core.auth import require_admin, token_from
 from service.db import store
 from service.db.events import prediction_state
 from service.web.responses import EventsResponse
-from service.web.routes.reading import int_param
+from service.web.routes.reading import archive_list, int_param
 from service.web.state import relay_of
 
 STATIC = Path(__file__).parent.parent / "static"
@@ -81,6 +81,9 @@ async def recent_predictions(request: Request) -> EventsResponse:
         }
         for row in rows
     ]
+    async with relay.pool.acquire() as conn:
+        for prediction in predictions:
+            prediction["archive"] = await archive_list(conn, request, prediction)
     return EventsResponse({"predictions": predictions, "seq": seq})
 
 

@@ -55,6 +55,9 @@ SAMPLES = {
     "RELAY_LOG_LEVEL": "DEBUG",
     "RELAY_WS_QUEUE": "5",
     "RELAY_WS_PING": "7",
+    "RELAY_MAX_HEADER_BYTES": "8192",
+    "RELAY_WS_QUEUE_BYTES": "2048",
+    "RELAY_REPLAY_PRIVATE": "off",  # relay_env turns it on for the test receivers
     "RELAY_PRICES": "a/b=0.5",
     "RELAY_BUDGET": "20",
     "RELAY_BUDGET_INTERVAL": "9",

@@ -279,6 +279,8 @@ class Setting:
         """The default as the docs and `--help` show it."""
         if self.unset:
             return self.unset
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
         if self.default is None or self.default in ("", (), {}):
             return ""
         if isinstance(self.default, Path) and not self.default.is_absolute():
@@ -303,6 +305,26 @@ def setting(
     if isinstance(default, dict):  # mutable: each Settings gets its own copy
         return field(default_factory=lambda: dict(default), metadata=metadata)  # type: ignore[return-value]
     return field(default=default, metadata=metadata)
+
+
+SWITCH_VALUES = {
+    "1": True,
+    "on": True,
+    "true": True,
+    "yes": True,
+    "0": False,
+    "off": False,
+    "false": False,
+    "no": False,
+}
+
+
+def on_off(raw: str, name: str) -> bool:
+    """An on/off variable (on, off, true, false, yes, no, 1, 0)."""
+    value = raw.strip().lower()
+    if value not in SWITCH_VALUES:
+        raise ConfigError(f"{name} must be on or off, got {raw[:20]!r}")
+    return SWITCH_VALUES[value]
 
 
 @dataclass(frozen=True)
@@ -502,6 +524,20 @@ class Settings:
         whole(),
         "archive downloads at once per process",
     )
+
+    # Hardening: bounds a hostile client cannot push past, and replays to private addresses
+    max_header_bytes: int = setting(
+        "RELAY_MAX_HEADER_BYTES", "--max-header-bytes", 65536, whole(minimum=1024),
+        "largest request head (request line + headers), bytes; larger: 431",
+    )  # fmt: skip
+    ws_queue_bytes: int = setting(
+        "RELAY_WS_QUEUE_BYTES", "--ws-queue-bytes", 8 * MIB, whole(minimum=1024),
+        "bytes queued per subscriber before 1013",
+    )  # fmt: skip
+    replay_private: bool = setting(
+        "RELAY_REPLAY_PRIVATE", "--replay-private", False, on_off,
+        "on: admin replays may target loopback, private and link-local addresses",
+    )  # fmt: skip
 
     # Not settings: what load_settings found out.
     generated: frozenset[str] = field(default_factory=frozenset)

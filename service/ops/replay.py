@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +35,7 @@ from service.db import store
 from service.db.connection import Connection
 from service.db.events import body_bytes
 from service.db.vault import Vault
+from service.net.guard import is_public, system_resolve
 from service.net.http1 import Pool
 from service.net.sender import deliver, new_client
 
@@ -46,6 +48,7 @@ BACKOFF_CAP = 30.0
 MAX_RETRY_AFTER = 120.0
 REQUEST_TIMEOUT = 30.0
 NOTIFY_LIMIT = 7900  # pg_notify payloads must stay under 8000 bytes
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,36 @@ def target_from_json(target: Any) -> Target:
     raise InvalidRequest('target must be {"url": "https://…", "secret": "whsec_…"} or {"fanout": true}')
 
 
+async def check_target_address(
+    target: UrlTarget, allow_private: bool, resolve: Resolver = system_resolve
+) -> None:
+    """Refuse (400) a target whose host resolves to a loopback, private, link-local or other
+    non-global address, unless RELAY_REPLAY_PRIVATE is on: the admin API must not become a way
+    to reach the services next to Relay. Checked once, before anything is sent."""
+    if allow_private:
+        return
+    parts = urlsplit(target.url)
+    host = parts.hostname or ""
+    try:
+        found = [host] if _is_literal(host) else await resolve(host, parts.port or 443)
+        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
+    except (OSError, ValueError):
+        raise InvalidRequest("the replay target's host name does not resolve") from None
+    if not addresses or not all(is_public(a) for a in addresses):
+        raise InvalidRequest(
+            "the replay target resolves to a private, loopback or link-local address; "
+            "set RELAY_REPLAY_PRIVATE=on to allow replays to such addresses"
+        )
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def plan(conn: Connection, event_filter: EventFilter) -> Report:
     """What a replay would send: count, seq range and number of predictions."""
     where, args = event_filter.where()
@@ -119,7 +152,7 @@ async def matching_rows(conn: Connection, event_filter: EventFilter) -> AsyncIte
         rows = await store.fetch_where(conn, where, args, PAGE)
         for row in rows:
             yield row
-        if len(rows) < PAGE:
+        if not store.page_may_continue(rows, PAGE):
             return
         event_filter = event_filter.starting_after(rows[-1]["seq"])
 

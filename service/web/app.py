@@ -25,7 +25,7 @@ from service.archive.worker import Archiver, Tuning
 from service.batches import store as batch_store
 from service.batches.scheduler import BUDGET_RECHECK, BudgetGate, Scheduler
 from service.core import metrics
-from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
+from service.core.errors import DatabaseUnavailable, InvalidRequest, MethodNotAllowed, NotFound, RelayError
 from service.core.settings import Settings
 from service.db import database, migrations, partitions
 from service.destinations.manager import Destinations
@@ -118,6 +118,15 @@ async def database_down(request: Request, error: Exception) -> Response:
 async def metrics_page(request: Request) -> Response:
     body = metrics.exposition(relay_of(request).settings.metrics_dir)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+async def data_error(request: Request, error: Exception) -> Response:
+    """Postgres refusing a value a request carried (class 22, data exception) is the client's
+    error, 400; parameters are checked before queries, so this is only the safety net."""
+    if request.scope["type"] != "http":
+        raise error
+    log.warning("the database refused a value in %s (%s)", request.url.path, type(error).__name__)
+    return error_response(InvalidRequest("a parameter holds a value the database cannot take"))
 
 
 async def relay_error(request: Request, error: Exception) -> Response:
@@ -243,6 +252,7 @@ async def start_archive(relay: Relay) -> None:
 
 
 async def stop_background(relay: Relay) -> None:
+    await relay.replays.stop()
     for task in relay.background:
         task.cancel()
     await asyncio.gather(*relay.background, return_exceptions=True)
@@ -264,7 +274,19 @@ class RelayApp(Starlette):
             scope["app"] = self
             await webhooks.endpoint(scope, receive, send)
             return
+        if scope["type"] in ("http", "websocket") and "\x00" in scope["path"]:
+            await refuse_nul_path(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
+
+
+async def refuse_nul_path(scope: Scope, receive: Receive, send: Send) -> None:
+    """A NUL in a decoded path (`/predictions/a%00b`) can match no id Postgres stores, and
+    Postgres text cannot even carry it: 400 (a refused handshake for a WebSocket)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await error_response(InvalidRequest("the path must not contain NUL (%00)"))(scope, receive, send)
 
 
 async def open_pools(relay: Relay) -> None:
@@ -338,6 +360,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
     handlers: dict[int | type[Exception], ExceptionHandler] = {
         RelayError: relay_error,
+        asyncpg.DataError: data_error,
         **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files
         **dict.fromkeys(DATABASE_DOWN, database_down),
     }

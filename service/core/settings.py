@@ -200,13 +200,6 @@ def schedule(raw: str, name: str) -> tuple[float, ...]:
     return parse_schedule(raw, name)
 
 
-def on_off(raw: str, name: str) -> bool:
-    value = raw.strip().lower()
-    if value not in ("on", "off"):
-        raise ConfigError(f"{name} must be on or off, got {value[:20]!r}")
-    return value == "on"
-
-
 # Output archive
 def archive_store(raw: str, name: str) -> str:
     """`file:///absolute/path`, `s3://bucket[/prefix]` or `off` (unset: RELAY_DATA_DIR/files)."""

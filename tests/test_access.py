@@ -18,6 +18,7 @@ from service.web.auth import (
     GuardedWebSocketRoute,
     route,
 )
+from service.web.routes.batches import BATCH_READER
 from service.web.routes.files import FILE_READER
 from service.web.routes.webhooks import endpoint
 
@@ -44,6 +45,9 @@ EXPECTED = {
     "/api/predictions/{prediction_id}": API_KEY,
     "/api/predictions/{prediction_id}/cancel": API_KEY,
     "/files/{sha256}": FILE_READER,
+    "/admin/destinations": ADMIN,
+    "/api/batches": API_KEY,
+    "/batches/{batch_id}/ws": BATCH_READER,
 }
 
 

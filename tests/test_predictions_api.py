@@ -290,3 +290,11 @@ def test_rate_limit_is_shared_by_two_relay_instances(postgres, fake):
         with api_client(two, OTHER_API_KEY) as other:
             assert other.get("/api/predictions").status_code == 200
     assert len(fake.calls("GET", "/predictions")) == 4
+
+
+def test_a_body_past_the_api_limit_is_413_naming_relay_api_max_body(api, fake):
+    """The /api limit is RELAY_API_MAX_BODY (the webhook one, RELAY_MAX_BODY, is another)."""
+    big = {"model": QWEN, "input": {**QWEN_INPUT, "prompt": "x" * 70_000}}
+    status, code, message = error_of(api.post("/api/predictions", json=big))
+    assert (status, code) == (413, "BODY_TOO_LARGE") and "RELAY_API_MAX_BODY" in message
+    assert "RELAY_MAX_BODY " not in message and fake.requests == []

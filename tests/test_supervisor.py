@@ -1,157 +1,76 @@
-"""Background loops run under one supervisor: a crash is logged, /readyz says 503, nobody hangs."""
+"""Dev mode: `relay serve` restarts the embedded postmaster after a real `kill -9`."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import os
+import signal
+import time
+from pathlib import Path
 
-import asyncpg
 import httpx
-import pytest
 
-from service.core.settings import load_settings
-from service.core.signatures import signed_headers
-from service.core.supervisor import Supervisor
-from service.db import store
-from service.db.vault import Vault
-from service.ingest.committer import WRITER_TASK
-from service.live.hub import Hub
-from service.web.app import create_app
+from service.ops.simulate import lifecycle
 
-from .support import WEBHOOK_KEY, body_of, new_prediction_id, new_webhook_id, query, relay_env, serving_app
+from .support import RelayProcess, new_prediction_id, post_webhook, relay_env
 
 
-def test_a_task_that_raises_or_returns_is_a_named_failure_and_a_stopped_one_is_not(caplog):
-    """Raising and returning both count as dying (logged once, with the exception); stop() does not."""
-
-    async def scenario() -> Supervisor:
-        supervisor = Supervisor()
-
-        async def crash() -> None:
-            raise RuntimeError("boom")
-
-        async def forever() -> None:
-            await asyncio.Event().wait()
-
-        async def give_up() -> None:
-            return
-
-        supervisor.spawn("crasher", crash())
-        supervisor.spawn("quitter", give_up())
-        supervisor.spawn("worker", forever())
-        await asyncio.sleep(0.05)
-        with pytest.raises(ValueError, match="already running"):
-            supervisor.spawn("worker", forever())
-        await supervisor.stop()
-        return supervisor
-
-    with caplog.at_level(logging.ERROR, logger="relay.supervisor"):
-        supervisor = asyncio.run(scenario())
-    assert supervisor.failures == {"crasher": "RuntimeError", "quitter": "returned"}
-    problem = supervisor.problem()
-    assert problem is not None and "crasher (RuntimeError)" in problem and "worker" not in problem
-    crashed = [r for r in caplog.records if "crasher" in r.getMessage()]
-    assert len(crashed) == 1 and crashed[0].exc_info is not None
-    assert isinstance(crashed[0].exc_info[1], RuntimeError)
+def postmaster_pid(data_dir: Path) -> int:
+    return int((data_dir / "pg" / "postmaster.pid").read_text().splitlines()[0])
 
 
-def test_stop_ends_tasks_last_registered_first_through_their_stop_hooks():
-    """A loop that feeds the writer stops before the writer; a stop hook replaces the bare cancel."""
-    order: list[str] = []
-
-    async def scenario() -> None:
-        supervisor = Supervisor()
-        for name in ("writer", "feeder"):
-            done = asyncio.Event()
-
-            async def loop(done: asyncio.Event = done) -> None:
-                await done.wait()
-
-            async def stop(name: str = name, done: asyncio.Event = done) -> None:
-                order.append(name)
-                done.set()
-
-            supervisor.spawn(name, loop(), stop=stop)
-        await asyncio.sleep(0)
-        await supervisor.stop()
-        assert supervisor.healthy()
-
-    asyncio.run(scenario())
-    assert order == ["feeder", "writer"]
+def restarted(data_dir: Path, killed: int) -> bool:
+    try:
+        pid = postmaster_pid(data_dir)
+    except (FileNotFoundError, ValueError, IndexError):
+        return False
+    return pid != killed and running(pid)
 
 
-def failing_hook(self: Hub, rows: object) -> None:
-    raise RuntimeError("a bug in the commit hook")
+def running(pid: int) -> bool:
+    """Alive and not a zombie (in a container, PID 1 may never reap an exited postmaster)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
-def test_a_failing_commit_hook_makes_readyz_503_and_later_webhooks_fail_fast(dsn, monkeypatch, caplog):
-    """The delivery whose hook failed is committed and acknowledged; then the writer is dead:
-    the crash is logged with its exception, /readyz names it (503), and the next webhook gets a
-    503 with Retry-After at once instead of waiting forever."""
-    monkeypatch.setattr(Hub, "committed_here", failing_hook)  # the app's real hook, made to fail
-    for name, value in relay_env(dsn).items():
-        monkeypatch.setenv(name, value)
-    app = create_app(load_settings(generate_missing=False), dsn)
-    first, second = new_prediction_id(), new_prediction_id()
-
-    async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
-        async with serving_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
-            accepted = await post(client, first)
-            for _ in range(100):
-                ready = await client.get("/readyz")
-                if ready.status_code == 503:
+def test_a_killed_embedded_postmaster_is_restarted_and_relay_recovers(tmp_path):
+    """kill -9 of the postmaster: Relay logs it, starts the cluster again, answers 200 again,
+    and keeps what was committed before; at exit the new postmaster is stopped."""
+    env = relay_env("", RELAY_DATA_DIR=str(tmp_path / "data"))
+    del env["DATABASE_URL"]  # dev mode: the embedded cluster under RELAY_DATA_DIR
+    prediction_id = new_prediction_id()
+    bodies = lifecycle(prediction_id)
+    relay = RelayProcess(env).start(timeout=90)
+    try:
+        with httpx.Client(base_url=relay.url, timeout=30) as http:
+            assert post_webhook(http, bodies[0]).status_code == 200
+            first = postmaster_pid(tmp_path / "data")
+            os.kill(first, signal.SIGKILL)
+            # An orphaned backend may still answer for a moment; the new postmaster shows first.
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and not restarted(tmp_path / "data", first):
+                time.sleep(0.2)
+            assert restarted(tmp_path / "data", first), "the postmaster was not restarted"
+            status = 0
+            while time.monotonic() < deadline:
+                try:
+                    status = post_webhook(http, bodies[1]).status_code
+                except httpx.HTTPError:
+                    status = 0
+                if status == 200:
                     break
-                await asyncio.sleep(0.05)
-            refused = await post(client, second)
-            return accepted, ready, refused
-
-    with caplog.at_level(logging.ERROR, logger="relay.supervisor"):
-        accepted, ready, refused = asyncio.run(scenario())
-    assert accepted.status_code == 200, accepted.text
-    assert query(dsn, "SELECT seq FROM events WHERE prediction_id = $1", first)  # durable, as acknowledged
-    assert ready.status_code == 503
-    assert WRITER_TASK in ready.json()["reason"] and "RuntimeError" in ready.json()["reason"]
-    assert refused.status_code == 503 and refused.headers["retry-after"]
-    assert refused.json()["error"]["code"] == "DATABASE_UNAVAILABLE"
-    assert not query(dsn, "SELECT seq FROM events WHERE prediction_id = $1", second)
-    crash = [r for r in caplog.records if WRITER_TASK in r.getMessage()]
-    assert crash and crash[0].exc_info is not None and "commit hook" in str(crash[0].exc_info[1])
-
-
-async def post(client: httpx.AsyncClient, prediction_id: str) -> httpx.Response:
-    body = body_of({"id": prediction_id, "status": "starting"})
-    headers = signed_headers(WEBHOOK_KEY, new_webhook_id(), body)
-    return await client.post("/webhooks/replicate", content=body, headers=headers)
-
-
-def test_the_hub_replay_loop_outlives_an_event_it_cannot_send(dsn, monkeypatch, caplog):
-    """A replay whose dispatch fails is logged and skipped; the loop (and readiness) survive."""
-
-    def failing_dispatch(self: Hub, rows: object, *, replayed: bool = False) -> None:
-        raise RuntimeError("cannot render")
-
-    monkeypatch.setattr(Hub, "dispatch", failing_dispatch)
-
-    async def scenario() -> tuple[Supervisor, bool]:
-        supervisor = Supervisor()
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=3)
-        hub = Hub(pool, lambda: asyncpg.connect(dsn), Vault(()))
-        await hub.start(supervisor)
-        await asyncio.wait_for(hub.listening.wait(), 10)
-        async with pool.acquire() as conn:
-            for _ in range(2):
-                await conn.execute("SELECT pg_notify($1, '1')", store.REPLAY_CHANNEL)
-        for _ in range(100):
-            if sum("could not replay" in r.getMessage() for r in caplog.records) == 2:
-                break
-            await asyncio.sleep(0.02)
-        alive = all(not task.done() for task in hub._tasks)
-        await hub.stop()
-        await supervisor.stop()
-        await pool.close()
-        return supervisor, alive
-
-    with caplog.at_level(logging.WARNING, logger="relay.fanout"):
-        supervisor, alive = asyncio.run(scenario())
-    assert sum("could not replay" in r.getMessage() for r in caplog.records) == 2
-    assert alive and supervisor.healthy()
+                time.sleep(0.5)
+            assert status == 200, "Relay did not recover after the postmaster was killed"
+            events = http.get(
+                f"/predictions/{prediction_id}/events",
+                headers={"Authorization": "Bearer " + env["RELAY_ADMIN_TOKEN"]},
+            )
+            assert [e["status"] for e in events.json()["events"]] == ["starting", "processing"]
+            second = postmaster_pid(tmp_path / "data")
+    finally:
+        relay.stop()
+    assert "restarting it" in relay.output and "running again" in relay.output
+    time.sleep(1)
+    assert not running(second), "the restarted postmaster outlived relay serve"

@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -20,19 +21,34 @@ from starlette.types import ExceptionHandler, Receive, Scope, Send
 
 from service.archive.stores import open_store
 from service.archive.worker import Archiver, Tuning
+from service.batches import store as batch_store
+from service.batches.scheduler import BUDGET_RECHECK, BudgetGate, Scheduler
 from service.core import metrics
-from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
+from service.core.errors import DatabaseUnavailable, InvalidRequest, MethodNotAllowed, NotFound, RelayError
 from service.core.settings import Settings
 from service.db import database, migrations, partitions
+from service.destinations.manager import Destinations
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
 from service.upstream.client import Upstream
 from service.upstream.reconcile import Reconciler
 from service.usage import budget
+from service.usage.report import month_spend
 from service.web.auth import PUBLIC, route
 from service.web.origins import ApiCors
 from service.web.responses import error_response
-from service.web.routes import admin, dashboard, files, privacy, reading, sockets, usage, webhooks
+from service.web.routes import (
+    admin,
+    batches,
+    dashboard,
+    destinations,
+    files,
+    privacy,
+    reading,
+    sockets,
+    usage,
+    webhooks,
+)
 from service.web.routes import api as predictions_api
 from service.web.state import CONNECT_TIMEOUT, Relay, relay_of
 
@@ -110,6 +126,15 @@ async def metrics_page(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
+async def data_error(request: Request, error: Exception) -> Response:
+    """Postgres refusing a value a request carried (class 22, data exception) is the client's
+    error, 400; parameters are checked before queries, so this is only the safety net."""
+    if request.scope["type"] != "http":
+        raise error
+    log.warning("the database refused a value in %s (%s)", request.url.path, type(error).__name__)
+    return error_response(InvalidRequest("a parameter holds a value the database cannot take"))
+
+
 async def relay_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RelayError)
     return error_response(error)
@@ -133,11 +158,58 @@ def start_upstream(relay: Relay) -> None:
     )
 
 
+def budget_gate(relay: Relay) -> BudgetGate | None:
+    """Why a batch may start no new item: this month's estimated spend has reached RELAY_BUDGET."""
+    settings = relay.settings
+    budget = settings.budget
+    if budget is None:
+        return None
+
+    async def blocked() -> str | None:
+        async with relay.pool.acquire() as conn:
+            spend = await month_spend(conn, settings.prices, datetime.now(UTC))
+        if spend < budget:
+            return None
+        return (
+            f"RELAY_BUDGET reached: {spend:.2f} of {budget:.2f} USD spent this month; "
+            "no new item starts until the month's spend allows"
+        )
+
+    return blocked
+
+
+async def start_batches(relay: Relay) -> None:
+    """The batch scheduler, driven by webhooks; it reaches Replicate through the upstream client.
+    Item predictions get ownership records once `prediction_owners` exists."""
+    if relay.upstream is None:
+        return
+    async with relay.pool.acquire() as conn:
+        owners = batch_store.record_owner if await batch_store.owners_table(conn) else None
+    relay.scheduler = Scheduler(
+        relay.pool,
+        relay.upstream,
+        relay.batch_link_key,
+        relay.settings.webhook_url,
+        budget=budget_gate(relay),
+        owners=owners,
+        budget_recheck=min(relay.settings.budget_interval, BUDGET_RECHECK),
+    )
+    relay.supervisor.spawn("relay-batches", relay.scheduler.run())
+
+
 def start_budget(relay: Relay) -> None:
     """The monthly spend check, when prices or a budget are configured."""
     settings = relay.settings
     if settings.prices or settings.budget is not None:
         relay.supervisor.spawn("relay-budget", budget.watch(relay.pool, settings))
+
+
+def start_destinations(relay: Relay) -> None:
+    """The senders of the destinations this instance holds (each held by one instance)."""
+    if not relay.settings.destinations:
+        return  # RELAY_DESTINATIONS=off: `relay destinations run` sends, elsewhere
+    sender = Destinations(relay.pool, relay.listen_connection, relay.vault, relay.settings)
+    relay.supervisor.spawn("relay-destinations", sender.run())
 
 
 async def start_archive(relay: Relay) -> None:
@@ -187,7 +259,19 @@ class RelayApp(Starlette):
             scope["app"] = self
             await webhooks.endpoint(scope, receive, send)
             return
+        if scope["type"] in ("http", "websocket") and "\x00" in scope["path"]:
+            await refuse_nul_path(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
+
+
+async def refuse_nul_path(scope: Scope, receive: Receive, send: Send) -> None:
+    """A NUL in a decoded path (`/predictions/a%00b`) can match no id Postgres stores, and
+    Postgres text cannot even carry it: 400 (a refused handshake for a WebSocket)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await error_response(InvalidRequest("the path must not contain NUL (%00)"))(scope, receive, send)
 
 
 async def open_pools(relay: Relay) -> None:
@@ -224,8 +308,10 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.committer.start(relay.supervisor)
         # Loops that feed the writer start after it, so that they stop before it (supervisor.stop).
         start_upstream(relay)
+        await start_batches(relay)
         start_budget(relay)
         relay.supervisor.spawn("relay-partitions", partitions.keep_ahead(relay.pool))
+        start_destinations(relay)
         await start_archive(relay)
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out
         # of the collector's sight, a full collection took ~1 ms instead of 13-33 ms, which were
@@ -234,6 +320,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         try:
             yield
         finally:
+            await relay.replays.stop()  # replay jobs of /admin/replay
             await relay.hub.stop()  # subscribers first: closed with 1001
             await relay.supervisor.stop()  # last started, first stopped; the writer drains its queue
             if relay.upstream is not None:
@@ -250,15 +337,18 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *sockets.routes,
         *admin.routes,
         *predictions_api.routes,
+        *batches.routes,
         *dashboard.routes,
         *privacy.routes,
         *usage.routes,
+        *destinations.routes,
         *files.routes,
     ]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
     middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
     handlers: dict[int | type[Exception], ExceptionHandler] = {
         RelayError: relay_error,
+        asyncpg.DataError: data_error,
         **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files
         **dict.fromkeys(DATABASE_DOWN, database_down),
     }

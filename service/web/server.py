@@ -54,7 +54,7 @@ def configure_logging(level: str) -> None:
 
 def serve(settings: Settings) -> None:
     configure_logging(settings.log_level)
-    with database.database_dsn(settings) as dsn:
+    with database.database_dsn(settings, supervise=True) as dsn:
         asyncio.run(database.require_writable(dsn))
         asyncio.run(database.migrate(dsn))
         asyncio.run(check_keys(dsn, Vault(settings.key_encryption_keys)))

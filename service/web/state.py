@@ -12,6 +12,8 @@ import asyncpg
 from starlette.requests import HTTPConnection
 
 from service.archive.stores import ArchiveStore
+from service.batches.links import link_key
+from service.batches.scheduler import Scheduler
 from service.core.hosts import HostPolicy
 from service.core.settings import Settings
 from service.core.supervisor import Supervisor
@@ -19,6 +21,7 @@ from service.db.database import Databases
 from service.db.vault import Vault
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
+from service.ops.replay_jobs import ReplayJobs
 from service.upstream.client import Upstream
 
 CONNECT_TIMEOUT = 5.0
@@ -41,10 +44,14 @@ class Relay:
     supervisor: Supervisor = field(init=False, default_factory=Supervisor)
     archive_store: ArchiveStore | None = field(init=False, default=None)  # None: RELAY_ARCHIVE=off
     archive_policy: HostPolicy = field(init=False)
+    scheduler: Scheduler | None = field(init=False, default=None)  # batches, with an upstream
+    batch_link_key: bytes = field(init=False)
+    replays: ReplayJobs = field(init=False, default_factory=ReplayJobs)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys
         self.vault = Vault(self.settings.key_encryption_keys)
+        self.batch_link_key = link_key(self.settings.subscribe_key or "")
         self.archive_policy = HostPolicy(self.settings.archive_hosts)
 
     async def listen_connection(self) -> asyncpg.Connection:

@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from service.archive.files import archive_entries
 from service.core.errors import NotFound
-from service.core.params import MAX_PAGE, parse_int
+from service.core.params import MAX_PAGE, check_text, parse_int
 from service.db import store
 from service.db.connection import Connection
 from service.db.events import prediction_state
@@ -17,13 +17,20 @@ from service.web.auth import SUBSCRIBER, route
 from service.web.responses import EventsResponse, events_page
 from service.web.state import relay_of
 
+MAX_ID = 256  # as ingest allows (service.ingest.committer.MAX_LENGTHS)
+
 
 def int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     return parse_int(name, request.query_params.get(name), default, minimum, maximum)
 
 
+def path_id(request: Request, name: str = "prediction_id") -> str:
+    """A path's id, refused (400) when no stored id could match it (NUL, too long)."""
+    return check_text(name, request.path_params[name], MAX_ID)
+
+
 async def get_prediction(request: Request) -> EventsResponse:
-    prediction_id = request.path_params["prediction_id"]
+    prediction_id = path_id(request)
     relay = relay_of(request)
     async with relay.pool.acquire() as conn:
         row = await store.fetch_prediction(conn, prediction_id)
@@ -43,7 +50,7 @@ async def archive_list(conn: Connection, request: Request, prediction: Any) -> l
 
 
 async def list_prediction_events(request: Request) -> Response:
-    prediction_id = request.path_params["prediction_id"]
+    prediction_id = path_id(request)
     after = int_param(request, "after", 0)
     limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
     relay = relay_of(request)

@@ -8,33 +8,40 @@ request/response wrapping and `JSONResponse` cost about a fifth of its CPU (benc
 from __future__ import annotations
 
 import time
+from urllib.parse import parse_qs
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
+from service.batches import store as batch_store
+from service.batches.links import QUERY_NAME, parse_ref
 from service.core.errors import BodyIncomplete, BodyTooLarge, RelayError
 from service.core.metrics import DELIVERIES, DUPLICATES, INGEST_SECONDS, REJECTS
 from service.core.signatures import verify
+from service.core.statuses import is_terminal
+from service.db.store import Delivery
 from service.ingest.committer import webhook_delivery
 from service.web.auth import SIGNED, route
 from service.web.responses import error_response
-from service.web.state import relay_of
+from service.web.state import Relay, relay_of
 
 # Bound once: `labels()` takes a lock and a dict lookup on every call.
 STORED, DUPLICATE, REJECTED = (DELIVERIES.labels(outcome) for outcome in ("stored", "duplicate", "rejected"))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing it as soon as it is known to exceed `limit` bytes."""
+async def read_body(request: Request, limit: int, setting: str = "RELAY_MAX_BODY") -> bytes:
+    """The body, refusing it as soon as it is known to exceed `limit` bytes (the value of the
+    variable named `setting`, which the 413 names)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"the body is {declared} bytes; RELAY_MAX_BODY allows {limit}")
+    # Digits only, and no int() of a huge digit string (Python refuses past 4,300 digits).
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise BodyTooLarge(f"the body is {declared} bytes; {setting} allows {limit}")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise BodyTooLarge(f"the body exceeds RELAY_MAX_BODY ({limit} bytes)")
+                raise BodyTooLarge(f"the body exceeds {setting} ({limit} bytes)")
             chunks.append(chunk)
     except ClientDisconnect:
         raise BodyIncomplete("the client disconnected before sending the whole body") from None
@@ -52,6 +59,26 @@ async def send_json(send: Send, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def bind_batch_item(relay: Relay, query_string: bytes, delivery: Delivery) -> bool:
+    """A delivery to a batch item's URL binds its prediction to the item before it is stored,
+    so the batch's stream knows the prediction by its first event and a create whose answer
+    was lost still finds its item. Whether the URL named a batch item."""
+    values = parse_qs(query_string.decode("latin-1")).get(QUERY_NAME)
+    ref = parse_ref(values[0], relay.batch_link_key) if values else None
+    if ref is None:
+        return False
+    scheduler = relay.scheduler
+    if scheduler is not None and scheduler.knows_bound(ref):
+        return True  # this process recorded the create's answer: already bound
+    async with relay.pool.acquire() as conn:
+        owner = await batch_store.bind(conn, ref, delivery.prediction_id)
+        if owner is not None and scheduler is not None and scheduler.owners is not None:
+            await scheduler.owners(conn, delivery.prediction_id, owner)
+    if scheduler is not None:
+        scheduler.remember_bound(ref)
+    return True
+
+
 class WebhookEndpoint:
     """An ASGI app (a class, so Starlette's `Route` does not wrap it as a request handler)."""
 
@@ -64,7 +91,11 @@ class WebhookEndpoint:
             webhook_id, timestamp = verify(
                 request.headers, body, relay.webhook_keys, relay.settings.webhook_tolerance
             )
-            appended = await relay.committer.submit(webhook_delivery(body, webhook_id, timestamp))
+            delivery = webhook_delivery(body, webhook_id, timestamp)
+            item = scope["query_string"] and await bind_batch_item(relay, scope["query_string"], delivery)
+            appended = await relay.committer.submit(delivery)
+            if item and relay.scheduler is not None and is_terminal(delivery.status):
+                relay.scheduler.nudge()  # once committed, so the scheduler sees the item ended
         except RelayError as error:
             REJECTS.labels(error.code).inc()
             REJECTED.inc()

@@ -5,6 +5,7 @@ A subscriber token carries `prediction` (an id, or `*` for all) and `exp`.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import Iterable, Mapping
@@ -29,6 +30,11 @@ def token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | No
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return query.get("token") or None
+
+
+def key_hash(key: str) -> str:
+    """How a key is named in the database (quotas, owners, cache scopes): never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def matches_any(token: str, secrets: Iterable[str]) -> bool:

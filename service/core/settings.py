@@ -67,6 +67,16 @@ def _log_level(env: Mapping[str, str]) -> str:
     return level
 
 
+LOG_FORMATS = ("text", "json")
+
+
+def _log_format(env: Mapping[str, str]) -> str:
+    value = (env.get("RELAY_LOG_FORMAT") or "text").lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"RELAY_LOG_FORMAT must be text or json, got {value[:20]!r}")
+    return value
+
+
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -169,6 +179,9 @@ SERVE_FLAGS = (
     Flag("--reconcile-interval", "RELAY_RECONCILE_INTERVAL", "reconcile period, seconds", int),
     Flag("--allowed-origins", "RELAY_ALLOWED_ORIGINS", "origins that may open streams, comma-separated"),
     Flag("--cors-origins", "RELAY_CORS_ORIGINS", "origins that may call /api/*, comma-separated"),
+    # API surface: the prediction cache and JSON logs
+    Flag("--cache-ttl", "RELAY_CACHE_TTL", "seconds a succeeded prediction may answer an identical one", int),
+    Flag("--log-format", "RELAY_LOG_FORMAT", "text or json (one object a line)"),
 )
 
 
@@ -204,6 +217,9 @@ class Settings:
     reconcile_interval: int = 60
     allowed_origins: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    # API surface: the prediction cache and JSON logs
+    cache_ttl: int = 86400
+    log_format: str = "text"
     generated: frozenset[str] = field(default_factory=frozenset)
     flags: dict[str, str] = field(default_factory=dict, repr=False)  # given on the command line
 
@@ -291,6 +307,9 @@ def load_settings(
         "reconcile_interval": _int(env, "RELAY_RECONCILE_INTERVAL", 60),
         "allowed_origins": _origins(env, "RELAY_ALLOWED_ORIGINS"),
         "cors_origins": _origins(env, "RELAY_CORS_ORIGINS"),
+        # API surface: the prediction cache and JSON logs
+        "cache_ttl": _int(env, "RELAY_CACHE_TTL", 86400),
+        "log_format": _log_format(env),
         "flags": flags,
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]

@@ -1,14 +1,17 @@
 """Checking a create request before anything is sent to Replicate.
 
 Every refusal is a 400 INVALID_REQUEST naming the field and the rule it broke. Inputs are
-checked field by field only for models Relay knows (`qwen/qwen-image-edit-plus`); any other
-model's `input` passes through as long as it is an object.
+checked field by field for the models in `MODELS` (`qwen/qwen-image-edit-plus`), whichever
+form names them: `model: owner/name`, `version: owner/name`, `version: owner/name:id`, or a bare
+`version: id` that Relay knows to be that model. Any other model's `input` passes through as
+long as it is an object.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,9 +19,11 @@ from service.core.errors import InvalidRequest
 
 QWEN_IMAGE_EDIT_PLUS = "qwen/qwen-image-edit-plus"
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
-REQUEST_FIELDS = {"version", "model", "input", "webhook", "webhook_events_filter"}
+REQUEST_FIELDS = {"version", "model", "input", "webhook", "webhook_events_filter", "cache"}
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 PREDICTION_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+# Replicate's version ids are 64 hex digits; letters, digits, "-" and "_" are allowed as ids.
+VERSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 
 
 def _is_int(value: Any) -> bool:
@@ -73,25 +78,94 @@ def _number(minimum: float, maximum: float) -> Callable[[Any], str | None]:
     return check
 
 
-QWEN_RULES: dict[str, Callable[[Any], str | None]] = {
-    "image": _image,
-    "prompt": _text(1000, minimum=1),
-    "negative_prompt": _text(1000),
-    "num_outputs": _integer(1, 4),
-    "guidance_scale": _number(0.1, 20),
-    "num_inference_steps": _integer(1, 500),
-    "seed": _integer(),
+Rule = Callable[[Any], str | None]
+
+
+@dataclass(frozen=True)
+class ModelSchema:
+    """What Relay checks in `input` for one model, before any upstream call.
+
+    `versions` are version ids known to be this model, so that a bare id in `version` is checked
+    too; Relay also learns ids from Replicate's answers (`upstream.versions`), so none need be
+    listed here for the check to apply once the model has been used through Relay.
+    """
+
+    name: str
+    rules: Mapping[str, Rule]
+    required: tuple[str, ...] = ()
+    versions: frozenset[str] = frozenset()
+
+    def check(self, values: Mapping[str, Any]) -> None:
+        for name in self.required:
+            if name not in values:
+                raise InvalidRequest(f"input.{name} is required for {self.name}")
+        for name, rule in self.rules.items():
+            if name in values and (problem := rule(values[name])) is not None:
+                raise InvalidRequest(f"input.{name} {problem}")
+
+
+# The models whose input Relay validates: a second model is one more entry.
+MODELS: dict[str, ModelSchema] = {
+    schema.name: schema
+    for schema in (
+        ModelSchema(
+            name=QWEN_IMAGE_EDIT_PLUS,
+            rules={
+                "image": _image,
+                "prompt": _text(1000, minimum=1),
+                "negative_prompt": _text(1000),
+                "num_outputs": _integer(1, 4),
+                "guidance_scale": _number(0.1, 20),
+                "num_inference_steps": _integer(1, 500),
+                "seed": _integer(),
+            },
+            required=("image", "prompt"),
+        ),
+    )
 }
-QWEN_REQUIRED = ("image", "prompt")
 
 
-def check_qwen_input(values: dict[str, Any]) -> None:
-    for name in QWEN_REQUIRED:
-        if name not in values:
-            raise InvalidRequest(f"input.{name} is required for {QWEN_IMAGE_EDIT_PLUS}")
-    for name, rule in QWEN_RULES.items():
-        if name in values and (problem := rule(values[name])) is not None:
-            raise InvalidRequest(f"input.{name} {problem}")
+@dataclass(frozen=True)
+class Target:
+    """What a create names: the upstream path, the model (`owner/name`) when the request says
+    it, and the version id when it pins one (`owner/name:id` or a bare id)."""
+
+    path: str
+    model: str | None
+    version_id: str | None
+
+    @property
+    def cache_key(self) -> str:
+        """The version id when pinned, else the model: what decides which code runs."""
+        return self.version_id or self.model or ""
+
+
+def parse_version(version: str) -> tuple[str | None, str | None]:
+    """(model, version id) of Replicate's three `version` forms: owner/name, owner/name:id, id."""
+    name, colon, version_id = version.partition(":")
+    if colon:
+        if not MODEL_NAME.match(name) or not VERSION_ID.match(version_id):
+            raise InvalidRequest("version must be owner/name, owner/name:version_id or a version id")
+        return name, version_id
+    if "/" in version:
+        if not MODEL_NAME.match(version):
+            raise InvalidRequest("version must be owner/name, owner/name:version_id or a version id")
+        return version, None
+    if not VERSION_ID.match(version):
+        raise InvalidRequest("version must be owner/name, owner/name:version_id or a version id")
+    return None, version
+
+
+def known_model(target: Target, learned: Mapping[str, str]) -> ModelSchema | None:
+    """The schema of the model a create names, directly or through a known bare version id."""
+    if target.model is not None:
+        return MODELS.get(target.model)
+    if target.version_id is None:
+        return None
+    for schema in MODELS.values():
+        if target.version_id in schema.versions:
+            return schema
+    return MODELS.get(learned.get(target.version_id, ""))
 
 
 def check_prediction_id(prediction_id: str) -> str:
@@ -100,19 +174,19 @@ def check_prediction_id(prediction_id: str) -> str:
     return prediction_id
 
 
-def _target(body: dict[str, Any]) -> tuple[str, str]:
-    """(upstream path, model name or '') for `version` or `model`, exactly one of them."""
+def target(body: Mapping[str, Any]) -> Target:
+    """What `version` or `model` (exactly one of them) names; 400 if neither or malformed."""
     version, model = body.get("version"), body.get("model")
     if (version is None) == (model is None):
         raise InvalidRequest("give exactly one of version (a version id) or model (owner/name)")
     if version is not None:
         if not isinstance(version, str) or not version.strip():
             raise InvalidRequest("version must be a non-empty string")
-        named_model = version.partition(":")[0] if ":" in version else ""
-        return "predictions", named_model
+        named, version_id = parse_version(version)
+        return Target("predictions", named, version_id)
     if not isinstance(model, str) or not MODEL_NAME.match(model):
         raise InvalidRequest("model must be owner/name, for example qwen/qwen-image-edit-plus")
-    return f"models/{model}/predictions", model
+    return Target(f"models/{model}/predictions", model, None)
 
 
 def _events_filter(value: Any) -> list[str]:
@@ -124,8 +198,22 @@ def _events_filter(value: Any) -> list[str]:
     return [event for event in WEBHOOK_EVENTS if event in value]
 
 
-def create_request(body: Any, webhook_url: str) -> tuple[str, dict[str, Any]]:
-    """The upstream path and payload for a create, webhook pointed at Relay; 400 if invalid."""
+def bare_version(body: Any) -> str | None:
+    """The bare version id a create body names, if any: the one form whose model needs a lookup."""
+    version = body.get("version") if isinstance(body, dict) else None
+    if isinstance(version, str) and VERSION_ID.match(version):
+        return version
+    return None
+
+
+def create_request(
+    body: Any, webhook_url: str, learned: Mapping[str, str] | None = None
+) -> tuple[Target, dict[str, Any]]:
+    """The target and upstream payload for a create, webhook pointed at Relay; 400 if invalid.
+
+    `learned` maps bare version ids to models (Relay's memory of Replicate's answers), so a bare
+    id of a known model is validated like `model` and `owner/name:id`.
+    """
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object with version or model, and input")
     unknown = sorted(set(body) - REQUEST_FIELDS)
@@ -133,12 +221,15 @@ def create_request(body: Any, webhook_url: str) -> tuple[str, dict[str, Any]]:
         raise InvalidRequest(f"unknown field(s) {unknown}; allowed: {sorted(REQUEST_FIELDS)}")
     if body.get("webhook") not in (None, webhook_url):
         raise InvalidRequest("webhook cannot be changed: Relay always receives the webhooks itself")
-    path, model = _target(body)
+    if not isinstance(body.get("cache", False), bool):
+        raise InvalidRequest("cache must be true or false")
+    found = target(body)
     values = body.get("input")
     if not isinstance(values, dict):
         raise InvalidRequest("input must be a JSON object")
-    if model == QWEN_IMAGE_EDIT_PLUS:
-        check_qwen_input(values)
+    schema = known_model(found, learned or {})
+    if schema is not None:
+        schema.check(values)
     payload = {
         "input": values,
         "webhook": webhook_url,
@@ -146,4 +237,4 @@ def create_request(body: Any, webhook_url: str) -> tuple[str, dict[str, Any]]:
     }
     if body.get("version") is not None:
         payload["version"] = body["version"]
-    return path, payload
+    return found, payload

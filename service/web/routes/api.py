@@ -14,10 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from service.cache import store as cache
+from service.cache.keys import input_sha256, scope_of
 from service.core.auth import mint_token, require_api_key, token_from
 from service.core.errors import InvalidRequest, RelayError
-from service.core.validation import create_request
-from service.upstream import ratelimit
+from service.core.validation import Target, bare_version, create_request
+from service.upstream import ratelimit, versions
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
 from service.web.routes.webhooks import read_body
@@ -70,14 +72,37 @@ async def read_json(request: Request) -> Any:
 
 async def create_prediction(request: Request) -> JSONResponse:
     upstream, quota = await admit(request)
-    path, payload = create_request(await read_json(request), request.app.state.relay.settings.webhook_url)
-    reply = await upstream.create(path, payload)
+    relay = request.app.state.relay
+    body = await read_json(request)
+    learned = await versions.lookup(relay.pool, bare_version(body))
+    target, payload = create_request(body, relay.settings.webhook_url, learned)
+    key = cache_key(request, target, payload["input"]) if body.get("cache") is True else None
+    if key is not None and (hit := await cache.find(relay.pool, relay.vault, key, relay.settings.cache_ttl)):
+        return JSONResponse(cached_answer(request, hit), headers=quota.headers())
+    reply = await upstream.create(target.path, payload)
+    await versions.learn(relay.pool, reply.data)
+    if key is not None and isinstance(reply.data.get("id"), str):
+        await cache.remember(relay.pool, key, reply.data["id"])
     return JSONResponse(with_relay(request, reply.data), status_code=201, headers=quota.headers())
+
+
+def cache_key(request: Request, target: Target, values: dict[str, Any]) -> cache.CacheKey:
+    key = token_from(request.headers, request.query_params) or ""
+    scope = scope_of(key, request.app.state.relay.settings.admin_token)
+    return cache.CacheKey(scope, target.cache_key, input_sha256(values))
+
+
+def cached_answer(request: Request, hit: cache.Hit) -> dict[str, Any]:
+    """The source prediction as a create answer: `relay.cached` and `relay.source` say so."""
+    answer = with_relay(request, cache.as_delivered(hit.prediction))
+    answer["relay"] = {"cached": True, "source": hit.prediction_id, **answer.get("relay", {})}
+    return answer
 
 
 async def get_prediction(request: Request) -> JSONResponse:
     upstream, quota = await admit(request)
     reply = await upstream.get(request.path_params["prediction_id"])
+    await versions.learn(request.app.state.relay.pool, reply.data)
     return JSONResponse(with_relay(request, reply.data), headers=quota.headers())
 
 

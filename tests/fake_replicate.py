@@ -78,6 +78,7 @@ class FakeReplicate:
         self.scripts: deque[tuple[str, re.Pattern[str], Answer]] = deque()
         self.lose: set[str] = set()  # webhook events never delivered ("logs", "completed", ...)
         self.hold = False  # keep predictions running (before completing) until cleared or canceled
+        self.outcome = "succeeded"  # how the next predictions end: succeeded, failed or canceled
         self.tasks: set[asyncio.Future] = set()
         self.webhook_results: list[int] = []
         self._server: uvicorn.Server | None = None
@@ -102,6 +103,7 @@ class FakeReplicate:
         self.requests.clear()
         self.lose = set()
         self.hold = False
+        self.outcome = "succeeded"
 
     def calls(self, method: str, path_regex: str) -> list[Seen]:
         pattern = re.compile(path_regex)
@@ -171,7 +173,7 @@ class FakeReplicate:
             detail = "- input: Invalid type. Expected: object"
             return JSONResponse(error_body(422, "Input validation failed", detail), status_code=422)
         prediction_id = "p" + uuid.uuid4().hex[:25]
-        bodies = lifecycle(prediction_id)
+        bodies = lifecycle(prediction_id, self.outcome)
         for item in bodies:
             item.update(
                 input=body["input"],

@@ -25,16 +25,17 @@ ON CONFLICT DO NOTHING
 
 # The newest succeeded candidate within the TTL, and the event holding its current state.
 FIND = f"""
-SELECT p.prediction_id, p.model, p.predict_time, {EVENT_COLUMNS}
-FROM prediction_cache c
-JOIN predictions p ON p.prediction_id = c.prediction_id
-JOIN events ON events.seq = p.state_seq
-WHERE c.scope = $1 AND c.target = $2 AND c.input_sha256 = $3
-  AND p.status = 'succeeded' AND p.terminal_at >= now() - make_interval(secs => $4)
-  AND NOT EXISTS (SELECT 1 FROM events e
-                  WHERE e.prediction_id = c.prediction_id AND e.source = '{ERASURE_SOURCE}')
-ORDER BY p.terminal_at DESC
-LIMIT 1
+WITH hit AS (
+    SELECT p.state_seq, p.model AS hit_model, p.predict_time AS hit_predict_time
+    FROM prediction_cache c JOIN predictions p ON p.prediction_id = c.prediction_id
+    WHERE c.scope = $1 AND c.target = $2 AND c.input_sha256 = $3
+      AND p.status = 'succeeded' AND p.terminal_at >= now() - make_interval(secs => $4)
+      AND NOT EXISTS (SELECT 1 FROM events e
+                      WHERE e.prediction_id = c.prediction_id AND e.source = '{ERASURE_SOURCE}')
+    ORDER BY p.terminal_at DESC
+    LIMIT 1
+)
+SELECT hit_model, hit_predict_time, {EVENT_COLUMNS} FROM hit JOIN events ON events.seq = hit.state_seq
 """
 
 ANSWERED = """
@@ -78,5 +79,7 @@ async def find(pool: asyncpg.Pool, vault: Vault, key: CacheKey, ttl: int) -> Hit
         prediction = open_body(row, vault)
         if not isinstance(prediction, dict) or prediction.get("status") != "succeeded":
             return None  # erased or unreadable content never answers
-        await conn.execute(ANSWERED, key.scope, row["prediction_id"], row["model"], row["predict_time"])
+        await conn.execute(
+            ANSWERED, key.scope, row["prediction_id"], row["hit_model"], row["hit_predict_time"]
+        )
     return Hit(row["prediction_id"], prediction)

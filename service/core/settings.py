@@ -77,6 +77,15 @@ def _log_format(env: Mapping[str, str]) -> str:
     return value
 
 
+def _on_off(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("on", "off", "true", "false", "1", "0"):
+        raise ConfigError(f"{name} must be on or off, got {raw[:20]!r}")
+    return raw in ("on", "true", "1")
+
+
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -182,6 +191,7 @@ SERVE_FLAGS = (
     # API surface: the prediction cache and JSON logs
     Flag("--cache-ttl", "RELAY_CACHE_TTL", "seconds a succeeded prediction may answer an identical one", int),
     Flag("--log-format", "RELAY_LOG_FORMAT", "text or json (one object a line)"),
+    Flag("--access-log", "RELAY_ACCESS_LOG", "on or off: one line per HTTP request, tokens redacted"),
 )
 
 
@@ -220,6 +230,7 @@ class Settings:
     # API surface: the prediction cache and JSON logs
     cache_ttl: int = 86400
     log_format: str = "text"
+    access_log: bool = True
     generated: frozenset[str] = field(default_factory=frozenset)
     flags: dict[str, str] = field(default_factory=dict, repr=False)  # given on the command line
 
@@ -310,6 +321,7 @@ def load_settings(
         # API surface: the prediction cache and JSON logs
         "cache_ttl": _int(env, "RELAY_CACHE_TTL", 86400),
         "log_format": _log_format(env),
+        "access_log": _on_off(env, "RELAY_ACCESS_LOG", True),
         "flags": flags,
     }
     for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ from service.upstream.client import Upstream
 from service.upstream.reconcile import Reconciler
 from service.usage import budget
 from service.usage import report as usage
+from service.web.logs import RequestContext
 from service.web.routes import admin, dashboard, reading, sockets, webhooks
 from service.web.routes import api as predictions_api
 
@@ -171,10 +172,12 @@ class RelayApp(Starlette):
     webhook POSTs; the endpoint answers its own errors, and other methods reach the router (405).
     """
 
+    webhook = RequestContext(webhooks.endpoint)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == webhooks.PATH:
             scope["app"] = self
-            await webhooks.endpoint(scope, receive, send)
+            await self.webhook(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
@@ -223,7 +226,9 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         *usage.routes,
     ]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
-    middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
+    middleware = [Middleware(RequestContext)]
+    if settings.cors_origins:
+        middleware.append(Middleware(ApiCors, origins=settings.cors_origins))
     handlers = {
         RelayError: relay_error,
         **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files

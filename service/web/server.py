@@ -18,6 +18,7 @@ from service.core.settings import Settings, load_settings, worker_environment
 from service.db import database
 from service.db.vault import Vault, check_keys
 from service.web.app import create_app
+from service.web.logs import configure_logging
 from service.web.transport import CoalescingHttpProtocol
 
 log = logging.getLogger("relay")
@@ -69,17 +70,6 @@ class GoingAwayProtocol(WebSocketsSansIOProtocol):
         self.transport.close()
 
 
-class WithoutTraceback(logging.Filter):
-    """Turns a logged traceback into the exception's name: while the database is down asyncpg's
-    pool logs one for every failed reconnect, which buries the one line that matters."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__})"
-            record.exc_info = None
-        return True
-
-
 def banner(settings: Settings) -> str:
     lines = [
         f"Relay listening on {settings.base_url}",
@@ -90,14 +80,6 @@ def banner(settings: Settings) -> str:
     if "admin_token" in settings.generated:
         lines.append(f"  dashboard:      {settings.base_url}/#token={settings.admin_token}")
     return "\n".join(lines)
-
-
-def configure_logging(level: str) -> None:
-    """RELAY_LOG_LEVEL applies to Relay's own loggers only: libraries stay at WARNING, since at
-    DEBUG some (websockets, asyncpg) print the frames and queries that carry users' data."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("relay").setLevel(level)
-    logging.getLogger("asyncpg.pool").addFilter(WithoutTraceback())
 
 
 def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> uvicorn.Config:
@@ -111,8 +93,11 @@ def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> 
         # One serialised message goes to many sockets: per-socket compression would redo the
         # work for every subscriber and keep zlib state (tens of KiB) per idle connection.
         ws_per_message_deflate=False,
-        access_log=False,  # query strings can carry tokens
-        log_level="warning",
+        # Relay configures logging itself (web/logs.py): uvicorn must neither install its own
+        # handlers nor reset the levels; the access log redacts tokens from query strings.
+        log_config=None,
+        log_level=None,
+        access_log=settings.access_log,
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_interval,
         timeout_graceful_shutdown=10,
@@ -121,7 +106,7 @@ def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> 
 
 
 def serve(settings: Settings) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
     with database.database_dsn(settings) as dsn:
         asyncio.run(database.migrate(dsn))
         asyncio.run(check_keys(dsn, Vault(settings.key_encryption_keys)))
@@ -152,5 +137,5 @@ def clear_metrics(metrics_dir: Path) -> None:
 def create_worker_app() -> Starlette:
     """The app of one `relay serve --workers N` worker, from what the parent put in its environment."""
     settings = load_settings(generate_missing=False)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
     return create_app(settings, str(settings.database_url))

@@ -22,6 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service.core.auth import require_admin, require_reader, token_from
 from service.core.errors import RelayError
+from service.core.logcontext import bind
 from service.core.metrics import MESSAGES_SENT
 from service.core.origins import require_origin
 from service.core.statuses import is_terminal
@@ -73,6 +74,7 @@ async def admitted(websocket: WebSocket, check_token: Callable[[str | None], Non
 
 async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
     relay = websocket.app.state.relay
+    bind(prediction_id=prediction_id)  # this socket's task: its log lines name its prediction
     await websocket.accept()
     try:
         after = int_param(websocket, "after", 0)  # type: ignore[arg-type]

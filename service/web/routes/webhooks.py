@@ -7,6 +7,7 @@ request/response wrapping and `JSONResponse` cost about a fifth of its CPU (benc
 
 from __future__ import annotations
 
+import logging
 import time
 
 from starlette.requests import ClientDisconnect, Request
@@ -14,9 +15,12 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from service.core.errors import BodyIncomplete, BodyTooLarge, RelayError
+from service.core.logcontext import bind, printable_id
 from service.core.metrics import DELIVERIES, DUPLICATES, INGEST_SECONDS, REJECTS
 from service.core.signatures import verify
 from service.ingest.committer import webhook_delivery
+
+log = logging.getLogger("relay.webhooks")
 
 # Bound once: `labels()` takes a lock and a dict lookup on every call.
 STORED, DUPLICATE, REJECTED = (DELIVERIES.labels(outcome) for outcome in ("stored", "duplicate", "rejected"))
@@ -57,17 +61,24 @@ class WebhookEndpoint:
         request = Request(scope, receive)
         relay = request.app.state.relay
         started = time.perf_counter()
+        claimed_id = printable_id(request.headers.get("webhook-id"))
+        bind(webhook_id=claimed_id)
         try:
             body = await read_body(request, relay.settings.max_body)
             webhook_id, timestamp = verify(
                 request.headers, body, relay.webhook_keys, relay.settings.webhook_tolerance
             )
-            appended = await relay.committer.submit(webhook_delivery(body, webhook_id, timestamp))
+            delivery = webhook_delivery(body, webhook_id, timestamp)
+            bind(prediction_id=delivery.prediction_id)
+            appended = await relay.committer.submit(delivery)
         except RelayError as error:
             REJECTS.labels(error.code).inc()
             REJECTED.inc()
+            # Once per refused delivery: its code and claimed id, never its body or headers' secrets.
+            log.warning("webhook refused (%s): %s", error.code, error.message, extra={"code": error.code})
             await error.response()(scope, receive, send)
             return
+        bind(seq=appended.seq)
         INGEST_SECONDS.observe(time.perf_counter() - started)
         if appended.duplicate:
             DUPLICATES.inc()

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from service.core.auth import require_admin, token_from
 from service.core.errors import ConfigError, NotFound, RelayError, error_class
+from service.core.openapi import ADMIN, TOKEN_QUERY, errors, json_body, operation, path_param
 from service.core.settings import tool_settings
 from service.db import database, migrations, store
 from service.db.store import Appended, Delivery
@@ -81,6 +82,28 @@ async def forget_prediction(request: Request) -> JSONResponse:
 
 
 routes = [Route("/admin/predictions/{prediction_id}", forget_prediction, methods=["DELETE"])]
+
+FORGOTTEN = {
+    "type": "object",
+    "required": ["id", "erased", "seq", "already_erased"],
+    "properties": {
+        "id": {"type": "string"},
+        "erased": {"const": True},
+        "seq": {"type": "integer", "description": "the erasure event's seq"},
+        "already_erased": {"type": "boolean"},
+    },
+}
+openapi = {
+    "/admin/predictions/{prediction_id}": {
+        "delete": operation(
+            "Forget a prediction (crypto-shredding)",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[path_param("prediction_id"), TOKEN_QUERY],
+            responses={200: json_body(FORGOTTEN), **errors(400, 401, 403, 404, 409)},
+        )
+    }
+}
 
 
 async def ready_connection(dsn: str, vault: Vault) -> asyncpg.Connection:

@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from service.core.auth import require_admin, token_from
 from service.core.errors import InvalidRequest
+from service.core.openapi import ADMIN, TOKEN_QUERY, errors, json_body, operation, query_param
 from service.db.store import iso
 
 GROUPS = ("model", "day")
@@ -236,3 +237,44 @@ async def get_usage(request: Request) -> JSONResponse:
 
 
 routes = [Route("/admin/usage", get_usage)]
+
+MOMENT = {"type": "string", "description": "ISO 8601 date or date-time"}
+USAGE = {
+    "type": "object",
+    "required": ["since", "until", "group", "currency", "groups", "total", "cached", "this_month"],
+    "properties": {
+        "since": {"type": "string"},
+        "until": {"type": "string"},
+        "group": {"enum": list(GROUPS)},
+        "currency": {"const": "USD"},
+        "groups": {"type": "array", "items": {"type": "object"}},
+        "total": {"type": "object"},
+        "cached": {
+            "type": "object",
+            "required": ["answers", "predict_time_saved", "cost_saved", "groups"],
+            "properties": {
+                "answers": {"type": "integer"},
+                "predict_time_saved": {"type": "number"},
+                "cost_saved": {"type": ["number", "null"]},
+                "groups": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        "this_month": {"type": "object"},
+    },
+}
+openapi = {
+    "/admin/usage": {
+        "get": operation(
+            "Predictions, predict time, cost, and what the cache saved",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[
+                query_param("since", MOMENT, "default: the start of this UTC month"),
+                query_param("until", MOMENT, "exclusive; default: now"),
+                query_param("group", {"enum": list(GROUPS)}),
+                TOKEN_QUERY,
+            ],
+            responses={200: json_body(USAGE), **errors(400, 401, 403)},
+        )
+    }
+}

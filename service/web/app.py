@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib.metadata
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -20,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from service.core import metrics
+from service.core import metrics, openapi
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
 from service.core.origins import ApiCors
 from service.core.settings import Settings
@@ -36,6 +39,7 @@ from service.usage import report as usage
 from service.web.logs import RequestContext
 from service.web.routes import admin, dashboard, reading, sockets, webhooks
 from service.web.routes import api as predictions_api
+from service.web.routes import openapi as openapi_route
 
 log = logging.getLogger("relay")
 
@@ -164,6 +168,56 @@ async def stop_background(relay: Relay) -> None:
         await relay.upstream.aclose()
 
 
+HEALTH_ROUTES = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics_page)]
+HEALTH = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {"status": {"enum": ["ok", "unavailable"]}, "reason": {"type": "string"}},
+}
+HEALTH_OPENAPI = {
+    "/healthz": {
+        "get": openapi.operation(
+            "The process is up", tag="health", responses={200: openapi.json_body(HEALTH)}
+        )
+    },
+    "/readyz": {
+        "get": openapi.operation(
+            "The database is reachable and migrated",
+            tag="health",
+            responses={
+                200: openapi.json_body(HEALTH),
+                "503": openapi.json_body(HEALTH, "Not ready: see reason"),
+            },
+        )
+    },
+    "/metrics": {
+        "get": openapi.operation(
+            "Prometheus metrics",
+            tag="health",
+            responses={
+                200: {
+                    "description": "Prometheus text",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        )
+    },
+}
+# Each module brings its `routes` and, next to them, their `openapi` operations (core/openapi.py).
+# A new feature adds its route module here: its routes are served and described in one step.
+ROUTE_MODULES: tuple[Any, ...] = (
+    webhooks,
+    reading,
+    sockets,
+    admin,
+    predictions_api,
+    dashboard,
+    privacy,
+    usage,
+    openapi_route,
+)
+
+
 class RelayApp(Starlette):
     """Starlette, except that `POST /webhooks/replicate` goes straight to its endpoint.
 
@@ -212,19 +266,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
                 await asyncio.wait_for(relay.pool.close(), POOL_CLOSE_TIMEOUT)
             metrics.forget_process(settings.metrics_dir, os.getpid())
 
-    routes = [
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics_page),
-        *webhooks.routes,
-        *reading.routes,
-        *sockets.routes,
-        *admin.routes,
-        *predictions_api.routes,
-        *dashboard.routes,
-        *privacy.routes,
-        *usage.routes,
-    ]
+    routes = [*HEALTH_ROUTES, *(route for module in ROUTE_MODULES for route in module.routes)]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
     middleware = [Middleware(RequestContext)]
     if settings.cors_origins:
@@ -236,4 +278,14 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     }
     app = RelayApp(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
     app.state.relay = relay
+    app.state.openapi_json = json.dumps(openapi_document()).encode()
     return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """Every route module's operations in one OpenAPI 3.1 document."""
+    try:
+        version = importlib.metadata.version("relay")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    return openapi.document([HEALTH_OPENAPI, *(module.openapi for module in ROUTE_MODULES)], version)

@@ -10,7 +10,8 @@ from starlette.routing import Route
 
 from service.core.auth import require_admin, token_from
 from service.core.errors import InvalidRequest
-from service.core.filters import parse_filter
+from service.core.filters import SOURCES, parse_filter
+from service.core.openapi import ADMIN, SEQ, TOKEN_QUERY, errors, json_body, operation, query_param, ref
 from service.db import store
 from service.db.events import events_page
 from service.ops.replay import replay, target_from_json
@@ -63,3 +64,79 @@ routes = [
     Route("/admin/events", list_events),
     Route("/admin/replay", post_replay, methods=["POST"]),
 ]
+
+MOMENT = {"type": "string", "description": "ISO 8601 date or date-time on received_at"}
+FILTER_SCHEMAS = {
+    "prediction_id": {"type": "string"},
+    "status": {"type": "string"},
+    "source": {"enum": list(SOURCES)},
+    "since": MOMENT,
+    "until": MOMENT,
+    "after": SEQ,
+    "before": SEQ,
+}
+FILTER = {"type": "object", "additionalProperties": False, "properties": FILTER_SCHEMAS}
+REPLAY_BODY = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["target"],
+    "properties": {
+        "filter": FILTER,
+        "target": {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["url", "secret"],
+                    "properties": {
+                        "url": {"type": "string", "format": "uri"},
+                        "secret": {"type": "string", "pattern": "^whsec_"},
+                    },
+                },
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["fanout"],
+                    "properties": {"fanout": {"const": True}},
+                },
+            ]
+        },
+        "dry_run": {"type": "boolean"},
+    },
+}
+REPLAY_REPORT = {
+    "type": "object",
+    "required": ["matched"],
+    "properties": {
+        "matched": {"type": "integer"},
+        "delivered": {"type": "integer"},
+        "failed": {"type": "array", "items": {"type": "object"}},
+        "first_seq": {"type": ["integer", "null"]},
+        "last_seq": {"type": ["integer", "null"]},
+        "dry_run": {"type": "boolean"},
+    },
+}
+openapi = {
+    "/admin/events": {
+        "get": operation(
+            "Search the log",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[
+                *(query_param(name, schema) for name, schema in FILTER_SCHEMAS.items()),
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
+                TOKEN_QUERY,
+            ],
+            responses={200: json_body(ref("EventsPage")), **errors(400, 401, 403)},
+        )
+    },
+    "/admin/replay": {
+        "post": operation(
+            "Replay matching events to a URL or to live subscribers",
+            tag="admin",
+            security=[ADMIN],
+            body=REPLAY_BODY,
+            responses={200: json_body(REPLAY_REPORT, "The report, once done"), **errors(400, 401, 403)},
+        )
+    },
+}

@@ -18,7 +18,8 @@ from service.cache import store as cache
 from service.cache.keys import input_sha256, scope_of
 from service.core.auth import mint_token, require_api_key, token_from
 from service.core.errors import InvalidRequest, RelayError
-from service.core.validation import Target, bare_version, create_request
+from service.core.openapi import ADMIN, API_KEY, errors, json_body, operation, path_param, query_param
+from service.core.validation import WEBHOOK_EVENTS, Target, bare_version, create_request
 from service.upstream import ratelimit, versions
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
@@ -118,6 +119,99 @@ async def list_predictions(request: Request) -> JSONResponse:
     page = list_page(reply.data, request.app.state.relay.settings.base_url)
     return JSONResponse(page, headers=quota.headers())
 
+
+RELAY_BLOCK = {
+    "type": "object",
+    "required": ["ws", "token"],
+    "properties": {
+        "ws": {"type": "string", "description": "WebSocket URL streaming this prediction's events"},
+        "token": {"type": "string", "description": "subscriber token for the ws URL and the reading routes"},
+        "cached": {"const": True, "description": "present when answered from the prediction cache"},
+        "source": {"type": "string", "description": "the cached prediction's id"},
+    },
+}
+PREDICTION = {
+    "type": "object",
+    "description": "Replicate's prediction object, plus `relay`",
+    "properties": {"id": {"type": "string"}, "status": {"type": "string"}, "relay": RELAY_BLOCK},
+}
+CREATE_BODY = {
+    "type": "object",
+    "description": "Exactly one of `version` or `model`. Input for qwen/qwen-image-edit-plus is validated "
+    "whichever form names it.",
+    "required": ["input"],
+    "additionalProperties": False,
+    "properties": {
+        "version": {
+            "type": "string",
+            "description": "owner/name, owner/name:version_id, or a bare version_id",
+        },
+        "model": {"type": "string", "description": "owner/name"},
+        "input": {"type": "object"},
+        "webhook_events_filter": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"enum": list(WEBHOOK_EVENTS)},
+        },
+        "cache": {
+            "type": "boolean",
+            "description": "answer from an identical succeeded prediction of this key within RELAY_CACHE_TTL",
+        },
+        "webhook": {"type": "string", "description": "refused unless it is Relay's own webhook URL"},
+    },
+}
+PAGE = {
+    "type": "object",
+    "required": ["results"],
+    "properties": {
+        "results": {"type": "array", "items": PREDICTION},
+        "next": {"type": ["string", "null"]},
+        "previous": {"type": ["string", "null"]},
+    },
+}
+KEYS = (API_KEY, ADMIN)
+UPSTREAM_ERRORS = (400, 401, 403, 413, 429, 502, 504)
+PREDICTION_ID = path_param("prediction_id", "the Replicate prediction id")
+openapi = {
+    "/api/predictions": {
+        "post": operation(
+            "Create a prediction on Replicate, its webhook pointed at Relay",
+            tag="api",
+            security=KEYS,
+            body=CREATE_BODY,
+            responses={
+                201: json_body(PREDICTION, "Created upstream"),
+                200: json_body(PREDICTION, "Answered from the prediction cache (relay.cached)"),
+                **errors(*UPSTREAM_ERRORS),
+            },
+        ),
+        "get": operation(
+            "List predictions (Replicate's pages, with Relay URLs)",
+            tag="api",
+            security=KEYS,
+            parameters=[query_param("cursor", {"type": "string"}, "from a page's next or previous URL")],
+            responses={200: json_body(PAGE), **errors(*UPSTREAM_ERRORS)},
+        ),
+    },
+    "/api/predictions/{prediction_id}": {
+        "get": operation(
+            "Get a prediction from Replicate",
+            tag="api",
+            security=KEYS,
+            parameters=[PREDICTION_ID],
+            responses={200: json_body(PREDICTION), **errors(*UPSTREAM_ERRORS, 404)},
+        )
+    },
+    "/api/predictions/{prediction_id}/cancel": {
+        "post": operation(
+            "Cancel a prediction",
+            tag="api",
+            security=KEYS,
+            parameters=[PREDICTION_ID],
+            responses={200: json_body(PREDICTION), **errors(*UPSTREAM_ERRORS, 404)},
+        )
+    },
+}
 
 routes = [
     Route("/api/predictions", create_prediction, methods=["POST"]),

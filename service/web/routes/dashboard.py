@@ -17,6 +17,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from service.core.auth import require_admin, token_from
+from service.core.openapi import ADMIN, TOKEN_QUERY, errors, json_body, operation, path_param, query_param
 from service.db import store
 from service.db.events import EventsResponse, prediction_state
 from service.web.routes.reading import int_param
@@ -88,3 +89,44 @@ routes = [
     Route("/admin/predictions", recent_predictions),
     Mount("/static", StaticFiles(directory=STATIC), name="static"),
 ]
+
+
+def _file(media_type: str, description: str) -> dict:
+    return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+
+
+PAGE = operation("The live dashboard", tag="dashboard", responses={200: _file("text/html", "The page")})
+RECENT = {
+    "type": "object",
+    "required": ["predictions", "seq"],
+    "properties": {"predictions": {"type": "array", "items": {"type": "object"}}, "seq": {"type": "integer"}},
+}
+openapi = {
+    "/": {"get": PAGE},
+    "/p/{prediction_id}": {"get": {**PAGE, "parameters": [path_param("prediction_id")]}},
+    "/relay.js": {
+        "get": operation(
+            "The browser client", tag="dashboard", responses={200: _file("text/javascript", "The script")}
+        )
+    },
+    "/static/{path}": {
+        "get": operation(
+            "The dashboard's static files",
+            tag="dashboard",
+            parameters=[path_param("path")],
+            responses={200: _file("application/octet-stream", "The file"), **errors(404)},
+        )
+    },
+    "/admin/predictions": {
+        "get": operation(
+            "Recent predictions with their status timelines (the dashboard's first load)",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_RECENT}),
+                TOKEN_QUERY,
+            ],
+            responses={200: json_body(RECENT), **errors(400, 401, 403)},
+        )
+    },
+}

@@ -8,6 +8,18 @@ from starlette.routing import Route
 
 from service.core.auth import require_reader, token_from
 from service.core.errors import InvalidRequest, NotFound
+from service.core.openapi import (
+    ADMIN,
+    SEQ,
+    SUBSCRIBER,
+    TOKEN_QUERY,
+    errors,
+    json_body,
+    operation,
+    path_param,
+    query_param,
+    ref,
+)
 from service.db import store
 from service.db.events import EventsResponse, events_page, prediction_state
 
@@ -63,3 +75,31 @@ routes = [
     Route("/predictions/{prediction_id}", get_prediction),
     Route("/predictions/{prediction_id}/events", list_prediction_events),
 ]
+
+PREDICTION_ID = path_param("prediction_id", "the Replicate prediction id")
+READERS = (SUBSCRIBER, ADMIN)
+openapi = {
+    "/predictions/{prediction_id}": {
+        "get": operation(
+            "A prediction's current state",
+            tag="reading",
+            security=READERS,
+            parameters=[PREDICTION_ID, TOKEN_QUERY],
+            responses={200: json_body(ref("PredictionState")), **errors(400, 401, 403, 404)},
+        )
+    },
+    "/predictions/{prediction_id}/events": {
+        "get": operation(
+            "A prediction's stored events, in seq order",
+            tag="reading",
+            security=READERS,
+            parameters=[
+                PREDICTION_ID,
+                query_param("after", SEQ, "only events with a larger seq (a page's next_after)"),
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}, "page size"),
+                TOKEN_QUERY,
+            ],
+            responses={200: json_body(ref("EventsPage")), **errors(400, 401, 403)},
+        )
+    },
+}

@@ -181,6 +181,9 @@ async def close(websocket: WebSocket, code: int) -> None:
         await asyncio.wait_for(websocket.close(code), CLOSE_WAIT)
 
 
+# WebSocket routes are outside OpenAPI's HTTP model: docs/api.md describes them.
+openapi: dict[str, dict[str, dict]] = {}
+
 routes = [
     WebSocketRoute("/predictions/{prediction_id}/ws", prediction_stream),
     WebSocketRoute("/events/ws", all_events_stream),

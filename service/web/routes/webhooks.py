@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from service.core.errors import BodyIncomplete, BodyTooLarge, RelayError
 from service.core.logcontext import bind, printable_id
 from service.core.metrics import DELIVERIES, DUPLICATES, INGEST_SECONDS, REJECTS
+from service.core.openapi import errors, header_param, json_body, operation
 from service.core.signatures import verify
 from service.ingest.committer import webhook_delivery
 
@@ -89,3 +90,35 @@ class WebhookEndpoint:
 PATH = "/webhooks/replicate"
 endpoint = WebhookEndpoint()
 routes = [Route(PATH, endpoint, methods=["POST"])]
+
+ACKNOWLEDGEMENT = {
+    "type": "object",
+    "required": ["seq", "duplicate"],
+    "properties": {"seq": {"type": "integer"}, "duplicate": {"type": "boolean"}},
+}
+openapi = {
+    PATH: {
+        "post": operation(
+            "Receive a signed Replicate webhook",
+            tag="webhooks",
+            description="Standard Webhooks signature over `{webhook-id}.{webhook-timestamp}.{body}` with "
+            "REPLICATE_WEBHOOK_SECRET. A 200 is sent only once the delivery is committed; a repeated "
+            "webhook-id answers the first delivery's seq with `duplicate: true`.",
+            parameters=[
+                header_param("webhook-id", "unique per delivery; Replicate reuses it when it retries"),
+                header_param("webhook-timestamp", "Unix seconds, within RELAY_WEBHOOK_TOLERANCE"),
+                header_param("webhook-signature", "space-separated `v1,<base64 HMAC-SHA256>` entries"),
+            ],
+            body={
+                "type": "object",
+                "description": "Replicate's prediction object",
+                "required": ["id", "status"],
+                "properties": {"id": {"type": "string"}, "status": {"type": "string"}},
+            },
+            responses={
+                200: json_body(ACKNOWLEDGEMENT, "Stored (or already stored)"),
+                **errors(400, 401, 413),
+            },
+        )
+    }
+}

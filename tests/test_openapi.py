@@ -1,0 +1,94 @@
+"""`GET /openapi.json`: every HTTP route described, and a real Relay fuzzed against the document."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from starlette.routing import Mount, Route, WebSocketRoute
+
+from service.core.settings import Settings, Secret
+from service.web.app import create_app, openapi_document
+
+from .fake_replicate import FakeReplicate, relay_for
+from .support import ADMIN_TOKEN, RelayProcess
+
+# Bounded so the fuzz stays well under a minute; bench/fuzz.py runs many more cases.
+FUZZ_EXAMPLES = 25
+
+
+def http_operations() -> set[tuple[str, str]]:
+    """(method, path) of every HTTP route the app serves (HEAD comes with GET)."""
+    settings = Settings(admin_token=Secret("a"), subscribe_key=Secret("s"))
+    app = create_app(settings, "postgresql://unused")
+    found = set()
+    for route in app.routes:
+        if isinstance(route, WebSocketRoute):
+            continue
+        if isinstance(route, Mount):
+            found.add(("get", f"{route.path}/{{path}}"))
+            continue
+        assert isinstance(route, Route)
+        found |= {(method.lower(), route.path) for method in route.methods or () if method != "HEAD"}
+    return found
+
+
+def documented_operations() -> set[tuple[str, str]]:
+    return {(method, path) for path, methods in openapi_document()["paths"].items() for method in methods}
+
+
+def test_every_http_route_is_described_and_nothing_else():
+    """A route added without its `openapi` entry (or an entry without a route) fails here."""
+    served, described = http_operations(), documented_operations()
+    assert served - described == set(), "routes without an OpenAPI operation"
+    assert described - served == set(), "OpenAPI operations without a route"
+
+
+def test_every_operation_has_a_summary_tag_security_and_error_shape():
+    document = openapi_document()
+    assert document["openapi"] == "3.1.0"
+    assert set(document["components"]["securitySchemes"]) == {"AdminToken", "ApiKey", "SubscriberToken"}
+    for path, methods in document["paths"].items():
+        for method, spec in methods.items():
+            assert spec["summary"] and spec["tags"] and "security" in spec, (method, path)
+            for status, answer in spec["responses"].items():
+                if status.startswith(("4", "5")) and path != "/readyz":
+                    schema = answer["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+
+
+def test_the_create_body_names_exactly_the_fields_relay_accepts():
+    from service.core.validation import REQUEST_FIELDS
+
+    body = openapi_document()["paths"]["/api/predictions"]["post"]["requestBody"]
+    assert set(body["content"]["application/json"]["schema"]["properties"]) == REQUEST_FIELDS
+
+
+@pytest.fixture(scope="module")
+def fuzzed_relay(postgres, fake: FakeReplicate) -> Iterator[RelayProcess]:
+    with relay_for(postgres.new_database(), fake) as relay:
+        yield relay
+
+
+def test_the_served_document_is_the_built_one(fuzzed_relay):
+    response = httpx.get(fuzzed_relay.url + "/openapi.json")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    assert response.json() == openapi_document()
+
+
+@pytest.fixture(scope="module")
+def live_schema(fuzzed_relay: RelayProcess):
+    return schemathesis.openapi.from_url(fuzzed_relay.url + "/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("live_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzzed_requests_get_no_5xx_and_answers_that_match_the_document(case, fuzzed_relay, fake):
+    """Generated requests with a valid token: no server error, every answer as documented."""
+    case.call_and_validate(base_url=fuzzed_relay.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})

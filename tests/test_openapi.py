@@ -7,10 +7,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 from starlette.routing import Mount, Route, WebSocketRoute
 
-from service.core.settings import Settings, Secret
+from service.core.settings import Secret, Settings
 from service.web.app import create_app, openapi_document
 
 from .fake_replicate import FakeReplicate, relay_for
@@ -64,7 +65,8 @@ def test_the_create_body_names_exactly_the_fields_relay_accepts():
     from service.core.validation import REQUEST_FIELDS
 
     body = openapi_document()["paths"]["/api/predictions"]["post"]["requestBody"]
-    assert set(body["content"]["application/json"]["schema"]["properties"]) == REQUEST_FIELDS
+    described = set(body["content"]["application/json"]["schema"]["properties"])
+    assert described == REQUEST_FIELDS - {"webhook"}  # accepted only as Relay's own URL: not offered
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +82,34 @@ def test_the_served_document_is_the_built_one(fuzzed_relay):
 
 
 @pytest.fixture(scope="module")
-def live_schema(fuzzed_relay: RelayProcess):
+def live_schema(fuzzed_relay: RelayProcess) -> schemathesis.BaseSchema:
+    """The document as the running Relay serves it, requests aimed at that Relay."""
     return schemathesis.openapi.from_url(fuzzed_relay.url + "/openapi.json")
 
 
-schema = schemathesis.pytest.from_fixture("live_schema")
+# `since` must be earlier than `until`: a rule between two parameters that OpenAPI cannot state, so
+# a generated valid-looking pair may be refused (400) there. Every other check still applies.
+CROSS_FIELD_RULES = {("get", "/admin/events"), ("get", "/admin/usage"), ("post", "/admin/replay")}
 
 
-@schema.parametrize()
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-def test_fuzzed_requests_get_no_5xx_and_answers_that_match_the_document(case, fuzzed_relay, fake):
+def fuzz(schema: schemathesis.BaseSchema, method: str, path: str, examples: int) -> None:
+    """Generated requests for one operation, each sent with a valid token and checked."""
+    operation = schema[path][method]
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    excluded = [positive_data_acceptance] if (method, path) in CROSS_FIELD_RULES else []
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def run(case: schemathesis.Case) -> None:
+        case.call_and_validate(headers=headers, excluded_checks=excluded)
+
+    run()
+
+
+OPERATIONS = sorted(documented_operations())
+
+
+@pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m.upper()} {p}" for m, p in OPERATIONS])
+def test_fuzzed_requests_get_no_5xx_and_answers_that_match_the_document(live_schema, fake, method, path):
     """Generated requests with a valid token: no server error, every answer as documented."""
-    case.call_and_validate(base_url=fuzzed_relay.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    fuzz(live_schema, method, path, FUZZ_EXAMPLES)

@@ -104,7 +104,7 @@ BAD_INPUTS = [
         {**QWEN_INPUT, "num_inference_steps": 501},
         "input.num_inference_steps must be an integer from 1 to 500",
     ),
-    ({**QWEN_INPUT, "num_inference_steps": 10.0}, "input.num_inference_steps must be an integer"),
+    ({**QWEN_INPUT, "num_inference_steps": 10.5}, "input.num_inference_steps must be an integer"),
     ({**QWEN_INPUT, "seed": 1.5}, "input.seed must be an integer"),
     ({**QWEN_INPUT, "seed": "42"}, "input.seed must be an integer"),
     ({**QWEN_INPUT, "seed": False}, "input.seed must be an integer"),

@@ -59,6 +59,9 @@ SAMPLES = {
     "RELAY_RECONCILE_INTERVAL": "12",
     "RELAY_ALLOWED_ORIGINS": "https://app.example.com",
     "RELAY_CORS_ORIGINS": "*",
+    "RELAY_CACHE_TTL": "60",
+    "RELAY_LOG_FORMAT": "json",
+    "RELAY_ACCESS_LOG": "off",
 }
 FLAGS = {flag.variable: flag.name for flag in SERVE_FLAGS}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.core.errors import RelayError
-from service.core.validation import MODELS, ModelSchema, Target, create_request, parse_version
+from service.core.validation import MODELS, ModelSchema, Rule, Target, create_request, parse_version
 
 QWEN = "qwen/qwen-image-edit-plus"
 VERSION = "a" * 64
@@ -41,8 +41,8 @@ def test_a_bare_id_is_checked_when_known_to_be_qwen():
 
 def test_a_second_model_is_one_table_entry(monkeypatch):
     """Adding a ModelSchema to MODELS is all it takes for every form naming it to be validated."""
-    other = ModelSchema("acme/upscaler", {"scale": lambda v: None if v in (2, 4) else "must be 2 or 4"},
-                        versions=frozenset({"b" * 64}))  # fmt: skip
+    scale = Rule(lambda v: None if v in (2, 4) else "must be 2 or 4", {"enum": [2, 4]})
+    other = ModelSchema("acme/upscaler", {"scale": scale}, versions=frozenset({"b" * 64}))
     monkeypatch.setitem(MODELS, other.name, other)
     for body in ({"model": other.name}, {"version": f"{other.name}:x1"}, {"version": "b" * 64}):
         with pytest.raises(RelayError, match="input.scale must be 2 or 4"):

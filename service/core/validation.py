@@ -20,13 +20,23 @@ from service.core.errors import InvalidRequest
 QWEN_IMAGE_EDIT_PLUS = "qwen/qwen-image-edit-plus"
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
 REQUEST_FIELDS = {"version", "model", "input", "webhook", "webhook_events_filter", "cache"}
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-PREDICTION_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+# The patterns are plain ASCII so that /openapi.json states them exactly (core/openapi.py).
+NAME_PART = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+MODEL_PATTERN = rf"^{NAME_PART}/{NAME_PART}$"
+PREDICTION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,100}$"
 # Replicate's version ids are 64 hex digits; letters, digits, "-" and "_" are allowed as ids.
-VERSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+ID_PART = r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}"
+VERSION_ID_PATTERN = rf"^{ID_PART}$"
+VERSION_PATTERN = rf"^(?:{NAME_PART}/{NAME_PART}(?::{ID_PART})?|{ID_PART})$"
+MODEL_NAME = re.compile(MODEL_PATTERN)
+PREDICTION_ID = re.compile(PREDICTION_ID_PATTERN)
+VERSION_ID = re.compile(VERSION_ID_PATTERN)
 
 
 def _is_int(value: Any) -> bool:
+    """JSON has one number type: 4.0 is the integer 4 (as JSON Schema's "integer" says), 4.5 is not."""
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -37,11 +47,25 @@ def _is_number(value: Any) -> bool:
 def _https_url(value: Any) -> bool:
     if not isinstance(value, str):
         return False
-    parts = urlsplit(value)
-    return parts.scheme == "https" and bool(parts.hostname)
+    try:
+        parts = urlsplit(value)
+        return parts.scheme == "https" and bool(parts.hostname)
+    except ValueError:  # an unbalanced "[" in the host (an IPv6 literal) is not a URL
+        return False
 
 
-def _image(value: Any) -> str | None:
+Check = Callable[[Any], str | None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One input field's check, and the same rule as JSON Schema (for /openapi.json)."""
+
+    check: Check
+    schema: dict[str, Any]
+
+
+def _image_check(value: Any) -> str | None:
     if not isinstance(value, list) or not 1 <= len(value) <= 4:
         return "must be a list of 1 to 4 image URLs"
     if not all(_https_url(item) for item in value):
@@ -49,36 +73,47 @@ def _image(value: Any) -> str | None:
     return None
 
 
-def _text(maximum: int, minimum: int = 0) -> Callable[[Any], str | None]:
+# What the schema promises is accepted: https, then a plain host name or address.
+HTTPS_URL_PATTERN = r"^https://[A-Za-z0-9._~-]+(?:[:/?#][^\s]*)?$"
+IMAGES = Rule(
+    _image_check,
+    {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 4,
+        "items": {"type": "string", "pattern": HTTPS_URL_PATTERN},
+    },
+)
+
+
+def _text(maximum: int, minimum: int = 0) -> Rule:
     def check(value: Any) -> str | None:
         if not isinstance(value, str) or not minimum <= len(value) <= maximum:
             return f"must be a string of {minimum} to {maximum} characters"
         return None
 
-    return check
+    return Rule(check, {"type": "string", "minLength": minimum, "maxLength": maximum})
 
 
-def _integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], str | None]:
+def _integer(minimum: int | None = None, maximum: int | None = None) -> Rule:
     def check(value: Any) -> str | None:
-        if minimum is None:
+        if minimum is None or maximum is None:
             return None if _is_int(value) else "must be an integer"
         if not _is_int(value) or not minimum <= value <= maximum:
             return f"must be an integer from {minimum} to {maximum}"
         return None
 
-    return check
+    bounds = {} if minimum is None else {"minimum": minimum, "maximum": maximum}
+    return Rule(check, {"type": "integer", **bounds})
 
 
-def _number(minimum: float, maximum: float) -> Callable[[Any], str | None]:
+def _number(minimum: float, maximum: float) -> Rule:
     def check(value: Any) -> str | None:
         if not _is_number(value) or not minimum <= value <= maximum:
             return f"must be a number from {minimum} to {maximum}"
         return None
 
-    return check
-
-
-Rule = Callable[[Any], str | None]
+    return Rule(check, {"type": "number", "minimum": minimum, "maximum": maximum})
 
 
 @dataclass(frozen=True)
@@ -95,12 +130,17 @@ class ModelSchema:
     required: tuple[str, ...] = ()
     versions: frozenset[str] = frozenset()
 
+    def input_schema(self) -> dict[str, Any]:
+        """The rules as JSON Schema, for the OpenAPI description of a create."""
+        properties = {name: rule.schema for name, rule in self.rules.items()}
+        return {"type": "object", "required": list(self.required), "properties": properties}
+
     def check(self, values: Mapping[str, Any]) -> None:
         for name in self.required:
             if name not in values:
                 raise InvalidRequest(f"input.{name} is required for {self.name}")
         for name, rule in self.rules.items():
-            if name in values and (problem := rule(values[name])) is not None:
+            if name in values and (problem := rule.check(values[name])) is not None:
                 raise InvalidRequest(f"input.{name} {problem}")
 
 
@@ -111,7 +151,7 @@ MODELS: dict[str, ModelSchema] = {
         ModelSchema(
             name=QWEN_IMAGE_EDIT_PLUS,
             rules={
-                "image": _image,
+                "image": IMAGES,
                 "prompt": _text(1000, minimum=1),
                 "negative_prompt": _text(1000),
                 "num_outputs": _integer(1, 4),

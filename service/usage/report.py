@@ -238,7 +238,7 @@ async def get_usage(request: Request) -> JSONResponse:
 
 routes = [Route("/admin/usage", get_usage)]
 
-MOMENT = {"type": "string", "description": "ISO 8601 date or date-time"}
+MOMENT = {"anyOf": [{"format": "date"}, {"format": "date-time"}], "type": "string", "description": "ISO 8601"}
 USAGE = {
     "type": "object",
     "required": ["since", "until", "group", "currency", "groups", "total", "cached", "this_month"],

@@ -10,8 +10,9 @@ from starlette.routing import Route
 
 from service.core.auth import require_admin, token_from
 from service.core.errors import InvalidRequest
-from service.core.filters import SOURCES, parse_filter
+from service.core.filters import MAX_TEXT, SOURCES, parse_filter
 from service.core.openapi import ADMIN, SEQ, TOKEN_QUERY, errors, json_body, operation, query_param, ref
+from service.core.settings import WHSEC_PATTERN
 from service.db import store
 from service.db.events import events_page
 from service.ops.replay import replay, target_from_json
@@ -65,10 +66,11 @@ routes = [
     Route("/admin/replay", post_replay, methods=["POST"]),
 ]
 
-MOMENT = {"type": "string", "description": "ISO 8601 date or date-time on received_at"}
+MOMENT = {"type": "string", "format": "date-time", "description": "ISO 8601 on received_at"}
+TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT, "pattern": "^[^\\x00]*$"}
 FILTER_SCHEMAS = {
-    "prediction_id": {"type": "string"},
-    "status": {"type": "string"},
+    "prediction_id": TEXT,
+    "status": TEXT,
     "source": {"enum": list(SOURCES)},
     "since": MOMENT,
     "until": MOMENT,
@@ -89,8 +91,11 @@ REPLAY_BODY = {
                     "additionalProperties": False,
                     "required": ["url", "secret"],
                     "properties": {
-                        "url": {"type": "string", "format": "uri"},
-                        "secret": {"type": "string", "pattern": "^whsec_"},
+                        "url": {
+                            "type": "string",
+                            "pattern": "^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/\\S*)?$",
+                        },
+                        "secret": {"type": "string", "pattern": WHSEC_PATTERN},
                     },
                 },
                 {

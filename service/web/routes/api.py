@@ -8,6 +8,7 @@ back with `relay: {ws, token}` so the caller can watch it live.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from starlette.requests import Request
@@ -19,7 +20,16 @@ from service.cache.keys import input_sha256, scope_of
 from service.core.auth import mint_token, require_api_key, token_from
 from service.core.errors import InvalidRequest, RelayError
 from service.core.openapi import ADMIN, API_KEY, errors, json_body, operation, path_param, query_param
-from service.core.validation import WEBHOOK_EVENTS, Target, bare_version, create_request
+from service.core.validation import (
+    MODEL_PATTERN,
+    MODELS,
+    PREDICTION_ID_PATTERN,
+    VERSION_PATTERN,
+    WEBHOOK_EVENTS,
+    Target,
+    bare_version,
+    create_request,
+)
 from service.upstream import ratelimit, versions
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
@@ -66,9 +76,14 @@ def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
 async def read_json(request: Request) -> Any:
     body = await read_body(request, request.app.state.relay.settings.api_max_body)
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=not_json)
     except (ValueError, RecursionError):
-        raise InvalidRequest("the body is not valid JSON") from None
+        raise InvalidRequest("the body is not valid JSON (RFC 8259: no NaN or Infinity)") from None
+
+
+def not_json(constant: str) -> Any:
+    """Python's json reads NaN and Infinity, which JSON has not: Replicate could not take them."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 async def create_prediction(request: Request) -> JSONResponse:
@@ -135,18 +150,35 @@ PREDICTION = {
     "description": "Replicate's prediction object, plus `relay`",
     "properties": {"id": {"type": "string"}, "status": {"type": "string"}, "relay": RELAY_BLOCK},
 }
+
+
+def model_rules() -> list[dict[str, Any]]:
+    """For each model Relay validates, its input rules whenever `model` or `version` names it."""
+    rules = []
+    for schema in MODELS.values():
+        named = re.escape(schema.name)
+        by_model = {"required": ["model"], "properties": {"model": {"const": schema.name}}}
+        by_version = {"required": ["version"], "properties": {"version": {"pattern": f"^{named}(?::.*)?$"}}}
+        then = {"properties": {"input": schema.input_schema()}}
+        rules.append({"if": {"anyOf": [by_model, by_version]}, "then": then})
+    return rules
+
+
 CREATE_BODY = {
     "type": "object",
-    "description": "Exactly one of `version` or `model`. Input for qwen/qwen-image-edit-plus is validated "
-    "whichever form names it.",
+    "description": "Exactly one of `version` or `model`. A `webhook` other than Relay's own is refused. "
+    "Input for a model Relay knows is validated whichever form names it, a bare version id "
+    "once Relay has seen Replicate answer with it.",
     "required": ["input"],
+    "oneOf": [{"required": ["version"]}, {"required": ["model"]}],
     "additionalProperties": False,
     "properties": {
         "version": {
             "type": "string",
+            "pattern": VERSION_PATTERN,
             "description": "owner/name, owner/name:version_id, or a bare version_id",
         },
-        "model": {"type": "string", "description": "owner/name"},
+        "model": {"type": "string", "pattern": MODEL_PATTERN, "description": "owner/name"},
         "input": {"type": "object"},
         "webhook_events_filter": {
             "type": "array",
@@ -157,8 +189,8 @@ CREATE_BODY = {
             "type": "boolean",
             "description": "answer from an identical succeeded prediction of this key within RELAY_CACHE_TTL",
         },
-        "webhook": {"type": "string", "description": "refused unless it is Relay's own webhook URL"},
     },
+    "allOf": model_rules(),
 }
 PAGE = {
     "type": "object",
@@ -171,7 +203,9 @@ PAGE = {
 }
 KEYS = (API_KEY, ADMIN)
 UPSTREAM_ERRORS = (400, 401, 403, 413, 429, 502, 504)
-PREDICTION_ID = path_param("prediction_id", "the Replicate prediction id")
+PREDICTION_ID = path_param(
+    "prediction_id", "the Replicate prediction id", {"type": "string", "pattern": PREDICTION_ID_PATTERN}
+)
 openapi = {
     "/api/predictions": {
         "post": operation(

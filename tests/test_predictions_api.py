@@ -342,3 +342,27 @@ def test_rate_limit_is_shared_by_two_relay_instances(postgres, fake):
         with api_client(two, OTHER_API_KEY) as other:
             assert other.get("/api/predictions").status_code == 200
     assert len(fake.calls("GET", "/predictions")) == 4
+
+
+# Found while fuzzing the OpenAPI description (tests/test_openapi.py): each was a 500 or a refusal
+# of what the document promises to accept.
+def test_nan_and_infinity_are_not_json_and_are_refused(api, fake):
+    """Python reads NaN; JSON (and the cache's canonical form) has none: 400, never a 500."""
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        body = f'{{"model": "someone/other", "input": {{"x": {constant}}}, "cache": true}}'
+        status, code, message = error_of(api.post("/api/predictions", content=body))
+        assert (status, code) == (400, "INVALID_REQUEST") and "NaN" in message
+    assert fake.requests == []
+
+
+def test_an_image_url_with_an_unbalanced_bracket_is_a_400(api, fake):
+    values = {**QWEN_INPUT, "image": ["https://[::1/a.png"]}
+    status, code, message = error_of(api.post("/api/predictions", json={"model": QWEN, "input": values}))
+    assert (status, code) == (400, "INVALID_REQUEST") and "input.image" in message
+    assert fake.requests == []
+
+
+def test_a_whole_number_written_with_a_fraction_is_an_integer(api, fake):
+    """JSON has one number type: 4.0 is 4 (JSON Schema's "integer" agrees); 4.5 is refused above."""
+    values = {**QWEN_INPUT, "num_outputs": 4.0, "seed": 7.0}
+    assert api.post("/api/predictions", json={"model": QWEN, "input": values}).status_code == 201

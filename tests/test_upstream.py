@@ -7,7 +7,7 @@ from email.utils import formatdate
 
 import pytest
 
-from service.upstream.client import retry_after_seconds
+from service.core.retry import retry_after_seconds
 
 from .fake_replicate import (
     CREATE,

@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from service.cli import operators as console
+from service.cli.privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
 from service.core.auth import DEFAULT_TTL, mint_token
 from service.core.errors import ConfigError
 from service.core.settings import SERVE_FLAGS, load_settings, tool_settings
 from service.db import database
-from service.privacy.erasure import add_forget_arguments, cmd_forget, cmd_rotate_keys
 from service.usage import report as usage
 
 

@@ -20,6 +20,7 @@ import asyncpg
 
 from service.core.errors import ConfigError, RelayError
 from service.core.filters import add_filter_arguments, filter_from_args
+from service.core.params import MAX_PAGE, parse_int
 from service.core.settings import tool_settings
 from service.db import database, store
 from service.db.events import page_text
@@ -36,7 +37,6 @@ from service.ops.replay import (
 )
 from service.ops.tail import tail, ws_base
 from service.privacy.erasure import ready_connection
-from service.web.routes.reading import MAX_PAGE, parse_int
 
 T = TypeVar("T")
 BAR_WIDTH = 20

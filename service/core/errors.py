@@ -1,7 +1,5 @@
 """Errors a user can cause, each with a stable UPPER_SNAKE code and an HTTP status."""
 
-from starlette.responses import JSONResponse
-
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message says which and how to fix it."""
@@ -18,9 +16,9 @@ class RelayError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"code": self.code, "message": self.message}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+    def body(self) -> dict[str, dict[str, str]]:
+        """The JSON error shape every HTTP answer of Relay's uses."""
+        return {"error": {"code": self.code, "message": self.message}}
 
 
 def error_class(name: str, status: int, code: str) -> type[RelayError]:

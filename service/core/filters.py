@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.core.errors import ConfigError, InvalidRequest, RelayError
-from service.web.routes.reading import parse_int
+from service.core.params import parse_int
 
 SOURCES = ("webhook", "reconcile", "erasure")
 FILTER_NAMES = ("prediction_id", "status", "source", "since", "until", "after", "before")

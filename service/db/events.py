@@ -11,7 +11,6 @@ import logging
 from typing import Any
 
 import asyncpg
-from starlette.responses import JSONResponse, Response
 
 from service.core.crypto import Unreadable
 from service.db.store import iso
@@ -84,18 +83,6 @@ def page_text(rows: list[asyncpg.Record], vault: Vault, after: int) -> str:
     events = ",".join(event_text(row, vault) for row in rows)
     next_after = rows[-1]["seq"] if rows else after
     return f'{{"events":[{events}],"next_after":{int(next_after)}}}'
-
-
-def events_page(rows: list[asyncpg.Record], vault: Vault, after: int) -> Response:
-    return Response(page_text(rows, vault, after).encode(), media_type="application/json")
-
-
-class EventsResponse(JSONResponse):
-    """JSON with non-ASCII escaped: a delivered string may hold a lone surrogate (a valid JSON
-    escape that UTF-8 cannot encode), which Starlette's JSONResponse would turn into a 500."""
-
-    def render(self, content: Any) -> bytes:
-        return dumps(content).encode()
 
 
 PREDICTION_FIELDS = ("output", "error", "logs", "metrics", "created_at", "started_at", "completed_at")

@@ -29,12 +29,12 @@ import httpx
 from service.core.errors import ConfigError, InvalidRequest
 from service.core.filters import EventFilter
 from service.core.metrics import REPLAY_DELIVERIES
+from service.core.retry import retry_after_seconds
 from service.core.settings import decode_webhook_secret
 from service.core.signatures import signed_headers
 from service.db import store
 from service.db.events import body_bytes
 from service.db.vault import Vault
-from service.upstream.client import retry_after_seconds
 
 PAGE = 500
 LANE_DEPTH = 100

@@ -8,20 +8,12 @@ second forget is an ordinary duplicate: harmless, and it reports the first erasu
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
 from datetime import UTC, datetime
 
 import asyncpg
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from service.core.auth import require_admin, token_from
 from service.core.errors import ConfigError, NotFound, RelayError, error_class
-from service.core.openapi import ADMIN, TOKEN_QUERY, errors, json_body, operation, path_param
-from service.core.settings import tool_settings
 from service.db import database, migrations, store
 from service.db.store import Appended, Delivery
 from service.db.vault import ERASED_BODY, ERASURE_SOURCE, Vault
@@ -72,40 +64,6 @@ def forgotten(prediction_id: str, appended: Appended) -> dict[str, object]:
     return {"id": prediction_id, "erased": True, "seq": appended.seq, "already_erased": appended.duplicate}
 
 
-async def forget_prediction(request: Request) -> JSONResponse:
-    relay = request.app.state.relay
-    require_admin(token_from(request.headers, request.query_params), relay.settings.admin_token)
-    prediction_id = request.path_params["prediction_id"]
-    async with relay.pool.acquire() as conn:
-        delivery = await plan_erasure(conn, relay.vault, prediction_id)
-    return JSONResponse(forgotten(prediction_id, await relay.committer.submit(delivery)))
-
-
-routes = [Route("/admin/predictions/{prediction_id}", forget_prediction, methods=["DELETE"])]
-
-FORGOTTEN = {
-    "type": "object",
-    "required": ["id", "erased", "seq", "already_erased"],
-    "properties": {
-        "id": {"type": "string"},
-        "erased": {"const": True},
-        "seq": {"type": "integer", "description": "the erasure event's seq"},
-        "already_erased": {"type": "boolean"},
-    },
-}
-openapi = {
-    "/admin/predictions/{prediction_id}": {
-        "delete": operation(
-            "Forget a prediction (crypto-shredding)",
-            tag="admin",
-            security=[ADMIN],
-            parameters=[path_param("prediction_id"), TOKEN_QUERY],
-            responses={200: json_body(FORGOTTEN), **errors(400, 401, 403, 404, 409)},
-        )
-    }
-}
-
-
 async def ready_connection(dsn: str, vault: Vault) -> asyncpg.Connection:
     """A connection to a migrated database whose data keys this vault can open."""
     conn = await database.connect(dsn)
@@ -139,15 +97,6 @@ async def forget_all(dsn: str, vault: Vault, prediction_ids: list[str]) -> int:
     return 2 if failures else 0
 
 
-def cmd_forget(args: argparse.Namespace) -> int:
-    settings = tool_settings()
-    vault = Vault(settings.key_encryption_keys)
-    if not vault.enabled:
-        raise ConfigError(ENCRYPTION_OFF)
-    with database.database_dsn(settings) as dsn:
-        return asyncio.run(forget_all(dsn, vault, args.predictions))
-
-
 async def rotate(dsn: str, vault: Vault) -> int:
     conn = await ready_connection(dsn, vault)
     try:
@@ -156,16 +105,3 @@ async def rotate(dsn: str, vault: Vault) -> int:
         )
     finally:
         await conn.close()
-
-
-def cmd_rotate_keys(args: argparse.Namespace) -> int:
-    settings = tool_settings()
-    vault = Vault(settings.key_encryption_keys)
-    with database.database_dsn(settings) as dsn:
-        count = asyncio.run(rotate(dsn, vault))
-    print(f"done: {count} data key(s) re-wrapped; every data key is now wrapped by key {vault.current_id}")
-    return 0
-
-
-def add_forget_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("predictions", nargs="+", metavar="PREDICTION", help="prediction ids to forget")

@@ -7,8 +7,6 @@ only after a 429, the one answer that proves the prediction was not made.
 
 from __future__ import annotations
 
-import email.utils
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +18,7 @@ from tenacity.wait import wait_exponential_jitter
 
 from service.core.errors import NotFound, RelayError, error_class
 from service.core.metrics import UPSTREAM_REQUESTS
+from service.core.retry import retry_after_seconds
 from service.core.settings import Settings
 from service.core.validation import check_prediction_id
 
@@ -48,21 +47,6 @@ class RateLimitError(RelayError):
 
 
 RETRYABLE_WHEN_SAFE = (RateLimitError, ProcessingError, NetworkError, UpstreamTimeout)
-
-
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """`Retry-After` as seconds: a number, or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
 
 
 def _detail(response: httpx.Response) -> str:

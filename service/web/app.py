@@ -10,7 +10,6 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -25,50 +24,26 @@ from starlette.types import Receive, Scope, Send
 
 from service.core import metrics, openapi
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
-from service.core.origins import ApiCors
 from service.core.settings import Settings
 from service.db import migrations
-from service.db.vault import Vault
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
-from service.privacy import erasure as privacy
 from service.upstream.client import Upstream
 from service.upstream.reconcile import Reconciler
 from service.usage import budget
-from service.usage import report as usage
 from service.web.logs import RequestContext
-from service.web.routes import admin, dashboard, reading, sockets, webhooks
+from service.web.origins import ApiCors
+from service.web.responses import error_response
+from service.web.routes import admin, dashboard, privacy, reading, sockets, usage, webhooks
 from service.web.routes import api as predictions_api
 from service.web.routes import openapi as openapi_route
+from service.web.state import CONNECT_TIMEOUT, Relay, relay_of
 
 log = logging.getLogger("relay")
 
 POOL_SIZE = 10
-CONNECT_TIMEOUT = 5.0
 POOL_CLOSE_TIMEOUT = 5.0
 HTTP_ERRORS = {404: NotFound, 405: MethodNotAllowed}
-
-
-@dataclass
-class Relay:
-    """What handlers share: settings and the per-process resources built in the lifespan."""
-
-    settings: Settings
-    dsn: str
-    pool: asyncpg.Pool = field(init=False)
-    committer: GroupCommitter = field(init=False)
-    hub: Hub = field(init=False)
-    webhook_keys: tuple[bytes, ...] = field(init=False)
-    vault: Vault = field(init=False)
-    upstream: Upstream | None = field(init=False, default=None)
-    background: set[asyncio.Task] = field(init=False, default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.webhook_keys = self.settings.webhook_keys
-        self.vault = Vault(self.settings.key_encryption_keys)
-
-    def connect(self) -> asyncpg.Connection:
-        return asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -91,7 +66,7 @@ async def pending_migrations(pool: asyncpg.Pool) -> list:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    relay: Relay = request.app.state.relay
+    relay = relay_of(request)
     try:
         try:
             missing = await pending_migrations(relay.pool)
@@ -119,24 +94,24 @@ async def database_down(request: Request, error: Exception) -> Response:
     if request.scope["type"] != "http":
         raise error  # only HTTP answers 503; uvicorn closes a failing socket (1011)
     log.warning("database unavailable during %s: %s", request.url.path, type(error).__name__)
-    await request.app.state.relay.pool.expire_connections()  # see readyz
-    return DatabaseUnavailable("the database is unavailable right now; retry later").response()
+    await relay_of(request).pool.expire_connections()  # see readyz
+    return error_response(DatabaseUnavailable("the database is unavailable right now; retry later"))
 
 
 async def metrics_page(request: Request) -> Response:
-    body = metrics.exposition(request.app.state.relay.settings.metrics_dir)
+    body = metrics.exposition(relay_of(request).settings.metrics_dir)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def relay_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RelayError)
-    return error.response()
+    return error_response(error)
 
 
 async def http_error(request: Request, error: Exception) -> Response:
     """Starlette's own 404 and 405 in Relay's error shape instead of plain text."""
     assert isinstance(error, HTTPException)
-    return HTTP_ERRORS[error.status_code](error.detail, headers=error.headers).response()
+    return error_response(HTTP_ERRORS[error.status_code](error.detail, headers=error.headers))
 
 
 def start_upstream(relay: Relay) -> None:

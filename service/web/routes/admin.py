@@ -12,16 +12,18 @@ from service.core.auth import require_admin, token_from
 from service.core.errors import InvalidRequest
 from service.core.filters import MAX_TEXT, SOURCES, parse_filter
 from service.core.openapi import ADMIN, SEQ, TOKEN_QUERY, errors, json_body, operation, query_param, ref
+from service.core.params import MAX_PAGE
 from service.core.settings import WHSEC_PATTERN
 from service.db import store
-from service.db.events import events_page
 from service.ops.replay import replay, target_from_json
-from service.web.routes.reading import MAX_PAGE, int_param
+from service.web.responses import events_page
+from service.web.routes.reading import int_param
+from service.web.state import relay_of
 
 
 def authorize_admin(request: Request) -> None:
     token = token_from(request.headers, request.query_params)
-    require_admin(token, request.app.state.relay.settings.admin_token)
+    require_admin(token, relay_of(request).settings.admin_token)
 
 
 async def list_events(request: Request) -> Response:
@@ -30,7 +32,7 @@ async def list_events(request: Request) -> Response:
     event_filter = parse_filter(dict(request.query_params), extra=("limit", "token"))
     limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
     where, args = event_filter.where()
-    relay = request.app.state.relay
+    relay = relay_of(request)
     async with relay.pool.acquire() as conn:
         rows = await store.fetch_where(conn, where, args, limit)
     return events_page(rows, relay.vault, event_filter.after)
@@ -56,8 +58,8 @@ async def post_replay(request: Request) -> JSONResponse:
     dry_run = payload.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise InvalidRequest("dry_run must be true or false")
-    async with request.app.state.relay.pool.acquire() as conn:
-        report = await replay(conn, event_filter, target, request.app.state.relay.vault, dry_run=dry_run)
+    async with relay_of(request).pool.acquire() as conn:
+        report = await replay(conn, event_filter, target, relay_of(request).vault, dry_run=dry_run)
     return JSONResponse(report.as_json())
 
 

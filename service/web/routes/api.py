@@ -34,6 +34,7 @@ from service.upstream import ratelimit, versions
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
 from service.web.routes.webhooks import read_body
+from service.web.state import relay_of
 
 
 class ProxyDisabled(RelayError):
@@ -43,7 +44,7 @@ class ProxyDisabled(RelayError):
 
 async def admit(request: Request) -> tuple[Upstream, Quota]:
     """Authenticate, count the request against the key's quota, and require the upstream."""
-    relay = request.app.state.relay
+    relay = relay_of(request)
     settings = relay.settings
     key = require_api_key(
         token_from(request.headers, request.query_params), settings.admin_token, settings.api_keys
@@ -60,7 +61,7 @@ async def admit(request: Request) -> tuple[Upstream, Quota]:
 
 def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
     """Replicate's prediction plus where and with what token to watch it on Relay."""
-    settings = request.app.state.relay.settings
+    settings = relay_of(request).settings
     prediction_id = prediction.get("id")
     if not isinstance(prediction_id, str):
         return prediction
@@ -74,7 +75,7 @@ def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
 
 
 async def read_json(request: Request) -> Any:
-    body = await read_body(request, request.app.state.relay.settings.api_max_body)
+    body = await read_body(request, relay_of(request).settings.api_max_body)
     try:
         return json.loads(body, parse_constant=not_json)
     except (ValueError, RecursionError):
@@ -88,7 +89,7 @@ def not_json(constant: str) -> Any:
 
 async def create_prediction(request: Request) -> JSONResponse:
     upstream, quota = await admit(request)
-    relay = request.app.state.relay
+    relay = relay_of(request)
     body = await read_json(request)
     learned = await versions.lookup(relay.pool, bare_version(body))
     target, payload = create_request(body, relay.settings.webhook_url, learned)
@@ -104,7 +105,7 @@ async def create_prediction(request: Request) -> JSONResponse:
 
 def cache_key(request: Request, target: Target, values: dict[str, Any]) -> cache.CacheKey:
     key = token_from(request.headers, request.query_params) or ""
-    scope = scope_of(key, request.app.state.relay.settings.admin_token)
+    scope = scope_of(key, relay_of(request).settings.admin_token)
     return cache.CacheKey(scope, target.cache_key, input_sha256(values))
 
 
@@ -118,7 +119,7 @@ def cached_answer(request: Request, hit: cache.Hit) -> dict[str, Any]:
 async def get_prediction(request: Request) -> JSONResponse:
     upstream, quota = await admit(request)
     reply = await upstream.get(request.path_params["prediction_id"])
-    await versions.learn(request.app.state.relay.pool, reply.data)
+    await versions.learn(relay_of(request).pool, reply.data)
     return JSONResponse(with_relay(request, reply.data), headers=quota.headers())
 
 
@@ -131,7 +132,7 @@ async def cancel_prediction(request: Request) -> JSONResponse:
 async def list_predictions(request: Request) -> JSONResponse:
     upstream, quota = await admit(request)
     reply = await upstream.list(request.query_params.get("cursor") or None)
-    page = list_page(reply.data, request.app.state.relay.settings.base_url)
+    page = list_page(reply.data, relay_of(request).settings.base_url)
     return JSONResponse(page, headers=quota.headers())
 
 

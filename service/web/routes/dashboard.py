@@ -19,8 +19,10 @@ from starlette.staticfiles import StaticFiles
 from service.core.auth import require_admin, token_from
 from service.core.openapi import ADMIN, TOKEN_QUERY, errors, json_body, operation, path_param, query_param
 from service.db import store
-from service.db.events import EventsResponse, prediction_state
+from service.db.events import prediction_state
+from service.web.responses import EventsResponse
 from service.web.routes.reading import int_param
+from service.web.state import relay_of
 
 STATIC = Path(__file__).parent.parent / "static"
 DEFAULT_RECENT = 50
@@ -61,7 +63,7 @@ async def recent_predictions(request: Request) -> EventsResponse:
     """`GET /admin/predictions?limit=N`: the most recently updated predictions, each with its
     status timeline, and `seq`, the log position of that snapshot: streaming
     `/events/ws?after=seq` from there misses nothing and repeats nothing."""
-    relay = request.app.state.relay
+    relay = relay_of(request)
     require_admin(token_from(request.headers, request.query_params), relay.settings.admin_token)
     limit = int_param(request, "limit", DEFAULT_RECENT, minimum=1, maximum=MAX_RECENT)
     async with relay.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):

@@ -7,7 +7,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.core.auth import require_reader, token_from
-from service.core.errors import InvalidRequest, NotFound
+from service.core.errors import NotFound
 from service.core.openapi import (
     ADMIN,
     SEQ,
@@ -20,23 +20,11 @@ from service.core.openapi import (
     query_param,
     ref,
 )
+from service.core.params import MAX_PAGE, parse_int
 from service.db import store
-from service.db.events import EventsResponse, events_page, prediction_state
-
-MAX_PAGE = 1000
-
-
-def parse_int(name: str, raw: str | None, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-    """A bounded non-negative integer from text; InvalidRequest naming `name` otherwise."""
-    if raw is None or raw == "":
-        return default
-    if not raw.isascii() or not raw.isdigit():
-        raise InvalidRequest(f"{name} must be a non-negative integer, got {raw[:40]!r}")
-    value = int(raw)
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise InvalidRequest(f"{name} must be {bounds}, got {value}")
-    return value
+from service.db.events import prediction_state
+from service.web.responses import EventsResponse, events_page
+from service.web.state import relay_of
 
 
 def int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
@@ -44,7 +32,7 @@ def int_param(request: Request, name: str, default: int, minimum: int = 0, maxim
 
 
 def authorize(request: Request, prediction_id: str | None) -> None:
-    settings = request.app.state.relay.settings
+    settings = relay_of(request).settings
     token = token_from(request.headers, request.query_params)
     require_reader(token, prediction_id, settings.admin_token, settings.subscribe_key)
 
@@ -52,7 +40,7 @@ def authorize(request: Request, prediction_id: str | None) -> None:
 async def get_prediction(request: Request) -> EventsResponse:
     prediction_id = request.path_params["prediction_id"]
     authorize(request, prediction_id)
-    relay = request.app.state.relay
+    relay = relay_of(request)
     async with relay.pool.acquire() as conn:
         row = await store.fetch_prediction(conn, prediction_id)
     if row is None:
@@ -65,7 +53,7 @@ async def list_prediction_events(request: Request) -> Response:
     authorize(request, prediction_id)
     after = int_param(request, "after", 0)
     limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
-    relay = request.app.state.relay
+    relay = relay_of(request)
     async with relay.pool.acquire() as conn:
         rows = await store.fetch_events(conn, prediction_id=prediction_id, after=after, limit=limit)
     return events_page(rows, relay.vault, after)

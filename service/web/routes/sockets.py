@@ -24,12 +24,13 @@ from service.core.auth import require_admin, require_reader, token_from
 from service.core.errors import RelayError
 from service.core.logcontext import bind
 from service.core.metrics import MESSAGES_SENT
-from service.core.origins import require_origin
 from service.core.statuses import is_terminal
 from service.db import store
 from service.db.events import event_text
 from service.live.hub import Subscriber
+from service.web.origins import require_origin
 from service.web.routes.reading import int_param
+from service.web.state import relay_of
 
 log = logging.getLogger("relay.sockets")
 
@@ -44,7 +45,7 @@ CLOSE_WAIT = 5.0
 
 async def prediction_stream(websocket: WebSocket) -> None:
     prediction_id = websocket.path_params["prediction_id"]
-    settings = websocket.app.state.relay.settings
+    settings = relay_of(websocket).settings
     if await admitted(
         websocket,
         lambda token: require_reader(token, prediction_id, settings.admin_token, settings.subscribe_key),
@@ -53,14 +54,14 @@ async def prediction_stream(websocket: WebSocket) -> None:
 
 
 async def all_events_stream(websocket: WebSocket) -> None:
-    settings = websocket.app.state.relay.settings
+    settings = relay_of(websocket).settings
     if await admitted(websocket, lambda token: require_admin(token, settings.admin_token)):
         await stream(websocket, None)
 
 
 async def admitted(websocket: WebSocket, check_token: Callable[[str | None], None]) -> bool:
     """The page's origin, then the token; a refused handshake is closed before it is accepted."""
-    settings = websocket.app.state.relay.settings
+    settings = relay_of(websocket).settings
     try:
         require_origin(
             websocket.headers.get("origin"), websocket.url, settings.allowed_origins, settings.public_url
@@ -73,7 +74,7 @@ async def admitted(websocket: WebSocket, check_token: Callable[[str | None], Non
 
 
 async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
-    relay = websocket.app.state.relay
+    relay = relay_of(websocket)
     bind(prediction_id=prediction_id)  # this socket's task: its log lines name its prediction
     await websocket.accept()
     try:

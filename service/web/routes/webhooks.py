@@ -20,6 +20,8 @@ from service.core.metrics import DELIVERIES, DUPLICATES, INGEST_SECONDS, REJECTS
 from service.core.openapi import errors, header_param, json_body, operation
 from service.core.signatures import verify
 from service.ingest.committer import webhook_delivery
+from service.web.responses import error_response
+from service.web.state import relay_of
 
 log = logging.getLogger("relay.webhooks")
 
@@ -60,7 +62,7 @@ class WebhookEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        relay = request.app.state.relay
+        relay = relay_of(request)
         started = time.perf_counter()
         claimed_id = printable_id(request.headers.get("webhook-id"))
         bind(webhook_id=claimed_id)
@@ -77,7 +79,7 @@ class WebhookEndpoint:
             REJECTED.inc()
             # Once per refused delivery: its code and claimed id, never its body or headers' secrets.
             log.warning("webhook refused (%s): %s", error.code, error.message, extra={"code": error.code})
-            await error.response()(scope, receive, send)
+            await error_response(error)(scope, receive, send)
             return
         bind(seq=appended.seq)
         INGEST_SECONDS.observe(time.perf_counter() - started)

@@ -1,0 +1,34 @@
+"""`relay forget` and `relay rotate-keys`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from service.core.errors import ConfigError
+from service.core.settings import tool_settings
+from service.db import database
+from service.db.vault import Vault
+from service.privacy.erasure import ENCRYPTION_OFF, forget_all, rotate
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    settings = tool_settings()
+    vault = Vault(settings.key_encryption_keys)
+    if not vault.enabled:
+        raise ConfigError(ENCRYPTION_OFF)
+    with database.database_dsn(settings) as dsn:
+        return asyncio.run(forget_all(dsn, vault, args.predictions))
+
+
+def cmd_rotate_keys(args: argparse.Namespace) -> int:
+    settings = tool_settings()
+    vault = Vault(settings.key_encryption_keys)
+    with database.database_dsn(settings) as dsn:
+        count = asyncio.run(rotate(dsn, vault))
+    print(f"done: {count} data key(s) re-wrapped; every data key is now wrapped by key {vault.current_id}")
+    return 0
+
+
+def add_forget_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("predictions", nargs="+", metavar="PREDICTION", help="prediction ids to forget")

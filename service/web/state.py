@@ -1,0 +1,50 @@
+"""What handlers share: settings and the per-process resources built in the lifespan.
+
+It lives apart from the app module (which imports every route) so that routes can name its
+type: handlers reach it only through `relay_of(request)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import asyncpg
+from starlette.requests import HTTPConnection
+
+from service.core.settings import Settings
+from service.db.vault import Vault
+from service.ingest.committer import GroupCommitter
+from service.live.hub import Hub
+from service.upstream.client import Upstream
+
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class Relay:
+    """What handlers share: settings and the per-process resources built in the lifespan."""
+
+    settings: Settings
+    dsn: str
+    pool: asyncpg.Pool = field(init=False)
+    committer: GroupCommitter = field(init=False)
+    hub: Hub = field(init=False)
+    webhook_keys: tuple[bytes, ...] = field(init=False)
+    vault: Vault = field(init=False)
+    upstream: Upstream | None = field(init=False, default=None)
+    background: set[asyncio.Task] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.webhook_keys = self.settings.webhook_keys
+        self.vault = Vault(self.settings.key_encryption_keys)
+
+    def connect(self) -> asyncpg.Connection:
+        return asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+
+
+def relay_of(connection: HTTPConnection) -> Relay:
+    """The process's shared state, from any request or WebSocket of this app."""
+    relay = connection.app.state.relay
+    assert isinstance(relay, Relay)
+    return relay

@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from service.core.errors import ConfigError, InvalidRequest, RelayError
-from service.core.params import parse_int
+from service.core.params import parse_int, utc_moment
 
 SOURCES = ("webhook", "reconcile", "erasure")
 FILTER_NAMES = ("prediction_id", "status", "source", "since", "until", "after", "before")
@@ -101,7 +101,10 @@ def _moment(name: str, raw: str | None) -> datetime | None:
         raise InvalidRequest(
             f"{name} must be an ISO 8601 time such as 2026-11-20T10:30:00Z, got {str(raw)[:40]!r}"
         )
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    in_utc = utc_moment(moment)
+    if in_utc is None:
+        raise InvalidRequest(f"{name} is outside the years 1-9999 once in UTC, got {str(raw)[:40]!r}")
+    return in_utc
 
 
 def _seq(name: str, raw: Any) -> int | None:

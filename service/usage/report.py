@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from service.core.params import utc_moment
 from service.db.store import iso
 
 GROUPS = ("model", "day")
@@ -86,7 +87,10 @@ def parse_moment(text: str, name: str) -> datetime:
             f"{name} must be an ISO 8601 date or time such as 2026-11-01 or 2026-11-01T12:00:00Z, "
             f"got {text[:40]!r}"
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    in_utc = utc_moment(moment)
+    if in_utc is None:
+        raise UsageInputError(f"{name} is outside the years 1-9999 once in UTC, got {text[:40]!r}")
+    return in_utc
 
 
 def period(since: str | None, until: str | None, group: str | None, now: datetime | None = None) -> Period:

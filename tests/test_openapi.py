@@ -126,7 +126,9 @@ def test_the_docs_api_reference_is_generated_from_the_document():
 
     from .support import ROOT
 
-    spec = importlib.util.spec_from_file_location("openapi_reference", ROOT / "docs/hooks/openapi_reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "openapi_reference", ROOT / "docs/hooks/openapi_reference.py"
+    )
     assert spec is not None and spec.loader is not None
     hook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hook)

@@ -11,9 +11,9 @@ from service.core.auth import key_hash, matches_any
 ADMIN_SCOPE = "admin"  # the admin token is its own scope (sql/050_owners.sql uses the same owner)
 
 
-def scope_of(key: str, admin_token: str) -> str:
+def scope_of(key: str, admin_token: str | None) -> str:
     """The owner of a request: 'admin' for the admin token, else the SHA-256 of the API key."""
-    return ADMIN_SCOPE if matches_any(key, [admin_token]) else key_hash(key)
+    return ADMIN_SCOPE if admin_token and matches_any(key, [admin_token]) else key_hash(key)
 
 
 def canonical_json(value: Any) -> str:

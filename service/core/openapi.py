@@ -121,9 +121,9 @@ def json_body(schema: Schema, description: str = "") -> dict[str, Any]:
     return {"description": description or "OK", "content": {"application/json": {"schema": schema}}}
 
 
-def errors(*statuses: int) -> dict[str, Any]:
+def errors(*statuses: int) -> dict[str | int, Any]:
     """The error shape `{"error": {"code", "message"}}` for each status."""
-    return {str(s): json_body(ref("Error"), STATUS_TEXT[s]) for s in (*statuses, *COMMON_ERRORS)}
+    return {s: json_body(ref("Error"), STATUS_TEXT[s]) for s in (*statuses, *COMMON_ERRORS)}
 
 
 def path_param(name: str, description: str = "", schema: Schema | None = None) -> dict[str, Any]:

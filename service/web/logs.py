@@ -45,7 +45,9 @@ class AccessLogFilter(logging.Filter):
 class RelayJsonFormatter(JsonFormatter):
     """One object a line: `time` (UTC, ISO 8601), `level`, `logger`, `message`, then the fields."""
 
-    def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord, message_dict: dict) -> None:
+    def add_fields(
+        self, log_record: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
         log_record["time"] = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
         log_record["level"] = record.levelname
         log_record["logger"] = record.name

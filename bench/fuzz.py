@@ -31,7 +31,7 @@ def run(schema: schemathesis.BaseSchema, method: str, path: str, examples: int, 
     started = time.monotonic()
     try:
         fuzz(schema, method, path, examples, ADMIN_TOKEN, mode)
-    except Exception as error:  # noqa: BLE001 - a failure is reported, and the run goes on
+    except (Exception, BaseExceptionGroup) as error:  # noqa: BLE001 - reported; the run goes on
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return f"FAILED: {first[:90]}", time.monotonic() - started
     return "ok", time.monotonic() - started

@@ -66,6 +66,17 @@ class Seen:
     at: float
 
 
+def answered_model(version: str | None, model: str | None) -> tuple[str, str]:
+    """The `model` and bare `version` id Replicate's answer names, as Replicate does: the model's
+    latest (VERSION) when only a model is given; a bare id other than VERSION is another model."""
+    if model is not None or version is None:
+        return model or QWEN, VERSION
+    name, _, version_id = version.partition(":")
+    if "/" in name:
+        return name, version_id or VERSION
+    return (QWEN, version) if version == VERSION else ("someone/unknown-model", version)
+
+
 def error_body(status: int, title: str, detail: str) -> dict[str, Any]:
     return {"title": title, "detail": detail, "status": status}
 
@@ -175,10 +186,11 @@ class FakeReplicate:
         prediction_id = "p" + uuid.uuid4().hex[:25]
         bodies = lifecycle(prediction_id, self.outcome)
         for item in bodies:
+            named_model, version_id = answered_model(body.get("version"), model)
             item.update(
                 input=body["input"],
-                model=model or "qwen/qwen-image-edit-plus",
-                version=body.get("version", VERSION),
+                model=named_model,
+                version=version_id,
                 webhook=body.get("webhook"),
                 webhook_events_filter=body.get("webhook_events_filter"),
             )

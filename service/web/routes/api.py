@@ -19,6 +19,7 @@ from service.cache import store as cache
 from service.cache.keys import input_sha256, scope_of
 from service.core.auth import mint_token, require_api_key, token_from
 from service.core.errors import InvalidRequest, RelayError
+from service.core.logcontext import bind
 from service.core.openapi import ADMIN, API_KEY, errors, json_body, operation, path_param, query_param
 from service.core.validation import (
     MODEL_PATTERN,
@@ -95,8 +96,10 @@ async def create_prediction(request: Request) -> JSONResponse:
     target, payload = create_request(body, relay.settings.webhook_url, learned)
     key = cache_key(request, target, payload["input"]) if body.get("cache") is True else None
     if key is not None and (hit := await cache.find(relay.pool, relay.vault, key, relay.settings.cache_ttl)):
+        bind(prediction_id=hit.prediction_id)
         return JSONResponse(cached_answer(request, hit), headers=quota.headers())
     reply = await upstream.create(target.path, payload)
+    bind(prediction_id=reply.data.get("id"))  # the access line names the prediction made
     await versions.learn(relay.pool, reply.data)
     if key is not None and isinstance(reply.data.get("id"), str):
         await cache.remember(relay.pool, key, reply.data["id"])

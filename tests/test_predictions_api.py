@@ -355,8 +355,9 @@ def test_nan_and_infinity_are_not_json_and_are_refused(api, fake):
     assert fake.requests == []
 
 
-def test_an_image_url_with_an_unbalanced_bracket_is_a_400(api, fake):
-    values = {**QWEN_INPUT, "image": ["https://[::1/a.png"]}
+@pytest.mark.parametrize("url", ["https://[::1/a.png", "https://host:8]0/a.png"])
+def test_an_image_url_with_an_unbalanced_bracket_is_a_400(api, fake, url):
+    values = {**QWEN_INPUT, "image": [url]}
     status, code, message = error_of(api.post("/api/predictions", json={"model": QWEN, "input": values}))
     assert (status, code) == (400, "INVALID_REQUEST") and "input.image" in message
     assert fake.requests == []

@@ -73,8 +73,8 @@ def _image_check(value: Any) -> str | None:
     return None
 
 
-# What the schema promises is accepted: https, then a plain host name or address.
-HTTPS_URL_PATTERN = r"^https://[A-Za-z0-9._~-]+(?:[:/?#][^\s]*)?$"
+# What the schema promises is accepted: https, a plain host name or address, a port, then anything.
+HTTPS_URL_PATTERN = r"^https://[A-Za-z0-9._~-]+(?::[0-9]{1,5})?(?:[/?#]\S*)?$"
 IMAGES = Rule(
     _image_check,
     {

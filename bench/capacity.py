@@ -1,4 +1,4 @@
-"""The figures behind deploy/SCALING.md: Relay's append ceiling in Postgres, and fan-out cost.
+"""The figures behind docs/scaling.md: Relay's append ceiling in Postgres, and fan-out cost.
 
 Usage:  .venv/bin/python bench/capacity.py [--seconds 3] [--events 2000]
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.pgceiling import rows_per_second  # noqa: E402
-from service import store  # noqa: E402
+from service.db import store  # noqa: E402
 from service.ingest.committer import delivery_from  # noqa: E402
 from service.ops.simulate import lifecycle  # noqa: E402
 from tests.support import (  # noqa: E402

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncpg  # noqa: E402
 
-from service import crypto, store  # noqa: E402
+from service.core import crypto  # noqa: E402
+from service.db import store  # noqa: E402
 from service.db.vault import Vault  # noqa: E402
 from service.ingest.committer import delivery_from  # noqa: E402
 from service.ops.simulate import lifecycle  # noqa: E402

@@ -41,9 +41,9 @@ from websockets.exceptions import ConnectionClosed
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service import embedded  # noqa: E402
 from service.core.auth import mint_token  # noqa: E402
 from service.core.signatures import signed_headers  # noqa: E402
+from service.db import embedded  # noqa: E402
 from service.ops.simulate import lifecycle  # noqa: E402
 from tests.support import SUBSCRIBE_KEY, WEBHOOK_KEY, free_port, relay_env  # noqa: E402
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import pgceiling  # noqa: E402
 from bench.deliveries import write_requests  # noqa: E402
-from service import embedded  # noqa: E402
+from service.db import embedded  # noqa: E402
 from tests.support import ADMIN_TOKEN, free_port, relay_env, with_database  # noqa: E402
 from tests.support import WEBHOOK_KEY as KEY  # noqa: E402
 from tests.support import WEBHOOK_SECRET as SECRET  # noqa: E402

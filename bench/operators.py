@@ -25,8 +25,8 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service import embedded, migrations, store  # noqa: E402
 from service.core.filters import parse_filter  # noqa: E402
+from service.db import embedded, migrations, store  # noqa: E402
 from tests.support import relay_env  # noqa: E402
 
 LOAD = """

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest import presign, wrk_command, wrk_report  # noqa: E402
-from service import database, embedded  # noqa: E402
+from service.db import database, embedded  # noqa: E402
 from tests.support import RelayProcess, relay_env, with_database  # noqa: E402
 
 SETUPS = [

@@ -24,7 +24,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service import usage  # noqa: E402
+from service.usage import report as usage  # noqa: E402
 from tests.support import Postgres  # noqa: E402
 
 FILL = """

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -32,7 +34,7 @@ from websockets.sync.client import connect
 from service.core.signatures import signed_headers
 from service.ops.simulate import lifecycle
 
-from .support import WEBHOOK_KEY, RelayProcess, free_port, relay_env
+from .support import ROOT, WEBHOOK_KEY, RelayProcess, free_port, relay_env
 
 TOKEN = "r8_fake_replicate_token_0123456789"
 API_KEY = "relay-api-key-a-0123456789"
@@ -341,3 +343,11 @@ def metric(relay: RelayProcess, name: str, label: str) -> float:
         if line.startswith(f"{name}{{{label}}} "):
             return float(line.split()[-1])
     return 0.0
+
+
+def reconcile_cli(relay: RelayProcess, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`relay reconcile ARGS` against the fake Replicate that `relay` uses."""
+    upstream = {"REPLICATE_API_BASE": relay.env["REPLICATE_API_BASE"], "REPLICATE_API_TOKEN": TOKEN}
+    variables = relay_env(relay.env["DATABASE_URL"], **{**upstream, **env})
+    command = [sys.executable, "-m", "service", "reconcile", *args]
+    return subprocess.run(command, env=variables, cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -17,16 +17,19 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.core.signatures import signed_headers
-from service.db import embedded
-from service.ops.simulate import lifecycle
+from service.db import embedded, store
+from service.ingest.committer import delivery_from
+from service.ops.simulate import MODEL, lifecycle
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_KEY = b"relay-test-webhook-key-0123456789"
@@ -285,3 +288,137 @@ def relay_on_terminal(*args: str, env: dict[str, str]) -> tuple[subprocess.Compl
         if secondary != -1:
             os.close(secondary)
     return done, terminal
+
+
+# `relay` commands and the embedded postmaster they start.
+
+
+def relay_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `relay ARGS` (as `python -m service`) to completion, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def dev_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """This environment without any Relay setting: dev mode in `data_dir`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_", "DATABASE_"))}
+    return {**env, "RELAY_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def postmaster_pid(pgdata: Path) -> int:
+    return int((pgdata / "postmaster.pid").read_text().split()[0])
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs; an exited process that its parent has not reaped yet (a zombie,
+    state Z) has stopped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def postmaster_running(pgdata: Path) -> bool:
+    return (pgdata / "postmaster.pid").exists() and alive(postmaster_pid(pgdata))
+
+
+# Waiting.
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll `condition` every 0.1 s until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+# Metrics.
+
+
+def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """Every sample of `/metrics`, by name and sorted labels."""
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+METRICS = ('relay_deliveries_total{outcome="stored"}', "relay_ingest_seconds_count", "relay_subscribers")
+
+
+def samples(text: str) -> dict[str, float]:
+    """The METRICS samples of a Prometheus text page (0 when absent)."""
+    found = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(found.get(name, 0)) for name in METRICS}
+
+
+def merged(url: str) -> dict[str, float]:
+    """What `/metrics` reports, from whichever worker answers (a fresh connection each time)."""
+    return samples(httpx.get(url + "/metrics", headers={"Connection": "close"}).text)
+
+
+def stored_deliveries(url: str) -> float:
+    return merged(url)[METRICS[0]]
+
+
+# Usage: a log written straight to the database at chosen arrival times.
+
+PRICE = 0.0014  # USD per second of MODEL
+VERSION_ONLY = "0123456789abcdef" * 4  # a bare version: names no model
+
+
+class Log:
+    """Appends deliveries straight through `store.append`, at chosen arrival times."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self.pending: list[store.Delivery] = []
+
+    def add(self, body: dict, at: datetime, *, source: str = "webhook", webhook_id: str | None = None) -> str:
+        webhook_id = webhook_id or new_webhook_id()
+        raw = json.dumps(body).encode()
+        self.pending.append(delivery_from(body, raw, webhook_id=webhook_id, source=source, received_at=at))
+        return webhook_id
+
+    def commit(self) -> None:
+        async def append_each() -> None:
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                for delivery in self.pending:  # one transaction each, like separate requests
+                    async with conn.transaction():
+                        await store.append(conn, [delivery])
+            finally:
+                await conn.close()
+
+        asyncio.run(append_each())
+        self.pending = []
+
+
+def bodies(outcome: str, model: str | None = MODEL, predict_time: float | None = None) -> list[dict]:
+    """A lifecycle whose model is `model` (None: only a version) and given predict_time."""
+    result = []
+    for body in lifecycle(new_prediction_id(), outcome):
+        if model:
+            body = {**body, "model": model}
+        else:
+            body = {k: v for k, v in body.items() if k != "model"} | {"version": VERSION_ONLY}
+        if predict_time is not None and body["metrics"]:
+            body["metrics"] = {**body["metrics"], "predict_time": predict_time}
+        result.append(body)
+    return result

@@ -16,8 +16,17 @@ from service.core.settings import Settings
 from service.ops.simulate import MODEL, lifecycle
 from service.usage import budget
 
-from .support import RelayProcess, admin_headers, new_prediction_id, post_webhook, relay_env
-from .test_usage import PRICE, Log, bodies
+from .support import (
+    PRICE,
+    Log,
+    RelayProcess,
+    admin_headers,
+    bodies,
+    new_prediction_id,
+    post_webhook,
+    relay_env,
+    wait_for,
+)
 
 SECONDS = 4.61  # predict_time of a simulated success
 
@@ -85,13 +94,6 @@ def metric(relay: RelayProcess, name: str) -> float | None:
     text = httpx.get(relay.url + "/metrics").text
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else None
-
-
-def wait_for(condition, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_alerts_are_not_repeated_after_a_restart(postgres):

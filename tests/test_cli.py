@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -26,45 +24,15 @@ from .support import (
     WEBHOOK_SECRET,
     RelayProcess,
     admin_headers,
+    alive,
+    dev_env,
     free_port,
     new_prediction_id,
     post_webhook,
+    postmaster_pid,
+    relay_cli,
     relay_env,
 )
-
-
-def relay_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def dev_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_", "DATABASE_"))}
-    return {**env, "RELAY_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **extra}
-
-
-def postmaster_pid(pgdata: Path) -> int:
-    return int((pgdata / "postmaster.pid").read_text().split()[0])
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` still runs; an exited process that its parent has not reaped yet (a zombie,
-    state Z) has stopped."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
-def postmaster_running(pgdata: Path) -> bool:
-    return (pgdata / "postmaster.pid").exists() and alive(postmaster_pid(pgdata))
 
 
 def test_dev_mode_generates_secrets_keeps_data_and_stops_postgres_on_ctrl_c_and_sigterm(tmp_path):

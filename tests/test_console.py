@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .support import deliver_lifecycle, new_prediction_id
-from .test_cli import relay_cli
+from .support import deliver_lifecycle, new_prediction_id, relay_cli
 
 
 def test_events_prints_a_table_of_the_matching_events(relay, client):

@@ -317,7 +317,9 @@ def test_pages_and_client_are_served_from_relay_itself(http):
     page = http.get(f"/p/{new_prediction_id()}")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "default-src 'self'" in page.headers["content-security-policy"]
-    assert all(link.startswith("/") and not link.startswith("//") for link in LINK.findall(page.text))
+    links = LINK.findall(page.text)
+    assert {"/relay.js", "/static/dashboard.js", "/static/dashboard.css"} <= set(links)  # found them
+    assert all(link.startswith("/") and not link.startswith("//") for link in links)
     client = http.get("/relay.js")
     assert client.status_code == 200 and "javascript" in client.headers["content-type"]
     assert "function subscribe(" in client.text

@@ -36,10 +36,10 @@ from .support import (
     new_prediction_id,
     post_webhook,
     query,
+    relay_cli,
     relay_env,
+    stored_deliveries,
 )
-from .test_cli import relay_cli
-from .test_server import stored_deliveries
 
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
@@ -60,6 +60,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 COMPOSE_ENV = {
     "POSTGRES_PASSWORD": "compose-owner-password",
     "RELAY_DB_PASSWORD": "compose-service-password",
+    "REPLICATION_PASSWORD": "compose-replication-password",
     "REPLICATE_WEBHOOK_SECRET": WEBHOOK_SECRET,
     "RELAY_ADMIN_TOKEN": "compose-admin",
     "RELAY_SUBSCRIBE_KEY": "compose-subscribe",
@@ -75,7 +76,7 @@ def test_compose_file_is_valid_and_runs_migrations_before_two_instances():
     result = compose_config(COMPOSE_ENV)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
-    assert sorted(services) == ["migrate", "nginx", "postgres", "relay1", "relay2"]
+    assert sorted(services) == ["migrate", "nginx", "pgbouncer", "postgres", "relay1", "relay2", "replica"]
     for name in ("relay1", "relay2"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["migrate"]["command"] == ["migrate"]
@@ -85,10 +86,15 @@ def test_compose_migrates_as_the_owner_and_serves_as_relay_app():
     """The migration step logs in as the tables' owner, the instances as `relay` (in relay_app)."""
     services = yaml.safe_load(compose_config(COMPOSE_ENV).stdout)["services"]
     owner = "postgresql://relay_owner:compose-owner-password@postgres:5432/relay"
-    service = "postgresql://relay:compose-service-password@postgres:5432/relay"
+    direct = "postgresql://relay:compose-service-password@postgres:5432/relay"
     assert services["postgres"]["environment"]["POSTGRES_USER"] == "relay_owner"
     assert services["migrate"]["environment"]["DATABASE_URL"] == owner
-    assert {services[name]["environment"]["DATABASE_URL"] for name in ("relay1", "relay2")} == {service}
+    for name in ("relay1", "relay2"):  # the pool through PgBouncer, LISTEN direct, reads on the replica
+        environment = services[name]["environment"]
+        assert environment["DATABASE_URL"] == direct.replace("@postgres:", "@pgbouncer:")
+        assert environment["RELAY_DATABASE_POOLER"] == "transaction"
+        assert environment["RELAY_LISTEN_DATABASE_URL"] == direct
+        assert environment["RELAY_READ_DATABASE_URL"] == direct.replace("@postgres:", "@replica:")
     for name in ("migrate", "relay1", "relay2"):  # the secrets `relay migrate` checks, in both
         assert services[name]["environment"]["RELAY_ADMIN_TOKEN"] == "compose-admin"
     init = [v for v in services["postgres"]["volumes"] if "docker-entrypoint-initdb.d" in str(v)]
@@ -153,6 +159,7 @@ def test_the_deployment_probes_and_secrets_are_by_reference(tmp_path):
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     secrets = [e for e in container["env"] if e["name"] in ("DATABASE_URL", "RELAY_ADMIN_TOKEN")]
+    assert sorted(e["name"] for e in secrets) == ["DATABASE_URL", "RELAY_ADMIN_TOKEN"]
     assert all("secretKeyRef" in e["valueFrom"] for e in secrets)
     broken = tmp_path / "broken.yaml"  # the validator does refuse a wrong manifest
     container["readinessProbe"]["httpGet"]["pathh"] = "/readyz"

@@ -12,9 +12,9 @@ from .support import (
     new_webhook_id,
     post_webhook,
     query,
+    relay_cli,
     relay_on_terminal,
 )
-from .test_cli import relay_cli
 
 FIELDS = {"seq", "webhook_id", "prediction_id", "status", "source", "received_at", "webhook_timestamp"}
 

@@ -114,7 +114,7 @@ def test_wrong_content_type_is_ignored_the_signature_decides(client):
 
 def test_huge_header_gets_a_clean_answer(client):
     """uvicorn's httptools parser sets no header limit: a 1 MB header is answered like any
-    other request (the limit belongs to the reverse proxy; see README)."""
+    other request (the limit belongs to the reverse proxy; see docs/reliability.md)."""
     response = post_webhook(
         client, {"id": new_prediction_id(), "status": "starting"}, headers={"x-pad": "a" * 2**20}
     )
@@ -295,7 +295,9 @@ def test_forged_tokens_read_nothing_over_http(client, stored_prediction, kind):
     for path in (f"/predictions/{stored_prediction}", f"/predictions/{stored_prediction}/events"):
         response = client.get(path, headers={"Authorization": f"Bearer {bad}"})
         assert response.status_code in (401, 403), (kind, response.status_code)
-        assert stored_prediction not in response.text or "error" in response.json()
+        body = response.json()  # the error shape and nothing else: no state, no events, no id
+        assert list(body) == ["error"] and set(body["error"]) == {"code", "message"}, (kind, body)
+        assert stored_prediction not in response.text, (kind, response.text)
         assert "starting" not in response.text
         assert_no_secret(response.text)
 

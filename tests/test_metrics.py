@@ -7,28 +7,20 @@ import json
 import time
 
 import asyncpg
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from service.ops.simulate import lifecycle
 
-from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, WEBHOOK_KEY, WEBHOOK_SECRET, new_prediction_id, post_webhook
-
-
-def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
-    response = client.get("/metrics")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def delta(before: dict, after: dict, name: str, **labels: str) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
+from .support import (
+    ADMIN_TOKEN,
+    SUBSCRIBE_KEY,
+    WEBHOOK_KEY,
+    WEBHOOK_SECRET,
+    delta,
+    new_prediction_id,
+    post_webhook,
+    scrape,
+)
 
 
 def test_metrics_follow_deliveries_rejects_and_subscribers(relay, client):

@@ -21,9 +21,9 @@ from .support import (
     RelayProcess,
     deliver_lifecycle,
     new_prediction_id,
+    relay_cli,
     relay_env,
 )
-from .test_cli import relay_cli
 
 APP = "https://app.example.com"
 PUBLIC_URL = "https://relay.example.com"

@@ -18,7 +18,7 @@ from service.db.events import body_bytes
 from service.db.vault import Vault
 from service.ops.simulate import lifecycle
 
-from .fake_replicate import QWEN, api_client, relay_for
+from .fake_replicate import QWEN, api_client, reconcile_cli, relay_for
 from .receiver import RECEIVER_SECRET, Receiver
 from .support import (
     ADMIN_TOKEN,
@@ -29,10 +29,9 @@ from .support import (
     new_prediction_id,
     post_webhook,
     query,
+    relay_cli,
     relay_env,
 )
-from .test_cli import relay_cli
-from .test_reconcile import reconcile_cli
 
 KEK_A = bytes(range(32))
 KEK_B = bytes(range(100, 132))

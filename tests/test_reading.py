@@ -9,8 +9,7 @@ from websockets.sync.client import connect
 from service.core.auth import mint_token
 from service.ops.simulate import lifecycle
 
-from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, deliver_lifecycle, new_prediction_id, post_webhook
-from .test_cli import relay_cli
+from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, deliver_lifecycle, new_prediction_id, post_webhook, relay_cli
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import httpx
@@ -11,8 +9,8 @@ import pytest
 
 from service.ops.simulate import lifecycle
 
-from .fake_replicate import CREATE, TOKEN, FakeReplicate, api_client, metric, relay_for, watch
-from .support import ROOT, RelayProcess, admin_headers, new_prediction_id, post_webhook, relay_env
+from .fake_replicate import CREATE, FakeReplicate, api_client, metric, reconcile_cli, relay_for, watch
+from .support import RelayProcess, admin_headers, new_prediction_id, post_webhook
 
 ALL_EVENTS = frozenset({"start", "logs", "output", "completed"})
 
@@ -31,13 +29,6 @@ def create_and_finish(api: httpx.Client, fake: FakeReplicate, lose: set[str] = f
 def events_of(relay: RelayProcess, prediction_id: str) -> list[dict]:
     response = httpx.get(f"{relay.url}/predictions/{prediction_id}/events", headers=admin_headers())
     return response.json()["events"] if response.status_code == 200 else []
-
-
-def reconcile_cli(relay: RelayProcess, *args: str, **env: str) -> subprocess.CompletedProcess:
-    upstream = {"REPLICATE_API_BASE": relay.env["REPLICATE_API_BASE"], "REPLICATE_API_TOKEN": TOKEN}
-    variables = relay_env(relay.env["DATABASE_URL"], **{**upstream, **env})
-    command = [sys.executable, "-m", "service", "reconcile", *args]
-    return subprocess.run(command, env=variables, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
 def test_a_lost_final_delivery_is_appended_once_as_a_reconcile_event(api, api_relay, fake):

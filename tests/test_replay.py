@@ -22,13 +22,14 @@ from .support import (
     ADMIN_TOKEN,
     ROOT,
     deliver_lifecycle,
+    delta,
     new_prediction_id,
     post_webhook,
     query,
+    relay_cli,
     relay_on_terminal,
+    scrape,
 )
-from .test_cli import relay_cli
-from .test_metrics import delta, scrape
 
 
 def stored(admin: httpx.Client, **params: object) -> list[dict]:

@@ -19,8 +19,18 @@ from websockets.sync.client import connect
 
 from service.ops.simulate import lifecycle
 
-from .support import ADMIN_TOKEN, RelayProcess, new_prediction_id, post_webhook, relay_env
-from .test_cli import postmaster_running, relay_cli
+from .support import (
+    ADMIN_TOKEN,
+    METRICS,
+    RelayProcess,
+    merged,
+    new_prediction_id,
+    post_webhook,
+    postmaster_running,
+    relay_cli,
+    relay_env,
+    samples,
+)
 
 WORKERS = 2
 
@@ -50,24 +60,6 @@ def postmasters(pgdata: Path) -> int:
         if args[0].endswith(b"/postgres") and str(pgdata).encode() in args:
             count += 1
     return count
-
-
-METRICS = ('relay_deliveries_total{outcome="stored"}', "relay_ingest_seconds_count", "relay_subscribers")
-
-
-def samples(text: str) -> dict[str, float]:
-    """The METRICS samples of a Prometheus text page (0 when absent)."""
-    found = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    return {name: float(found.get(name, 0)) for name in METRICS}
-
-
-def merged(url: str) -> dict[str, float]:
-    """What `/metrics` reports, from whichever worker answers (a fresh connection each time)."""
-    return samples(httpx.get(url + "/metrics", headers={"Connection": "close"}).text)
-
-
-def stored_deliveries(url: str) -> float:
-    return merged(url)[METRICS[0]]
 
 
 def own_samples(metrics_dir: Path, pid: int, tmp_path: Path) -> dict[str, float]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from service.cli.main import build_parser
-from service.core.settings import SERVE_FLAGS, Settings, load_settings, worker_environment
+from service.core.settings import SERVE_FLAGS, SETTINGS, Settings, load_settings, worker_environment
 
 from .support import relay_env
 
@@ -59,6 +60,9 @@ SAMPLES = {
     "RELAY_RECONCILE_INTERVAL": "12",
     "RELAY_ALLOWED_ORIGINS": "https://app.example.com",
     "RELAY_CORS_ORIGINS": "*",
+    "RELAY_LISTEN_DATABASE_URL": "postgresql://direct@db.example/relay",
+    "RELAY_READ_DATABASE_URL": "postgresql://replica@db.example/relay",
+    "RELAY_DATABASE_POOLER": "transaction",
     "RELAY_CACHE_TTL": "60",
     "RELAY_LOG_FORMAT": "json",
     "RELAY_ACCESS_LOG": "off",
@@ -90,3 +94,30 @@ def test_flags_reach_the_workers_of_relay_serve_workers():
     parent = load_settings(env, overrides={"RELAY_MAX_BODY": "1000", "RELAY_WORKERS": "2"})
     workers_env = worker_environment(parent, str(parent.database_url), parent.data_dir / "metrics")
     assert load_settings({**env, **workers_env}).max_body == 1000
+
+
+# Defaults that DESIGN.md's "Configuration" table states, as the configuration page shows them.
+DESIGN_DEFAULTS = {
+    "RELAY_HOST": "127.0.0.1",
+    "RELAY_PORT": "8000",
+    "RELAY_DATA_DIR": "./.relay",
+    "RELAY_WEBHOOK_TOLERANCE": "300",
+    "RELAY_MAX_BODY": "4194304",
+    "REPLICATE_API_BASE": "https://api.replicate.com/v1",
+    "RELAY_LISTEN_DATABASE_URL": "DATABASE_URL",
+    "RELAY_READ_DATABASE_URL": "DATABASE_URL",
+    "RELAY_DATABASE_POOLER": "off",
+}
+
+
+def test_the_settings_table_shows_the_design_defaults():
+    shown = {row.variable: row.default_text for row in SETTINGS.values()}
+    assert {name: shown[name] for name in DESIGN_DEFAULTS} == DESIGN_DEFAULTS
+
+
+def test_an_empty_environment_loads_the_defaults_of_the_settings_table(tmp_path):
+    """load_settings and Settings() take each default from the one table, so they agree."""
+    loaded = load_settings({"RELAY_DATA_DIR": str(tmp_path)}, generate_missing=False)
+    assert dataclasses.replace(loaded, data_dir=Path(".relay")) == Settings()
+    assert loaded.data_dir == tmp_path
+    assert {flag.variable for flag in SERVE_FLAGS} == {row.variable for row in SETTINGS.values()}

@@ -11,8 +11,7 @@ import pytest
 
 from service.ops.simulate import lifecycle
 
-from .support import RelayProcess, free_port, new_prediction_id
-from .test_cli import dev_env, relay_cli
+from .support import RelayProcess, dev_env, free_port, new_prediction_id, relay_cli
 
 # A Replicate prediction object, as `GET /v1/predictions/{id}` returns it and webhooks deliver it.
 PREDICTION_FIELDS = {

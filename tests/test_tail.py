@@ -14,8 +14,16 @@ import httpx
 
 from service.ops.simulate import lifecycle
 
-from .support import ROOT, RelayProcess, deliver_lifecycle, new_prediction_id, post_webhook, relay_env
-from .test_cli import dev_env, relay_cli
+from .support import (
+    ROOT,
+    RelayProcess,
+    deliver_lifecycle,
+    dev_env,
+    new_prediction_id,
+    post_webhook,
+    relay_cli,
+    relay_env,
+)
 
 
 class Tail:

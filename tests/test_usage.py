@@ -11,25 +11,25 @@ import asyncpg
 import httpx
 import pytest
 
-from service.db import store
-from service.ingest.committer import delivery_from
 from service.ops.simulate import MODEL, lifecycle
 from service.usage import report as usage
 
 from .support import (
+    PRICE,
+    VERSION_ONLY,
+    Log,
     Postgres,
     RelayProcess,
     admin_headers,
+    bodies,
     new_prediction_id,
     new_webhook_id,
     post_webhook,
+    relay_cli,
     relay_env,
 )
-from .test_cli import relay_cli
 
-PRICE = 0.0014
 UNPRICED = "acme/unpriced-model"
-VERSION_ONLY = "0123456789abcdef" * 4
 PRICES = f"{MODEL}={PRICE} {VERSION_ONLY}=0.0005"
 
 
@@ -43,47 +43,6 @@ def usage_relay(postgres: Postgres) -> Iterator[RelayProcess]:
 def admin(usage_relay: RelayProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=usage_relay.url, timeout=30, headers=admin_headers()) as http:
         yield http
-
-
-class Log:
-    """Appends deliveries straight through `store.append`, at chosen arrival times."""
-
-    def __init__(self, dsn: str):
-        self.dsn = dsn
-        self.pending: list[store.Delivery] = []
-
-    def add(self, body: dict, at: datetime, *, source: str = "webhook", webhook_id: str | None = None) -> str:
-        webhook_id = webhook_id or new_webhook_id()
-        raw = json.dumps(body).encode()
-        self.pending.append(delivery_from(body, raw, webhook_id=webhook_id, source=source, received_at=at))
-        return webhook_id
-
-    def commit(self) -> None:
-        async def append_each() -> None:
-            conn = await asyncpg.connect(self.dsn)
-            try:
-                for delivery in self.pending:  # one transaction each, like separate requests
-                    async with conn.transaction():
-                        await store.append(conn, [delivery])
-            finally:
-                await conn.close()
-
-        asyncio.run(append_each())
-        self.pending = []
-
-
-def bodies(outcome: str, model: str | None = MODEL, predict_time: float | None = None) -> list[dict]:
-    """A lifecycle whose model is `model` (None: only a version) and given predict_time."""
-    result = []
-    for body in lifecycle(new_prediction_id(), outcome):
-        if model:
-            body = {**body, "model": model}
-        else:
-            body = {k: v for k, v in body.items() if k != "model"} | {"version": VERSION_ONLY}
-        if predict_time is not None and body["metrics"]:
-            body["metrics"] = {**body["metrics"], "predict_time": predict_time}
-        result.append(body)
-    return result
 
 
 def usage_of(admin: httpx.Client, since: str, until: str, group: str = "model") -> dict:

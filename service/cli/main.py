@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from service.cli import operators as console
+from service.cli import retention
 from service.cli.privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
 from service.core.auth import DEFAULT_TTL, mint_token
 from service.core.errors import ConfigError
@@ -41,6 +42,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = tool_settings()
     with database.database_dsn(settings) as dsn:
+        asyncio.run(database.require_writable(dsn))
         applied = asyncio.run(database.migrate(dsn))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
@@ -136,6 +138,7 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
     ("forget", "erase predictions' content by destroying their data keys", cmd_forget, add_forget_arguments),
     ("rotate-keys", "re-wrap every data key under the current RELAY_ENCRYPTION_KEY", cmd_rotate_keys, None),
     *console.COMMANDS,
+    *retention.COMMANDS,
 ]
 
 

@@ -76,12 +76,20 @@ class Progress:
             self.draw("\n")
 
 
-def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]], *, writes: bool = False) -> T:
     """Run `work` on a connection to the configured database, once the configured key is known
-    to open its payloads: a wrong or missing key is a one-line error, never unreadable output."""
+    to open its payloads: a wrong or missing key is a one-line error, never unreadable output.
+
+    Reads go to RELAY_READ_DATABASE_URL when it is set (a replica: seq order is commit order, so
+    a lagging copy holds a prefix of the log and paging by seq skips nothing); work that
+    `writes` goes to DATABASE_URL, which must then be writable (one line if it is a standby)."""
     settings = tool_settings()
 
     async def run(dsn: str) -> T:
+        if writes:
+            await database.require_writable(dsn)
+        elif settings.read_database_url is not None:
+            dsn = str(settings.read_database_url)
         conn = await ready_connection(dsn, cli_vault())
         try:
             return await work(conn)
@@ -197,7 +205,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         )
 
     try:
-        with_connection(run)
+        # To live subscribers, replay NOTIFYs: only the primary can (a standby refuses writes).
+        with_connection(run, writes=isinstance(target, FanoutTarget) and not args.dry_run)
     except KeyboardInterrupt:
         progress.close()
         print(

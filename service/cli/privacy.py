@@ -18,6 +18,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if not vault.enabled:
         raise ConfigError(ENCRYPTION_OFF)
     with database.database_dsn(settings) as dsn:
+        asyncio.run(database.require_writable(dsn))
         return asyncio.run(forget_all(dsn, vault, args.predictions))
 
 
@@ -25,6 +26,7 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     settings = tool_settings()
     vault = Vault(settings.key_encryption_keys)
     with database.database_dsn(settings) as dsn:
+        asyncio.run(database.require_writable(dsn))
         count = asyncio.run(rotate(dsn, vault))
     print(f"done: {count} data key(s) re-wrapped; every data key is now wrapped by key {vault.current_id}")
     return 0

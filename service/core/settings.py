@@ -2,24 +2,46 @@
 
 Nothing else in the package reads `os.environ`. Secrets are wrapped in `Secret` so that a
 supplied secret never lands in a log line, an error or a repr.
+
+The `Settings` class below is the one table of settings: each field is one `setting(...)` naming
+its variable, its `relay serve` flag, its default, its parser (which validates), its help and
+whether it is secret. `SERVE_FLAGS`, `load_settings` and the docs' configuration page
+(docs/hooks/settings_table.py) all derive from it, so a default is written once.
+
+Adding a setting is one field in that table, under the comment naming its feature (the comment
+heads that feature's section of the configuration page):
+
+    archive_max_bytes: int = setting(
+        "RELAY_ARCHIVE_MAX_BYTES", "--archive-max-bytes", 100 * MIB, whole(), "largest output file, bytes"
+    )
+
+Converting one written the old way (a `Flag` in SERVE_FLAGS, a field, a `load_settings` line):
+the field's type and name stay; its default, the Flag's name and help, and the parser of the
+`load_settings` line (`_int(env, NAME, default)` -> `whole()`, `env.get(NAME) or "x"` -> `text`,
+`_secret` -> `secret`, `_secret_list` -> `secret_list`, anything else -> a small `(raw, name)`
+function next to the others) go into the field's `setting(...)`; then delete the Flag and the line.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import math
 import os
 import secrets
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from service.core.errors import ConfigError
 from service.core.origins import ANY, normal_origin
 
 GENERATED_SECRETS_FILE = "secrets.json"
+
+T = TypeVar("T")
 
 
 class Secret(str):
@@ -30,9 +52,7 @@ class Secret(str):
 
 
 # A `whsec_` secret that decode_webhook_secret accepts: non-empty base64, padding optional.
-WHSEC_PATTERN = (
-    r"^whsec_(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=?|[A-Za-z0-9+/]{2}(?:==)?)$"
-)
+WHSEC_PATTERN = r"^whsec_(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=?|[A-Za-z0-9+/]{2}(?:==)?)$"
 
 
 def decode_webhook_secret(text: str, name: str = "REPLICATE_WEBHOOK_SECRET") -> bytes:
@@ -63,46 +83,90 @@ def decode_encryption_key(text: str, position: int) -> bytes:
     return key
 
 
+# Parsers: each turns a variable's raw, non-empty text into its value, or raises ConfigError
+# with one line naming the variable. Returning None means "not given": the default applies.
+Parser = Callable[[str, str], Any]
+
+
+def text(raw: str, name: str) -> str:
+    return raw
+
+
+def base_url(raw: str, name: str) -> str:
+    """A URL that paths are appended to: no trailing slash."""
+    return raw.rstrip("/")
+
+
+def path(raw: str, name: str) -> Path:
+    return Path(raw)
+
+
+def whole(minimum: int = 1) -> Parser:
+    """A whole number, at least `minimum`."""
+
+    def parse(raw: str, name: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def secret(raw: str, name: str) -> Secret | None:
+    value = raw.strip()
+    return Secret(value) if value else None
+
+
+def secret_list(raw: str, name: str) -> tuple[Secret, ...]:
+    """Space-separated secrets."""
+    return tuple(Secret(part) for part in raw.split())
+
+
+def webhook_secrets(raw: str, name: str) -> tuple[Secret, ...]:
+    """Space-separated `whsec_…` secrets, each checked to decode."""
+    found = secret_list(raw, name)
+    for entry in found:
+        decode_webhook_secret(entry)
+    return found
+
+
+def encryption_keys(raw: str, name: str) -> tuple[Secret, ...]:
+    """Space-separated base64 32-byte keys, current first, each checked to decode."""
+    found = secret_list(raw, name)
+    for position, key in enumerate(found, 1):
+        decode_encryption_key(key, position)
+    return found
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def _log_level(env: Mapping[str, str]) -> str:
-    level = (env.get("RELAY_LOG_LEVEL") or "INFO").upper()
+def log_level(raw: str, name: str) -> str:
+    level = raw.upper()
     if level not in LOG_LEVELS:
-        raise ConfigError(f"RELAY_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level[:20]!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(LOG_LEVELS)}, got {level[:20]!r}")
     return level
 
 
 LOG_FORMATS = ("text", "json")
 
 
-def _log_format(env: Mapping[str, str]) -> str:
-    value = (env.get("RELAY_LOG_FORMAT") or "text").lower()
+def log_format(raw: str, name: str) -> str:
+    value = raw.strip().lower()
     if value not in LOG_FORMATS:
-        raise ConfigError(f"RELAY_LOG_FORMAT must be text or json, got {value[:20]!r}")
+        raise ConfigError(f"{name} must be text or json, got {value[:20]!r}")
     return value
 
 
-def _on_off(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = (env.get(name) or "").strip().lower()
-    if not raw:
-        return default
-    if raw not in ("on", "off", "true", "false", "1", "0"):
-        raise ConfigError(f"{name} must be on or off, got {raw[:20]!r}")
-    return raw in ("on", "true", "1")
-
-
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
+def on_off(raw: str, name: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("on", "off", "true", "false", "1", "0"):
+        raise ConfigError(f"{name} must be on or off, got {value[:20]!r}")
+    return value in ("on", "true", "1")
 
 
 def _usd(raw: str, name: str, *, rule: str = "0 or more", positive: bool = False) -> float:
@@ -115,39 +179,95 @@ def _usd(raw: str, name: str, *, rule: str = "0 or more", positive: bool = False
     return value
 
 
-def _prices(env: Mapping[str, str]) -> dict[str, float]:
-    """`RELAY_PRICES`: space-separated `model=price` pairs, price in USD per second."""
-    prices = {}
-    for entry in env.get("RELAY_PRICES", "").split():
+def prices(raw: str, name: str) -> dict[str, float]:
+    """Space-separated `model=price` pairs, price in USD per second."""
+    found = {}
+    for entry in raw.split():
         model, sep, price = entry.rpartition("=")
         if not sep or not model:
             raise ConfigError(
-                f"RELAY_PRICES entry {entry[:60]!r} is not model=price (USD per second), "
+                f"{name} entry {entry[:60]!r} is not model=price (USD per second), "
                 "e.g. RELAY_PRICES='qwen/qwen-image-edit-plus=0.0014'"
             )
-        prices[model] = _usd(price, f"RELAY_PRICES price of {model[:60]!r}")
-    return prices
+        found[model] = _usd(price, f"{name} price of {model[:60]!r}")
+    return found
 
 
-def _budget(env: Mapping[str, str]) -> float | None:
-    raw = env.get("RELAY_BUDGET", "").strip()
+def budget(raw: str, name: str) -> float | None:
+    raw = raw.strip()
     if not raw:
         return None
-    return _usd(raw, "RELAY_BUDGET", rule="more than 0 a month; unset it for no budget", positive=True)
+    return _usd(raw, name, rule="more than 0 a month; unset it for no budget", positive=True)
 
 
-def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+def origins(raw: str, name: str) -> tuple[str, ...]:
     """A comma-separated list of origins (`https://app.example.com`) or `*`, as browsers send them."""
-    origins = []
-    for entry in filter(None, (part.strip() for part in env.get(name, "").split(","))):
+    found = []
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
         origin = ANY if entry == ANY else normal_origin(entry)
         if origin is None:
             raise ConfigError(
                 f"{name} entry {entry[:80]!r} is not an origin; write scheme://host[:port] "
                 "(no path), e.g. https://app.example.com, comma-separated, or *"
             )
-        origins.append(origin)
-    return tuple(origins)
+        found.append(origin)
+    return tuple(found)
+
+
+POOLERS = ("off", "transaction")
+
+
+def pooler(raw: str, name: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in POOLERS:
+        raise ConfigError(
+            f"{name} must be off or transaction (PgBouncer's pool_mode=transaction), got {mode[:20]!r}"
+        )
+    return mode
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table (kept in the metadata of its `Settings` field)."""
+
+    variable: str
+    flag: str
+    default: object
+    parse: Parser
+    help: str
+    secret: bool = False
+    unset: str = ""  # what an unset variable means, where the default value alone does not say
+    aliases: tuple[str, ...] = ()  # older names, read when the variable is not set
+
+    @property
+    def default_text(self) -> str:
+        """The default as the docs and `--help` show it."""
+        if self.unset:
+            return self.unset
+        if self.default is None or self.default in ("", (), {}):
+            return ""
+        if isinstance(self.default, Path) and not self.default.is_absolute():
+            return f"./{self.default}"
+        return str(self.default)
+
+
+def setting(
+    variable: str,
+    flag: str,
+    default: T,
+    parse: Parser,
+    help: str,
+    *,
+    secret: bool = False,
+    unset: str = "",
+    aliases: tuple[str, ...] = (),
+) -> T:
+    """A `Settings` field read from `variable` (or the `relay serve` flag) by `parse`."""
+    row = Setting(variable, flag, default, parse, help, secret, unset, aliases)
+    metadata = {"setting": row}
+    if isinstance(default, dict):  # mutable: each Settings gets its own copy
+        return field(default_factory=lambda: dict(default), metadata=metadata)  # type: ignore[return-value]
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -161,82 +281,166 @@ class Flag:
     secret: bool = False
 
 
-# Every variable `relay serve` reads, as a flag. Secrets are accepted as flags too, but a flag is
-# visible to every user of the machine (`ps`), so the environment is the place for them.
-SERVE_FLAGS = (
-    Flag("--host", "RELAY_HOST", "interface to listen on (default 127.0.0.1)"),
-    Flag("--port", "RELAY_PORT", "port to listen on (default 8000)", int),
-    Flag("--workers", "RELAY_WORKERS", "worker processes sharing the database (default 1)", int),
-    Flag("--database-url", "DATABASE_URL", "Postgres DSN (default: embedded Postgres)", secret=True),
-    Flag("--data-dir", "RELAY_DATA_DIR", "local state: embedded cluster, dev secrets (default ./.relay)"),
-    Flag("--webhook-secret", "REPLICATE_WEBHOOK_SECRET", "whsec_… secret(s), space-separated", secret=True),
-    Flag("--webhook-tolerance", "RELAY_WEBHOOK_TOLERANCE", "max webhook-timestamp skew, seconds", int),
-    Flag("--max-body", "RELAY_MAX_BODY", "largest webhook body, bytes", int),
-    Flag("--admin-token", "RELAY_ADMIN_TOKEN", "bearer token for /admin/* and /events/ws", secret=True),
-    Flag("--subscribe-key", "RELAY_SUBSCRIBE_KEY", "HS256 key for subscriber tokens", secret=True),
-    Flag("--api-keys", "RELAY_API_KEYS", "API keys for /api/*, space-separated", secret=True),
-    Flag("--replicate-api-token", "REPLICATE_API_TOKEN", "token for the predictions API proxy", secret=True),
-    Flag("--replicate-api-base", "REPLICATE_API_BASE", "upstream API base URL"),
-    Flag("--public-url", "RELAY_PUBLIC_URL", "public base URL, for the webhook URL"),
-    Flag("--encryption-key", "RELAY_ENCRYPTION_KEY", "key-encryption key(s), space-separated", secret=True),
-    Flag("--log-level", "RELAY_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
-    Flag("--ws-queue", "RELAY_WS_QUEUE", "messages queued per subscriber before 1013", int),
-    Flag("--ws-ping", "RELAY_WS_PING", "WebSocket ping interval, seconds", int),
-    Flag("--prices", "RELAY_PRICES", "model=USD-per-second pairs, space-separated"),
-    Flag("--budget", "RELAY_BUDGET", "monthly budget, USD"),
-    Flag("--budget-interval", "RELAY_BUDGET_INTERVAL", "budget check period, seconds", int),
-    Flag("--metrics-dir", "PROMETHEUS_MULTIPROC_DIR", "where --workers processes write metrics"),
-    Flag("--upstream-timeout", "RELAY_UPSTREAM_TIMEOUT", "Replicate API timeout, seconds", int),
-    Flag("--upstream-retries", "RELAY_UPSTREAM_RETRIES", "Replicate API retries", int),
-    Flag("--api-max-body", "RELAY_API_MAX_BODY", "largest /api/* request body, bytes", int),
-    Flag("--api-rate-limit", "RELAY_API_RATE_LIMIT", "/api/* requests per key per hour", int),
-    Flag("--reconcile-after", "RELAY_RECONCILE_AFTER", "seconds without an event before reconciling", int),
-    Flag("--reconcile-interval", "RELAY_RECONCILE_INTERVAL", "reconcile period, seconds", int),
-    Flag("--allowed-origins", "RELAY_ALLOWED_ORIGINS", "origins that may open streams, comma-separated"),
-    Flag("--cors-origins", "RELAY_CORS_ORIGINS", "origins that may call /api/*, comma-separated"),
-    # API surface: the prediction cache and JSON logs
-    Flag("--cache-ttl", "RELAY_CACHE_TTL", "seconds a succeeded prediction may answer an identical one", int),
-    Flag("--log-format", "RELAY_LOG_FORMAT", "text or json (one object a line)"),
-    Flag("--access-log", "RELAY_ACCESS_LOG", "on or off: one line per HTTP request, tokens redacted"),
-)
+def serve_flag(row: Setting) -> Flag:
+    """The `relay serve` flag of a setting; its help ends with the default."""
+    kind = int if isinstance(row.default, int) and not isinstance(row.default, bool) else str
+    if row.unset:
+        shown = f" (unset: {row.unset})"
+    else:
+        shown = f" (default {row.default_text})" if row.default_text else ""
+    return Flag(row.flag, row.variable, row.help + shown, kind, row.secret)
+
+
+MIB = 1024 * 1024
+DEV_SECRET = "generated in dev mode"
 
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    database_url: Secret | None = None
-    data_dir: Path = Path(".relay")
-    webhook_secrets: tuple[Secret, ...] = ()
-    webhook_tolerance: int = 300
-    max_body: int = 4 * 1024 * 1024
-    admin_token: Secret | None = None
-    subscribe_key: Secret | None = None
-    api_keys: tuple[Secret, ...] = ()
-    replicate_api_token: Secret | None = None
-    replicate_api_base: str = "https://api.replicate.com/v1"
-    public_url: str = ""
-    encryption_keys: tuple[Secret, ...] = ()
-    log_level: str = "INFO"
-    ws_queue_size: int = 1000
-    ws_ping_interval: int = 20
-    prices: dict[str, float] = field(default_factory=dict)
-    budget: float | None = None
-    budget_interval: int = 60
-    workers: int = 1
-    metrics_dir: Path | None = None
-    upstream_timeout: int = 30
-    upstream_retries: int = 3
-    api_max_body: int = 1024 * 1024
-    api_rate_limit: int = 100
-    reconcile_after: int = 300
-    reconcile_interval: int = 60
-    allowed_origins: tuple[str, ...] = ()
-    cors_origins: tuple[str, ...] = ()
-    # API surface: the prediction cache and JSON logs
-    cache_ttl: int = 86400
-    log_format: str = "text"
-    access_log: bool = True
+    """The settings table: one `setting(variable, flag, default, parser, help)` per field.
+
+    Secrets are accepted as flags too, but a flag is visible to every user of the machine (`ps`),
+    so the environment is the place for them.
+    """
+
+    # Server
+    host: str = setting("RELAY_HOST", "--host", "127.0.0.1", text, "interface to listen on")
+    port: int = setting("RELAY_PORT", "--port", 8000, whole(minimum=0), "port to listen on")
+    workers: int = setting("RELAY_WORKERS", "--workers", 1, whole(), "worker processes sharing the database")
+    database_url: Secret | None = setting(
+        "DATABASE_URL", "--database-url", None, secret, "Postgres DSN",
+        secret=True, unset="embedded Postgres in RELAY_DATA_DIR",
+    )  # fmt: skip
+    data_dir: Path = setting(
+        "RELAY_DATA_DIR", "--data-dir", Path(".relay"), path, "local state: embedded cluster, dev secrets"
+    )
+    public_url: str = setting(
+        "RELAY_PUBLIC_URL", "--public-url", "", base_url, "public base URL, for the webhook URL",
+        unset="http://HOST:PORT",
+    )  # fmt: skip
+    log_level: str = setting(
+        "RELAY_LOG_LEVEL", "--log-level", "INFO", log_level, "DEBUG, INFO, WARNING or ERROR"
+    )
+    metrics_dir: Path | None = setting(
+        "PROMETHEUS_MULTIPROC_DIR", "--metrics-dir", None, path, "where --workers processes write metrics",
+        unset="RELAY_DATA_DIR/metrics with --workers",
+    )  # fmt: skip
+
+    # Past one database machine: a pooler, a replica for reads, a direct LISTEN connection
+    listen_database_url: Secret | None = setting(
+        "RELAY_LISTEN_DATABASE_URL", "--listen-database-url", None, secret,
+        "DSN for the LISTEN connection (direct or a session pooler)", secret=True, unset="DATABASE_URL",
+    )  # fmt: skip
+    read_database_url: Secret | None = setting(
+        "RELAY_READ_DATABASE_URL", "--read-database-url", None, secret,
+        "DSN for reads that may lag (search, export, usage); may be a streaming replica",
+        secret=True, unset="DATABASE_URL",
+    )  # fmt: skip
+    database_pooler: str = setting(
+        "RELAY_DATABASE_POOLER", "--database-pooler", "off", pooler,
+        "transaction when DATABASE_URL goes through PgBouncer in transaction mode",
+    )  # fmt: skip
+
+    # Webhook ingestion
+    webhook_secrets: tuple[Secret, ...] = setting(
+        "REPLICATE_WEBHOOK_SECRET", "--webhook-secret", (), webhook_secrets,
+        "whsec_… secret(s), space-separated", secret=True, unset=DEV_SECRET,
+    )  # fmt: skip
+    webhook_tolerance: int = setting(
+        "RELAY_WEBHOOK_TOLERANCE", "--webhook-tolerance", 300, whole(), "max webhook-timestamp skew, seconds"
+    )
+    max_body: int = setting("RELAY_MAX_BODY", "--max-body", 4 * MIB, whole(), "largest webhook body, bytes")
+
+    # Access
+    admin_token: Secret | None = setting(
+        "RELAY_ADMIN_TOKEN", "--admin-token", None, secret, "bearer token for /admin/* and /events/ws",
+        secret=True, unset=DEV_SECRET,
+    )  # fmt: skip
+    subscribe_key: Secret | None = setting(
+        "RELAY_SUBSCRIBE_KEY", "--subscribe-key", None, secret, "HS256 key for subscriber tokens",
+        secret=True, unset=DEV_SECRET,
+    )  # fmt: skip
+    api_keys: tuple[Secret, ...] = setting(
+        "RELAY_API_KEYS", "--api-keys", (), secret_list, "API keys for /api/*, space-separated",
+        secret=True, unset="admin token only",
+    )  # fmt: skip
+    allowed_origins: tuple[str, ...] = setting(
+        "RELAY_ALLOWED_ORIGINS", "--allowed-origins", (), origins,
+        "origins that may open streams, comma-separated", unset="same origin and RELAY_PUBLIC_URL",
+    )  # fmt: skip
+    cors_origins: tuple[str, ...] = setting(
+        "RELAY_CORS_ORIGINS", "--cors-origins", (), origins, "origins that may call /api/*, comma-separated"
+    )
+
+    # Live fan-out
+    ws_queue_size: int = setting(
+        "RELAY_WS_QUEUE", "--ws-queue", 1000, whole(), "messages queued per subscriber before 1013"
+    )
+    ws_ping_interval: int = setting(
+        "RELAY_WS_PING", "--ws-ping", 20, whole(), "WebSocket ping interval, seconds"
+    )
+
+    # Predictions API proxy and reconcile
+    replicate_api_token: Secret | None = setting(
+        "REPLICATE_API_TOKEN", "--replicate-api-token", None, secret, "token for the predictions API proxy",
+        secret=True, unset="proxy disabled, 503", aliases=("REPLICATE_API_KEY",),
+    )  # fmt: skip
+    replicate_api_base: str = setting(
+        "REPLICATE_API_BASE", "--replicate-api-base", "https://api.replicate.com/v1", base_url,
+        "upstream API base URL",
+    )  # fmt: skip
+    upstream_timeout: int = setting(
+        "RELAY_UPSTREAM_TIMEOUT", "--upstream-timeout", 30, whole(), "Replicate API timeout, seconds"
+    )
+    upstream_retries: int = setting(
+        "RELAY_UPSTREAM_RETRIES", "--upstream-retries", 3, whole(minimum=0), "Replicate API retries"
+    )
+    api_max_body: int = setting(
+        "RELAY_API_MAX_BODY", "--api-max-body", 1 * MIB, whole(), "largest /api/* request body, bytes"
+    )
+    api_rate_limit: int = setting(
+        "RELAY_API_RATE_LIMIT", "--api-rate-limit", 100, whole(), "/api/* requests per key per hour"
+    )
+    reconcile_after: int = setting(
+        "RELAY_RECONCILE_AFTER",
+        "--reconcile-after",
+        300,
+        whole(),
+        "seconds without an event before reconciling",
+    )
+    reconcile_interval: int = setting(
+        "RELAY_RECONCILE_INTERVAL", "--reconcile-interval", 60, whole(), "reconcile period, seconds"
+    )
+
+    # Privacy
+    encryption_keys: tuple[Secret, ...] = setting(
+        "RELAY_ENCRYPTION_KEY", "--encryption-key", (), encryption_keys,
+        "key-encryption key(s), space-separated, current first", secret=True, unset="off: stored in clear",
+    )  # fmt: skip
+
+    # Usage and cost
+    prices: dict[str, float] = setting(
+        "RELAY_PRICES", "--prices", {}, prices, "model=USD-per-second pairs, space-separated"
+    )
+    budget: float | None = setting("RELAY_BUDGET", "--budget", None, budget, "monthly budget, USD")
+    budget_interval: int = setting(
+        "RELAY_BUDGET_INTERVAL", "--budget-interval", 60, whole(), "budget check period, seconds"
+    )
+
+    # API surface: the prediction cache and logs
+    cache_ttl: int = setting(
+        "RELAY_CACHE_TTL", "--cache-ttl", 86400, whole(),
+        "seconds a succeeded prediction may answer an identical request",
+    )  # fmt: skip
+    log_format: str = setting(
+        "RELAY_LOG_FORMAT", "--log-format", "text", log_format, "text, or json: one object a line"
+    )
+    access_log: bool = setting(
+        "RELAY_ACCESS_LOG", "--access-log", True, on_off, "on or off: one line per HTTP request, tokens redacted",
+        unset="on",
+    )  # fmt: skip
+
+    # Not settings: what load_settings found out.
     generated: frozenset[str] = field(default_factory=frozenset)
     flags: dict[str, str] = field(default_factory=dict, repr=False)  # given on the command line
 
@@ -266,13 +470,25 @@ class Settings:
         return self.database_url is None
 
 
-def _secret(env: Mapping[str, str], name: str) -> Secret | None:
-    value = env.get(name, "").strip()
-    return Secret(value) if value else None
+def settings_table() -> dict[str, Setting]:
+    """Every setting by its `Settings` attribute, in the table's order."""
+    return {f.name: f.metadata["setting"] for f in dataclasses.fields(Settings) if "setting" in f.metadata}
 
 
-def _secret_list(env: Mapping[str, str], name: str) -> tuple[Secret, ...]:
-    return tuple(Secret(part) for part in env.get(name, "").split())
+SETTINGS = settings_table()
+
+# Every variable `relay serve` reads, as a flag.
+SERVE_FLAGS = tuple(serve_flag(row) for row in SETTINGS.values())
+
+
+def _read(env: Mapping[str, str], row: Setting) -> object:
+    """One setting's value: the first of its names that is set and parses to something, else the default."""
+    for name in (row.variable, *row.aliases):
+        raw = env.get(name, "")
+        value = row.parse(raw, name) if raw else None
+        if value is not None:
+            return value
+    return row.default
 
 
 def load_settings(
@@ -291,51 +507,11 @@ def load_settings(
     """
     flags = {name: value for name, value in (overrides or {}).items() if value is not None}
     env = {**(os.environ if env is None else env), **flags}
-    database_url = _secret(env, "DATABASE_URL")
-    data_dir = Path(env.get("RELAY_DATA_DIR") or ".relay")
-    values: dict[str, object] = {
-        "host": env.get("RELAY_HOST") or "127.0.0.1",
-        "port": _int(env, "RELAY_PORT", 8000, minimum=0),
-        "database_url": database_url,
-        "data_dir": data_dir,
-        "webhook_secrets": _secret_list(env, "REPLICATE_WEBHOOK_SECRET"),
-        "webhook_tolerance": _int(env, "RELAY_WEBHOOK_TOLERANCE", 300),
-        "max_body": _int(env, "RELAY_MAX_BODY", 4 * 1024 * 1024),
-        "admin_token": _secret(env, "RELAY_ADMIN_TOKEN"),
-        "subscribe_key": _secret(env, "RELAY_SUBSCRIBE_KEY"),
-        "api_keys": _secret_list(env, "RELAY_API_KEYS"),
-        "replicate_api_token": _secret(env, "REPLICATE_API_TOKEN") or _secret(env, "REPLICATE_API_KEY"),
-        "replicate_api_base": (env.get("REPLICATE_API_BASE") or "https://api.replicate.com/v1").rstrip("/"),
-        "public_url": (env.get("RELAY_PUBLIC_URL") or "").rstrip("/"),
-        "encryption_keys": _secret_list(env, "RELAY_ENCRYPTION_KEY"),
-        "log_level": _log_level(env),
-        "ws_queue_size": _int(env, "RELAY_WS_QUEUE", 1000),
-        "ws_ping_interval": _int(env, "RELAY_WS_PING", 20),
-        "prices": _prices(env),
-        "budget": _budget(env),
-        "budget_interval": _int(env, "RELAY_BUDGET_INTERVAL", 60),
-        "workers": _int(env, "RELAY_WORKERS", 1),
-        "metrics_dir": Path(env["PROMETHEUS_MULTIPROC_DIR"]) if env.get("PROMETHEUS_MULTIPROC_DIR") else None,
-        "upstream_timeout": _int(env, "RELAY_UPSTREAM_TIMEOUT", 30),
-        "upstream_retries": _int(env, "RELAY_UPSTREAM_RETRIES", 3, minimum=0),
-        "api_max_body": _int(env, "RELAY_API_MAX_BODY", 1024 * 1024),
-        "api_rate_limit": _int(env, "RELAY_API_RATE_LIMIT", 100),
-        "reconcile_after": _int(env, "RELAY_RECONCILE_AFTER", 300),
-        "reconcile_interval": _int(env, "RELAY_RECONCILE_INTERVAL", 60),
-        "allowed_origins": _origins(env, "RELAY_ALLOWED_ORIGINS"),
-        "cors_origins": _origins(env, "RELAY_CORS_ORIGINS"),
-        # API surface: the prediction cache and JSON logs
-        "cache_ttl": _int(env, "RELAY_CACHE_TTL", 86400),
-        "log_format": _log_format(env),
-        "access_log": _on_off(env, "RELAY_ACCESS_LOG", True),
-        "flags": flags,
-    }
-    for secret in values["webhook_secrets"]:  # type: ignore[attr-defined]
-        decode_webhook_secret(secret)
-    for position, key in enumerate(values["encryption_keys"], 1):  # type: ignore[arg-type]
-        decode_encryption_key(key, position)
+    values: dict[str, object] = {attr: _read(env, row) for attr, row in SETTINGS.items()}
+    values["flags"] = flags
+    database_url = values["database_url"]
     if database_url is None:  # dev mode: never mix generated secrets into a real deployment
-        values.update(_dev_secrets(values, data_dir, generate_missing))
+        values.update(_dev_secrets(values, Path(str(values["data_dir"])), generate_missing))
     settings = Settings(**values)  # type: ignore[arg-type]
     if database_url is not None:
         _require_secrets(settings, required)
@@ -384,7 +560,7 @@ def _dev_secrets(values: dict[str, object], data_dir: Path, generate: bool) -> d
         data_dir.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
         path.write_text(json.dumps(stored, indent=2))
-    found = {attr: Secret(stored[attr]) for attr in missing if attr in stored}
+    found: dict[str, object] = {attr: Secret(stored[attr]) for attr in missing if attr in stored}
     if "webhook_secrets" in found:
         found["webhook_secrets"] = (found["webhook_secrets"],)
     return {**found, "generated": frozenset(found)}

@@ -62,24 +62,24 @@ async def pending(conn: asyncpg.Connection) -> list[Migration]:
 async def migrate(conn: asyncpg.Connection) -> list[str]:
     """Apply what is missing; safe to run from several processes at once.
 
-    With nothing pending it changes nothing, so the service's own role (`relay_app`, which may
-    not create tables) starts against a schema its owner has migrated.
+    Each migration runs in its own transaction under a transaction-level advisory lock, and is
+    re-checked under that lock: a session lock would outlive its transaction on a connection
+    that a pooler (PgBouncer, transaction mode) hands to someone else. With nothing pending it
+    changes nothing, so the service's own role (`relay_app`, which may not create tables)
+    starts against a schema its owner has migrated.
     """
-    if not await pending(conn):
-        return []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-    try:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        applied = []
-        for path in await pending(conn):
-            async with conn.transaction():
-                await conn.execute(path.read_text())
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.stem)
-            log.debug("applied migration %s", path.stem)
-            applied.append(path.stem)
-        return applied
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    applied: list[str] = []
+    for migration in await pending(conn):
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            if migration.stem in await applied_versions(conn):
+                continue  # another process applied it while this one waited for the lock
+            await conn.execute(migration.read_text())
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", migration.stem)
+        log.debug("applied migration %s", migration.stem)
+        applied.append(migration.stem)
+    return applied

@@ -16,9 +16,12 @@ rows and sends them marked replayed, whatever each subscriber's cursor, without 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import secrets
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import asyncpg
@@ -35,6 +38,12 @@ log = logging.getLogger("relay.fanout")
 READ_PAGE = 1000
 POLL_INTERVAL = 1.0
 LISTEN_CHECK_INTERVAL = 5.0
+PROBE_TIMEOUT = 2.0
+LISTEN_BLOCKED = (
+    "LISTEN through RELAY_LISTEN_DATABASE_URL received no notification within {timeout:g} s: a "
+    "transaction pooler is in the way; point RELAY_LISTEN_DATABASE_URL at Postgres directly or at "
+    "a session pooler (until then live events arrive only by the periodic poll)"
+)
 RECONNECT_DELAY = 0.5
 
 
@@ -75,8 +84,11 @@ class Subscriber:
             self.stopped.set()
 
 
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+
+
 class Hub:
-    def __init__(self, pool: asyncpg.Pool, connect: Callable[[], asyncpg.Connection], vault: Vault):
+    def __init__(self, pool: asyncpg.Pool, connect: Connect, vault: Vault):
         self._pool = pool
         self._reader = HeldConnection(pool, 5)
         self._connect = connect
@@ -90,6 +102,7 @@ class Hub:
         self._tasks: list[asyncio.Task] = []
         self._closing_code: int | None = None
         self.listening = asyncio.Event()
+        self.listen_blocked: str | None = None  # why LISTEN cannot receive, once the probe failed
 
     async def start(self) -> None:
         async with self._pool.acquire() as conn:
@@ -249,6 +262,7 @@ class Hub:
                 self.listening.set()
                 self._stale = True  # catch up on whatever was committed while we were away
                 self._nudge.set()
+                await self._probe(conn)
                 await self._watch(conn, lost)
             except asyncio.CancelledError:
                 raise
@@ -259,6 +273,35 @@ class Hub:
                 if conn is not None:
                     conn.terminate()
             await asyncio.sleep(RECONNECT_DELAY)
+
+    def listen_warning(self) -> dict[str, list[str]]:
+        """For /readyz: Relay works without LISTEN (the poll), but an operator must hear of it."""
+        return {"warnings": [self.listen_blocked]} if self.listen_blocked else {}
+
+    async def _probe(self, conn: asyncpg.Connection) -> None:
+        """Send one notification through the pool and wait for it on the LISTEN connection: a
+        transaction pooler accepts LISTEN, then hands the server connection to someone else."""
+        channel = f"relay_probe_{os.getpid()}_{secrets.token_hex(4)}"
+        heard = asyncio.Event()
+
+        def on_probe(*_: object) -> None:
+            heard.set()
+
+        await conn.add_listener(channel, on_probe)
+        try:
+            async with self._pool.acquire() as sender:
+                await sender.execute("SELECT pg_notify($1, '')", channel)
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await heard.wait()
+        except TimeoutError:
+            if self.listen_blocked is None:
+                self.listen_blocked = LISTEN_BLOCKED.format(timeout=PROBE_TIMEOUT)
+                log.error(self.listen_blocked)
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(channel, on_probe)
+        self.listen_blocked = None
 
     @staticmethod
     async def _watch(conn: asyncpg.Connection, lost: asyncio.Event) -> None:

@@ -140,7 +140,7 @@ async def reconcile_now(settings: Settings, dsn: str, prediction_id: str | None)
     """One pass from the command line: one prediction, or every one that is due."""
     vault = Vault(settings.key_encryption_keys)
     await check_keys(dsn, vault)  # a clear ConfigError if the database is unreachable or the key wrong
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, statement_cache_size=0)
     committer, upstream = GroupCommitter(pool, prepare=vault.prepare), Upstream(settings)
     committer.start()
     try:

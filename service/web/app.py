@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from service.core import metrics, openapi
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
 from service.core.settings import Settings
-from service.db import migrations
+from service.db import database, migrations, partitions
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
 from service.upstream.client import Upstream
@@ -60,33 +60,37 @@ DATABASE_DOWN = (
 )
 
 
-async def pending_migrations(pool: asyncpg.Pool) -> list:
+async def not_ready_reason(pool: asyncpg.Pool) -> str | None:
+    """Why the writer's database cannot serve Relay now (read-only, migrations pending), or None."""
     async with pool.acquire(timeout=2) as conn:
-        return await asyncio.wait_for(migrations.pending(conn), 2)
+        read_only = await asyncio.wait_for(database.read_only_reason(conn), 2)
+        if read_only is not None:
+            return read_only
+        missing = await asyncio.wait_for(migrations.pending(conn), 2)
+    if missing:
+        names = ", ".join(m.stem for m in missing)
+        return f"migrations not applied: {names}; run relay migrate"
+    return None
 
 
 async def readyz(request: Request) -> JSONResponse:
     relay = relay_of(request)
     try:
         try:
-            missing = await pending_migrations(relay.pool)
+            reason = await not_ready_reason(relay.pool)
         except DATABASE_DOWN:
             # Connections that sat idle through a database restart are dead, and the pool only
             # finds out on use: retry once on fresh ones, so the probe reports the database.
             await relay.pool.expire_connections()
-            missing = await pending_migrations(relay.pool)
+            reason = await not_ready_reason(relay.pool)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not ready"
         return JSONResponse(
             {"status": "unavailable", "reason": f"database unreachable ({type(exc).__name__})"},
             status_code=503,
         )
-    if missing:
-        names = ", ".join(p.stem for p in missing)
-        return JSONResponse(
-            {"status": "unavailable", "reason": f"migrations not applied: {names}; run relay migrate"},
-            status_code=503,
-        )
-    return JSONResponse({"status": "ok"})
+    if reason is not None:
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+    return JSONResponse({"status": "ok", **relay.hub.listen_warning()})
 
 
 async def database_down(request: Request, error: Exception) -> Response:
@@ -211,13 +215,33 @@ class RelayApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+async def open_pools(relay: Relay) -> None:
+    dbs = relay.databases
+    relay.pool = await asyncpg.create_pool(
+        dbs.write, min_size=2, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT, **dbs.pool_options()
+    )
+    relay.read_pool = relay.pool
+    if dbs.read != dbs.write:
+        relay.read_pool = await asyncpg.create_pool(
+            dbs.read, min_size=1, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT, **dbs.pool_options()
+        )
+
+
+async def close_pools(relay: Relay) -> None:
+    # asyncpg waits for every connection to come back; one never released must not keep
+    # the process alive after SIGTERM (on timeout, close() terminates the pool).
+    for pool in {relay.pool, relay.read_pool}:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
+
+
 def create_app(settings: Settings, dsn: str) -> Starlette:
-    relay = Relay(settings, dsn)
+    relay = Relay(settings, database.databases(settings, dsn))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        relay.pool = await asyncpg.create_pool(dsn, min_size=2, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT)
-        relay.hub = Hub(relay.pool, relay.connect, relay.vault)
+        await open_pools(relay)
+        relay.hub = Hub(relay.pool, relay.listen_connection, relay.vault)
         await relay.hub.start()
         # With encryption on, the hub reads (and decrypts) every row from the log instead.
         handover = None if relay.vault.enabled else relay.hub.committed_here
@@ -225,6 +249,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.committer.start()
         start_upstream(relay)
         start_budget(relay)
+        relay.background.add(asyncio.create_task(partitions.keep_ahead(relay.pool), name="relay-partitions"))
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out
         # of the collector's sight, a full collection took ~1 ms instead of 13-33 ms, which were
         # the tail of the webhook latency (bench/ingest.py with a gc.callbacks probe).
@@ -235,10 +260,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
             await stop_background(relay)
             await relay.hub.stop()
             await relay.committer.stop()
-            # asyncpg waits for every connection to come back; one never released must not keep
-            # the process alive after SIGTERM (on timeout, close() terminates the pool).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(relay.pool.close(), POOL_CLOSE_TIMEOUT)
+            await close_pools(relay)
             metrics.forget_process(settings.metrics_dir, os.getpid())
 
     routes = [*HEALTH_ROUTES, *(route for module in ROUTE_MODULES for route in module.routes)]

@@ -108,6 +108,7 @@ def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> 
 def serve(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
     with database.database_dsn(settings) as dsn:
+        asyncio.run(database.require_writable(dsn))
         asyncio.run(database.migrate(dsn))
         asyncio.run(check_keys(dsn, Vault(settings.key_encryption_keys)))
         print(banner(settings), flush=True)

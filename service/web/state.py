@@ -13,6 +13,7 @@ import asyncpg
 from starlette.requests import HTTPConnection
 
 from service.core.settings import Settings
+from service.db.database import Databases
 from service.db.vault import Vault
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
@@ -26,8 +27,9 @@ class Relay:
     """What handlers share: settings and the per-process resources built in the lifespan."""
 
     settings: Settings
-    dsn: str
+    databases: Databases
     pool: asyncpg.Pool = field(init=False)
+    read_pool: asyncpg.Pool = field(init=False)  # the pool itself unless RELAY_READ_DATABASE_URL is set
     committer: GroupCommitter = field(init=False)
     hub: Hub = field(init=False)
     webhook_keys: tuple[bytes, ...] = field(init=False)
@@ -39,8 +41,9 @@ class Relay:
         self.webhook_keys = self.settings.webhook_keys
         self.vault = Vault(self.settings.key_encryption_keys)
 
-    def connect(self) -> asyncpg.Connection:
-        return asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+    async def listen_connection(self) -> asyncpg.Connection:
+        """The hub's LISTEN connection: RELAY_LISTEN_DATABASE_URL, direct or session-pooled."""
+        return await asyncpg.connect(self.databases.listen, timeout=CONNECT_TIMEOUT)
 
 
 def relay_of(connection: HTTPConnection) -> Relay:

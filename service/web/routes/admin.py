@@ -33,7 +33,7 @@ async def list_events(request: Request) -> Response:
     limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
     where, args = event_filter.where()
     relay = relay_of(request)
-    async with relay.pool.acquire() as conn:
+    async with relay.read_pool.acquire() as conn:
         rows = await store.fetch_where(conn, where, args, limit)
     return events_page(rows, relay.vault, event_filter.after)
 

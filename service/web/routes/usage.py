@@ -22,7 +22,7 @@ async def get_usage(request: Request) -> JSONResponse:
     except UsageInputError as error:
         raise InvalidRequest(str(error)) from None
     settings = relay.settings
-    async with relay.pool.acquire() as conn:
+    async with relay.read_pool.acquire() as conn:
         body = await report(conn, when, settings.prices)
         body["this_month"] = await budget_status(conn, settings.prices, settings.budget)
     return JSONResponse(body)

@@ -1,0 +1,120 @@
+"""`relay retention`: retire whole months of the log, never editing a row.
+
+Each monthly partition that ended before `now - keep` is exported first (the `relay export`
+format, one file per month, written to a temporary name, flushed to disk, then renamed), and only
+then detached and dropped, in one transaction. A run that stops half-way leaves every partition
+either still in the log or already exported; running it again finishes the job.
+
+A prediction whose current-state event was retired leaves the projection too (the projection is
+not the log: it is derived from it and is the one table retention changes). `webhook_ids` keeps
+every id, so a very late retry of a retired delivery is still answered as a duplicate.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+
+from service.core.errors import ConfigError
+from service.db import store
+from service.db.partitions import Partition, monthly_partitions
+from service.db.vault import Vault
+from service.ops.export import export_line
+
+DURATION = re.compile(r"(\d+)([smhdw])")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+OWNER_NEEDED = (
+    "relay retention detaches and drops partitions of the log: run it with DATABASE_URL naming "
+    "the role that owns Relay's tables (the one that runs relay migrate)"
+)
+PREFETCH = 1000
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90d`, `12w`, `36h`…: how much of the log to keep."""
+    found = DURATION.fullmatch(text.strip())
+    if found is None or int(found[1]) == 0:
+        raise ConfigError(f"--keep must be a positive duration like 90d, 12w or 48h, got {text[:40]!r}")
+    return timedelta(seconds=int(found[1]) * UNITS[found[2]])
+
+
+@dataclass(frozen=True)
+class Retired:
+    partition: Partition
+    events: int
+    file: Path | None
+
+
+def due(partitions: list[Partition], now: datetime, keep: timedelta) -> list[Partition]:
+    """The partitions wholly older than the kept window, oldest first."""
+    return [p for p in partitions if p.end <= now - keep]
+
+
+async def export_partition(conn: asyncpg.Connection, partition: Partition, path: Path, vault: Vault) -> int:
+    """Write one month in the export format; durable on disk before this returns."""
+    temporary = path.with_name(path.name + ".partial")
+    count = 0
+    with temporary.open("w", encoding="utf-8") as out:
+        async with conn.transaction(readonly=True):
+            query = store.select_where("received_at >= $1 AND received_at < $2")
+            async for row in conn.cursor(query, partition.start, partition.end, prefetch=PREFETCH):
+                out.write(export_line(row, vault))
+                count += 1
+        out.flush()
+        os.fsync(out.fileno())
+    temporary.replace(path)
+    return count
+
+
+async def count_rows(conn: asyncpg.Connection, partition: Partition) -> int:
+    rows: int = await conn.fetchval(f'SELECT count(*) FROM "{partition.name}"')
+    return rows
+
+
+async def drop(conn: asyncpg.Connection, partition: Partition) -> None:
+    """Detach and drop one partition, and the projection rows whose state was in it."""
+    async with conn.transaction():
+        bounds = await conn.fetchrow(f'SELECT min(seq) AS low, max(seq) AS high FROM "{partition.name}"')
+        await conn.execute(f'ALTER TABLE events DETACH PARTITION "{partition.name}"')
+        await conn.execute(f'DROP TABLE "{partition.name}"')
+        if bounds["low"] is not None:
+            await conn.execute(
+                "DELETE FROM predictions WHERE state_seq BETWEEN $1 AND $2", bounds["low"], bounds["high"]
+            )
+
+
+async def retire(
+    conn: asyncpg.Connection,
+    *,
+    keep: timedelta,
+    now: datetime,
+    vault: Vault,
+    archive_to: Path | None,
+    dry_run: bool = False,
+    report: Callable[[Retired], None] = lambda r: None,
+) -> list[Retired]:
+    """Export (when asked) then drop every partition that ended before `now - keep`."""
+    retired = []
+    for partition in due(await monthly_partitions(conn), now, keep):
+        file = archive_to / f"{partition.name}.jsonl" if archive_to is not None else None
+        if dry_run:
+            events = await count_rows(conn, partition)
+        elif file is not None:
+            events = await export_partition(conn, partition, file, vault)
+        else:
+            events = await count_rows(conn, partition)
+        if not dry_run:
+            try:
+                await drop(conn, partition)
+            except asyncpg.InsufficientPrivilegeError:
+                raise ConfigError(OWNER_NEEDED) from None
+        done = Retired(partition, events, file)
+        report(done)
+        retired.append(done)
+    return retired

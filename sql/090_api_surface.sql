@@ -33,16 +33,18 @@ CREATE TABLE cache_answers (
 );
 CREATE INDEX cache_answers_at ON cache_answers (answered_at);
 
--- Forgetting a prediction (an `erasure` event, privacy/erasure.py) removes it from the cache in
--- the same transaction, so a forgotten prediction can never answer, and its input's hash goes.
+-- Forgetting a prediction (privacy/erasure.py) deletes its data key, in the transaction that
+-- appends the erasure event; that deletion also removes the prediction from the cache, so a
+-- forgotten prediction can never answer and its input's hash goes with it. (On data_keys, not on
+-- events: the log is re-created partitioned by a later migration, and a key is deleted only to forget.)
 CREATE FUNCTION prediction_cache_forget() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    DELETE FROM prediction_cache WHERE prediction_id = NEW.prediction_id;
+    DELETE FROM prediction_cache WHERE prediction_id = OLD.prediction_id;
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER events_erasure_forgets_cache AFTER INSERT ON events
-    FOR EACH ROW WHEN (NEW.source = 'erasure') EXECUTE FUNCTION prediction_cache_forget();
+CREATE TRIGGER data_keys_forget_cache AFTER DELETE ON data_keys
+    FOR EACH ROW EXECUTE FUNCTION prediction_cache_forget();
 
 GRANT SELECT, INSERT ON model_versions TO relay_app;
 GRANT SELECT, INSERT, DELETE ON prediction_cache TO relay_app;

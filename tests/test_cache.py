@@ -138,7 +138,7 @@ def test_a_prediction_past_the_ttl_never_answers(client, cache_relay, cache_db, 
 
 
 def test_a_forgotten_prediction_never_answers(client, cache_relay, cache_db, fake):
-    """Erasure removes the prediction from the cache in the erasure's own transaction."""
+    """Erasure (its data key deleted) removes the prediction from the cache in the same transaction."""
     body = {**CACHED, "input": unique_input("erasure")}
     created = client.post("/api/predictions", json=body).json()
     finished(cache_relay, created)

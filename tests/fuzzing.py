@@ -26,8 +26,12 @@ def fuzz(
     examples: int,
     token: str,
     mode: schemathesis.GenerationMode = schemathesis.GenerationMode.POSITIVE,
+    derandomize: bool = False,
 ) -> None:
-    """Generated requests for one operation, each sent with a valid token and every check run."""
+    """Generated requests for one operation, each sent with a valid token and every check run.
+
+    `derandomize` makes the cases the same on every run (the suite: a failure always reproduces);
+    bench/fuzz.py explores new ones each time."""
     operation = schema[path][method]
     headers = {"Authorization": f"Bearer {token}"}
     if mode == schemathesis.GenerationMode.NEGATIVE:
@@ -39,7 +43,13 @@ def fuzz(
         excluded = [positive_data_acceptance] if (method, path) in CROSS_FIELD_RULES else []
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=derandomize,
+    )
     def run(case: schemathesis.Case) -> None:
         case.call_and_validate(headers=headers, excluded_checks=excluded)
 

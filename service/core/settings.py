@@ -52,7 +52,9 @@ class Secret(str):
 
 
 # A `whsec_` secret that decode_webhook_secret accepts: non-empty base64, padding optional.
-WHSEC_PATTERN = r"^whsec_(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=?|[A-Za-z0-9+/]{2}(?:==)?)$"
+WHSEC_PATTERN = (
+    r"^whsec_(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=?|[A-Za-z0-9+/]{2}(?:==)?)$"
+)
 
 
 def decode_webhook_secret(text: str, name: str = "REPLICATE_WEBHOOK_SECRET") -> bytes:

@@ -4,8 +4,9 @@ Usage:  .venv/bin/python bench/logs.py [--lines 100000]
 
 The access log writes one line per HTTP request, webhooks included, so its cost is per delivery.
 Each line goes through the real handler set-up (context filter, access filter with token
-redaction, formatter) into a null stream. Prints microseconds per line against a ceiling of
-20 µs (about a fifth of a webhook's ~90 µs of server CPU, bench/ingest.py).
+redaction, formatter) into an in-memory stream. The baseline is the same record through a bare
+stdlib handler and formatter: on a shared machine absolute times move with the load, the ratio
+much less. Ceiling: Relay's line (JSON included) costs at most 4x the baseline.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from service.core.logcontext import bind  # noqa: E402
 from service.web.logs import configure_logging  # noqa: E402
 
-CEILING_US = 20.0
+CEILING_RATIO = 4.0
 ARGS = ("127.0.0.1:50000", "POST", "/webhooks/replicate?token=abc", "1.1", 200)
 
 
@@ -39,17 +40,33 @@ def per_line(log_format: str, lines: int) -> float:
     return (time.perf_counter() - started) / lines * 1e6
 
 
+def baseline(lines: int) -> float:
+    """The same access record through a bare handler: what any logging costs here."""
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    plain = logging.getLogger("bench.plain")
+    plain.addHandler(handler)
+    plain.setLevel(logging.INFO)
+    plain.propagate = False
+    started = time.perf_counter()
+    for _ in range(lines):
+        plain.info('%s - "%s %s HTTP/%s" %d', *ARGS)
+    return (time.perf_counter() - started) / lines * 1e6
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=100_000)
     options = parser.parse_args()
-    print(f"{'format':<8} {'µs/line':>8} {'ceiling':>8}")
+    base = baseline(options.lines)
+    print(f"{'format':<10} {'µs/line':>8} {'x base':>7} {'ceiling':>8}")
+    print(f"{'baseline':<10} {base:>8.2f} {1:>7.2f} {'':>8}")
     worst = 0.0
     for log_format in ("text", "json"):
         cost = per_line(log_format, options.lines)
-        worst = max(worst, cost)
-        print(f"{log_format:<8} {cost:>8.2f} {CEILING_US:>8.1f}")
-    return 0 if worst <= CEILING_US else 1
+        worst = max(worst, cost / base)
+        print(f"{log_format:<10} {cost:>8.2f} {cost / base:>7.2f} {CEILING_RATIO:>8.1f}")
+    return 0 if worst <= CEILING_RATIO else 1
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ class ContextFilter(logging.Filter):
     """Adds the bound fields to every record passing the handler (a field set by `extra` wins)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for name, value in current().items():
-            if not hasattr(record, name):
-                setattr(record, name, value)
+        fields = record.__dict__  # one lookup per field: this runs for every line written
+        for name, var in _BOUND.items():
+            value = var.get()
+            if value is not None and name not in fields:
+                fields[name] = value
         return True

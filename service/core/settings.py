@@ -438,7 +438,7 @@ class Settings:
         "RELAY_LOG_FORMAT", "--log-format", "text", log_format, "text, or json: one object a line"
     )
     access_log: bool = setting(
-        "RELAY_ACCESS_LOG", "--access-log", True, on_off, "on or off: one line per HTTP request, tokens redacted",
+        "RELAY_ACCESS_LOG", "--access-log", True, on_off, "on or off: a line per HTTP request, no tokens",
         unset="on",
     )  # fmt: skip
 

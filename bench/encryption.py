@@ -22,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import asyncpg  # noqa: E402
+import asyncpg
 
-from service.core import crypto  # noqa: E402
-from service.db import store  # noqa: E402
-from service.db.vault import Vault  # noqa: E402
-from service.ingest.committer import delivery_from  # noqa: E402
-from service.ops.simulate import lifecycle  # noqa: E402
-from tests.support import Postgres  # noqa: E402
+from service.core import crypto
+from service.db import store
+from service.db.vault import Vault
+from service.ingest.committer import delivery_from
+from service.ops.simulate import lifecycle
+from tests.support import Postgres
 
 KEY = base64.b64encode(os.urandom(32)).decode()
 

@@ -301,8 +301,10 @@ def table(rows: list[dict], idle: dict | None, seconds: float) -> str:
     lines = [
         f"machine: {machine()}; each row: 1 s warm-up, then {seconds:.0f} s measured",
         "",
-        "| subscribers | events/s offered | posted/s | webhook 200 p50 / p99 ms | messages delivered "
-        "| messages/s | p50 ms | p99 ms | max ms | message after 200 p50 / p99 ms | CPU relay / bench % |",
+        (
+            "| subscribers | events/s offered | posted/s | webhook 200 p50 / p99 ms | messages delivered "
+            "| messages/s | p50 ms | p99 ms | max ms | message after 200 p50 / p99 ms | CPU relay / bench % |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -317,11 +319,15 @@ def table(rows: list[dict], idle: dict | None, seconds: float) -> str:
     if idle:
         lines += [
             "",
-            "| idle subscribers | connect time s | relay RSS before MiB | after MiB | KiB per subscriber "
-            "| probes delivered |",
+            (
+                "| idle subscribers | connect time s | relay RSS before MiB | after MiB | KiB per subscriber "
+                "| probes delivered |"
+            ),
             "| ---: | ---: | ---: | ---: | ---: | ---: |",
-            f"| {idle['subscribers']:,} | {idle['connect_seconds']:.1f} | {idle['rss_before']:.0f} "
-            f"| {idle['rss_after']:.0f} | {idle['per_subscriber_kib']:.1f} | {idle['probes']} |",
+            (
+                f"| {idle['subscribers']:,} | {idle['connect_seconds']:.1f} | {idle['rss_before']:.0f} "
+                f"| {idle['rss_after']:.0f} | {idle['per_subscriber_kib']:.1f} | {idle['probes']} |"
+            ),
         ]
     return "\n".join(lines)
 

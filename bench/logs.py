@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.core.logcontext import bind  # noqa: E402
-from service.web.logs import configure_logging  # noqa: E402
+from service.core.logcontext import bind
+from service.web.logs import configure_logging
 
 CEILING_RATIO = 4.0
 ARGS = ("127.0.0.1:50000", "POST", "/webhooks/replicate?token=abc", "1.1", 200)

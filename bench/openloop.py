@@ -25,7 +25,7 @@ import httptools
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.deliveries import read_requests  # noqa: E402
+from bench.deliveries import read_requests
 
 TICK = 0.001
 DRAIN_TIMEOUT = 5.0  # then requests still unanswered count as failed

@@ -25,9 +25,9 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.core.filters import parse_filter  # noqa: E402
-from service.db import embedded, migrations, store  # noqa: E402
-from tests.support import relay_env  # noqa: E402
+from service.core.filters import parse_filter
+from service.db import embedded, migrations, store
+from tests.support import relay_env
 
 LOAD = """
 INSERT INTO events (webhook_id, prediction_id, status, source, body, webhook_timestamp, received_at)

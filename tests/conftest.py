@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from .fake_replicate import FakeReplicate, api_client, relay_for
+from .fileserver import elsewhere, files  # noqa: F401 - fixtures for the archive tests
 from .receiver import receiver  # noqa: F401 - a fixture for the replay and privacy tests
 from .support import Postgres, RelayProcess, admin_headers, relay_env
 

@@ -69,7 +69,7 @@ class Receiver(ThreadingHTTPServer):
 class ReceiverHandler(BaseHTTPRequestHandler):
     server: Receiver
 
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
         headers = {k.lower(): v for k, v in self.headers.items()}
         status, extra = self.server.answer(self.path, headers, body)

@@ -120,6 +120,9 @@ def relay_env(dsn: str, **extra: str) -> dict[str, str]:
         RELAY_ADMIN_TOKEN=ADMIN_TOKEN,
         RELAY_SUBSCRIBE_KEY=SUBSCRIBE_KEY,
         PYTHONUNBUFFERED="1",
+        # No test fetches real output URLs (lifecycle() names replicate.delivery): the archive
+        # tests turn it on against their own file server.
+        RELAY_ARCHIVE="off",
     )
     env.update(extra)
     return env
@@ -308,7 +311,8 @@ def relay_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subproces
 def dev_env(data_dir: Path, **extra: str) -> dict[str, str]:
     """This environment without any Relay setting: dev mode in `data_dir`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "REPLICATE_", "DATABASE_"))}
-    return {**env, "RELAY_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **extra}
+    # RELAY_ARCHIVE=off: lifecycle() outputs name replicate.delivery, which no test may fetch.
+    return {**env, "RELAY_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "RELAY_ARCHIVE": "off", **extra}
 
 
 def postmaster_pid(pgdata: Path) -> int:

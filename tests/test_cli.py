@@ -186,8 +186,11 @@ def test_two_concurrent_migrations_apply_each_file_once(postgres):
     for p in procs:
         p.stdout.close()
         p.stderr.close()
+    # Each migration runs under its own lock, so the two may share the work: together, in
+    # order, they apply every file exactly once.
     every = [path.stem for path in migration_files()]
-    assert reports == ["applied 0 migration(s)\n", f"applied {len(every)} migration(s): {', '.join(every)}\n"]
+    applied = [name for report in reports for name in report.partition(": ")[2].split(", ") if name.strip()]
+    assert sorted(name.strip() for name in applied) == sorted(every)
 
     async def versions() -> list[str]:
         conn = await asyncpg.connect(dsn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -138,6 +139,10 @@ def test_each_filter_matches_exactly_and_uses_an_index(dsn):
             plan = "\n".join(
                 r[0] for r in await conn.fetch(f"EXPLAIN {store.select_where(where)} LIMIT 100", *args)
             )
-            assert "Index" in plan and "Seq Scan" not in plan, (values, plan)
+            # The log is partitioned by month: a partition with no rows (one made ahead for the
+            # coming months) costs nothing to scan; every partition holding rows uses an index.
+            scanned = re.findall(r"Seq Scan on (\w+)", plan)
+            populated = [name for name in scanned if await conn.fetchval(f'SELECT count(*) FROM "{name}"')]
+            assert "Index" in plan and not populated, (values, plan)
 
     asyncio.run(_with_log(dsn, check))

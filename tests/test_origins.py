@@ -225,6 +225,8 @@ def test_relay_serve_refuses_a_bad_origin_setting_with_exit_2():
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "relay: error: RELAY_CORS_ORIGINS entry '*.example.com' is not an origin; write "
-        "scheme://host[:port] (no path), e.g. https://app.example.com, comma-separated, or *"
+        (
+            "relay: error: RELAY_CORS_ORIGINS entry '*.example.com' is not an origin; write "
+            "scheme://host[:port] (no path), e.g. https://app.example.com, comma-separated, or *"
+        )
     ]

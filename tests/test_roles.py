@@ -168,8 +168,10 @@ def test_start_up_as_relay_app_with_pending_migrations_is_one_clear_line(postgre
     result = relay_cli("serve", "--port", "0", env=relay_env(empty), timeout=30)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "relay: error: migrations are pending and the role in DATABASE_URL may not apply them "
-        "(permission denied for schema public); run `relay migrate` as the role that owns "
-        "Relay's tables (docs/reliability.md: database roles)"
+        (
+            "relay: error: migrations are pending and the role in DATABASE_URL may not apply them "
+            "(permission denied for schema public); run `relay migrate` as the role that owns "
+            "Relay's tables (docs/reliability.md: database roles)"
+        )
     ]
     assert result.stdout == ""

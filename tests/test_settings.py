@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 from service.cli.main import build_parser
+from service.core.errors import ConfigError
+from service.core.hosts import DEFAULT_ARCHIVE_HOSTS
 from service.core.settings import SERVE_FLAGS, SETTINGS, Settings, load_settings, worker_environment
 
 from .support import relay_env
@@ -27,6 +30,9 @@ DESIGN_VARIABLES = {
     "REPLICATE_API_BASE": "--replicate-api-base",
     "RELAY_PUBLIC_URL": "--public-url",
     "RELAY_ENCRYPTION_KEY": "--encryption-key",
+    "RELAY_ARCHIVE": "--archive",
+    "RELAY_ARCHIVE_HOSTS": "--archive-hosts",
+    "RELAY_ARCHIVE_MAX_BYTES": "--archive-max-bytes",
 }
 # A valid value, different from the suite's environment and the default, for every flag.
 SAMPLES = {
@@ -60,6 +66,10 @@ SAMPLES = {
     "RELAY_RECONCILE_INTERVAL": "12",
     "RELAY_ALLOWED_ORIGINS": "https://app.example.com",
     "RELAY_CORS_ORIGINS": "*",
+    "RELAY_ARCHIVE": "s3://relay-files/outputs",
+    "RELAY_ARCHIVE_HOSTS": "https://files.example.com https://*.cdn.example.com",
+    "RELAY_ARCHIVE_MAX_BYTES": "1000",
+    "RELAY_ARCHIVE_CONCURRENCY": "2",
     "RELAY_LISTEN_DATABASE_URL": "postgresql://direct@db.example/relay",
     "RELAY_READ_DATABASE_URL": "postgresql://replica@db.example/relay",
     "RELAY_DATABASE_POOLER": "transaction",
@@ -96,6 +106,38 @@ def test_flags_reach_the_workers_of_relay_serve_workers():
     assert load_settings({**env, **workers_env}).max_body == 1000
 
 
+def test_archive_settings_default_to_the_data_dir_and_replicate_delivery(tmp_path):
+    """The archive is on by default in RELAY_DATA_DIR/files; a dev instance also allows the origin
+    of `relay simulate --serve-outputs` (its port + 1), a deployment does not."""
+    dev = load_settings({"RELAY_DATA_DIR": str(tmp_path), "RELAY_PORT": "8100"}, generate_missing=False)
+    assert dev.archive == (tmp_path / "files").as_uri()
+    assert dev.archive_hosts == (
+        "https://replicate.delivery",
+        "https://*.replicate.delivery",
+        "http://127.0.0.1:8101",
+    )
+    deployed = load_settings({**relay_env("postgresql://suite@db.example/relay"), "RELAY_ARCHIVE": ""})
+    assert deployed.archive_hosts == ("https://replicate.delivery", "https://*.replicate.delivery")
+    assert deployed.archive_max_bytes == 104857600
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("RELAY_ARCHIVE", "/var/files", "file:///absolute/path, s3://bucket[/prefix] or off"),
+        ("RELAY_ARCHIVE", "s3://", "file:///absolute/path"),
+        ("RELAY_ARCHIVE_HOSTS", "replicate.delivery", "is not an origin"),
+        ("RELAY_ARCHIVE_HOSTS", "https://example.com/path", "is not an origin"),
+        ("RELAY_ARCHIVE_HOSTS", "http://*.example.com", "wildcard is for https origins only"),
+        ("RELAY_ARCHIVE_MAX_BYTES", "0", "at least 1"),
+    ],
+)
+def test_malformed_archive_settings_are_one_clear_line(variable, value, message):
+    env = {**relay_env("postgresql://suite@db.example/relay"), variable: value}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(env)
+
+
 # Defaults that DESIGN.md's "Configuration" table states, as the configuration page shows them.
 DESIGN_DEFAULTS = {
     "RELAY_HOST": "127.0.0.1",
@@ -107,6 +149,9 @@ DESIGN_DEFAULTS = {
     "RELAY_LISTEN_DATABASE_URL": "DATABASE_URL",
     "RELAY_READ_DATABASE_URL": "DATABASE_URL",
     "RELAY_DATABASE_POOLER": "off",
+    "RELAY_ARCHIVE": "file://RELAY_DATA_DIR/files",
+    "RELAY_ARCHIVE_HOSTS": "https://replicate.delivery https://*.replicate.delivery",
+    "RELAY_ARCHIVE_MAX_BYTES": "104857600",
 }
 
 
@@ -118,6 +163,8 @@ def test_the_settings_table_shows_the_design_defaults():
 def test_an_empty_environment_loads_the_defaults_of_the_settings_table(tmp_path):
     """load_settings and Settings() take each default from the one table, so they agree."""
     loaded = load_settings({"RELAY_DATA_DIR": str(tmp_path)}, generate_missing=False)
-    assert dataclasses.replace(loaded, data_dir=Path(".relay")) == Settings()
+    # The archive's defaults depend on other settings: RELAY_DATA_DIR, and dev mode (see below).
+    derived = {"archive": "", "archive_hosts": DEFAULT_ARCHIVE_HOSTS}
+    assert dataclasses.replace(loaded, data_dir=Path(".relay"), **derived) == Settings()
     assert loaded.data_dir == tmp_path
     assert {flag.variable for flag in SERVE_FLAGS} == {row.variable for row in SETTINGS.values()}

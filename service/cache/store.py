@@ -8,7 +8,7 @@ also deletes its rows, by trigger). So nothing has to be told when a prediction 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,13 +56,22 @@ class Hit:
     prediction: dict[str, Any]
 
 
-# How a cached prediction's outputs are shown. The output archive (service/archive/) replaces
-# Replicate's expiring URLs with its stored copies by passing its own function here.
-OutputView = Callable[[dict[str, Any]], dict[str, Any]]
+def pointing_at_copies(prediction: dict[str, Any], copies: Mapping[str, str]) -> dict[str, Any]:
+    """The prediction with each output URL that has a stored copy replaced by the copy's URL
+    (`copies`: Replicate URL -> Relay `/files/<sha256>` URL), wherever it sits in `output`."""
 
+    def swap(value: Any) -> Any:
+        if isinstance(value, str):
+            return copies.get(value, value)
+        if isinstance(value, list):
+            return [swap(item) for item in value]
+        if isinstance(value, dict):
+            return {key: swap(item) for key, item in value.items()}
+        return value
 
-def as_delivered(prediction: dict[str, Any]) -> dict[str, Any]:
-    return prediction
+    if not copies or "output" not in prediction:
+        return prediction
+    return {**prediction, "output": swap(prediction["output"])}
 
 
 async def remember(pool: asyncpg.Pool, key: CacheKey, prediction_id: str) -> None:

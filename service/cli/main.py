@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from service.cli import operators as console
 from service.cli import retention
+from service.cli.archive import add_archive_arguments, cmd_archive
 from service.cli.privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
 from service.core.auth import DEFAULT_TTL, mint_token
 from service.core.errors import ConfigError
@@ -55,7 +56,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     except usage.UsageInputError as error:
         raise ConfigError(f"--{error}") from None
 
-    async def fetch(dsn: str) -> dict:
+    async def fetch(dsn: str) -> dict[str, Any]:
         conn = await database.connect(dsn)
         try:
             return await usage.report(conn, when, settings.prices)
@@ -111,9 +112,20 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--secret", help="whsec_… to sign with (default: the configured or dev secret)")
     parser.add_argument("--seed", type=int, help="random seed, for a repeatable run")
     parser.add_argument("--report", help="write acknowledged webhook-ids and outcomes to this JSON file")
+    parser.add_argument(
+        "--serve-outputs",
+        action="store_true",
+        help="serve outputs as real PNGs from 127.0.0.1 (Relay's port + 1: a dev instance archives them)",
+    )
+    parser.add_argument(
+        "--outputs-port", type=int, help="port for --serve-outputs (default: Relay's port + 1)"
+    )
+    parser.add_argument(
+        "--serve-for", type=float, default=60.0, help="seconds to keep serving outputs until all are fetched"
+    )
 
 
-COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
+COMMANDS: list[console.Command] = [
     ("serve", "run the HTTP/WebSocket service", cmd_serve, add_serve_arguments),
     ("migrate", "apply database migrations", cmd_migrate, None),
     (
@@ -137,6 +149,7 @@ COMMANDS: list[tuple[str, str, Callable, Callable | None]] = [
     ),
     ("forget", "erase predictions' content by destroying their data keys", cmd_forget, add_forget_arguments),
     ("rotate-keys", "re-wrap every data key under the current RELAY_ENCRYPTION_KEY", cmd_rotate_keys, None),
+    ("archive", "output archive: status of downloads, retry failed ones", cmd_archive, add_archive_arguments),
     *console.COMMANDS,
     *retention.COMMANDS,
 ]
@@ -152,10 +165,11 @@ class Parser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         # Each subcommand's parser refuses its own unknown flags, so the line names the command.
-        namespace, extras = super().parse_known_args(args, namespace)
+        given = argparse.Namespace() if namespace is None else namespace  # as argparse itself does
+        parsed, extras = super().parse_known_args(args, given)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return namespace, extras
+        return parsed, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ConfigError as error:
         print(f"relay: error: {error}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 import asyncpg
 
@@ -224,8 +224,10 @@ def describe(report: Report) -> str:
     if report.matched == 0:
         return "no events match"
     lines = [
-        f"matched {report.matched} event(s), seq {report.first_seq}..{report.last_seq}, "
-        f"{report.predictions} prediction(s)"
+        (
+            f"matched {report.matched} event(s), seq {report.first_seq}..{report.last_seq}, "
+            f"{report.predictions} prediction(s)"
+        )
     ]
     if report.dry_run:
         return lines[0] + "\ndry run: nothing sent"
@@ -282,7 +284,12 @@ def add_tail_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="Relay's base URL (default: RELAY_PUBLIC_URL or http://HOST:PORT)")
 
 
-COMMANDS: list[tuple[str, str, Callable[[argparse.Namespace], int], Callable[[Any], None]]] = [
+# (name, help, run it, add its arguments)
+Command = tuple[
+    str, str, Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], object] | None
+]
+
+COMMANDS: list[Command] = [
     ("events", "list stored events as a table", cmd_events, add_events_arguments),
     ("export", "write stored events as JSON Lines", cmd_export, add_export_arguments),
     ("replay", "re-deliver stored events to a URL or to live subscribers", cmd_replay, add_replay_arguments),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from service.archive import console as archive_console
+from service.archive.stores import open_store
 from service.core.errors import ConfigError
 from service.core.settings import tool_settings
 from service.db import database
 from service.db.vault import Vault
-from service.privacy.erasure import ENCRYPTION_OFF, forget_all, rotate
+from service.privacy.erasure import ENCRYPTION_OFF, forget_all, ready_connection, rotate
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
@@ -19,7 +21,21 @@ def cmd_forget(args: argparse.Namespace) -> int:
         raise ConfigError(ENCRYPTION_OFF)
     with database.database_dsn(settings) as dsn:
         asyncio.run(database.require_writable(dsn))
-        return asyncio.run(forget_all(dsn, vault, args.predictions))
+        status = asyncio.run(forget_all(dsn, vault, args.predictions))
+        asyncio.run(forget_files(dsn, vault, settings.archive, args.predictions))
+    return status
+
+
+async def forget_files(dsn: str, vault: Vault, archive: str, prediction_ids: list[str]) -> None:
+    """Delete forgotten predictions' archived files now (a running server would also do it,
+    when its archive worker reads the erasure events from the log)."""
+    conn = await ready_connection(dsn, vault)
+    try:
+        deleted = await archive_console.forget(conn, open_store(archive), prediction_ids)
+    finally:
+        await conn.close()
+    if deleted:
+        print(f"deleted {deleted} archived file(s)")
 
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """Who may read what: the admin token, API keys, and subscriber tokens (HS256 JWT).
 
-A subscriber token carries `prediction` (an id, or `*` for all) and `exp`.
+A subscriber token carries `prediction` (an id, or `*` for all) and `exp`. A secret that is not
+configured (None: settings read by a tool, or built by a test) lets nobody in.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from collections.abc import Iterable, Mapping
 
 import jwt
 
-from service.core.errors import Forbidden, Unauthorized
+from service.core.errors import ConfigError, Forbidden, Unauthorized
 
 ALL_PREDICTIONS = "*"
 DEFAULT_TTL = 3600
 
 
-def mint_token(key: str, prediction: str, ttl: int = DEFAULT_TTL) -> str:
+def mint_token(key: str | None, prediction: str, ttl: int = DEFAULT_TTL) -> str:
+    if key is None:
+        raise ConfigError("RELAY_SUBSCRIBE_KEY is not set, so no subscriber token can be minted")
     claims = {"prediction": prediction, "exp": int(time.time()) + ttl}
     return jwt.encode(claims, key, algorithm="HS256")
 
@@ -37,16 +40,19 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def matches_any(token: str, secrets: Iterable[str]) -> bool:
-    """Constant-time comparison against each configured secret."""
+def matches_any(token: str, secrets: Iterable[str | None]) -> bool:
+    """Constant-time comparison against each configured secret (an unset one matches nothing)."""
     found = False
     for secret in secrets:
-        found |= hmac.compare_digest(token.encode(), secret.encode())
+        if secret is not None:
+            found |= hmac.compare_digest(token.encode(), secret.encode())
     return found
 
 
-def token_prediction(token: str, key: str) -> str:
+def token_prediction(token: str, key: str | None) -> str:
     """The `prediction` claim of a valid subscriber token; Forbidden otherwise."""
+    if key is None:
+        raise Forbidden("the subscriber token is not valid")
     try:
         claims = jwt.decode(token, key, algorithms=["HS256"], options={"require": ["exp"]})
     except jwt.ExpiredSignatureError:
@@ -59,14 +65,14 @@ def token_prediction(token: str, key: str) -> str:
     return prediction
 
 
-def require_admin(token: str | None, admin_token: str) -> None:
+def require_admin(token: str | None, admin_token: str | None) -> None:
     if token is None:
         raise Unauthorized("an admin token is required: Authorization: Bearer <RELAY_ADMIN_TOKEN>")
     if not matches_any(token, [admin_token]):
         raise Forbidden("the admin token is not valid")
 
 
-def require_api_key(token: str | None, admin_token: str, api_keys: Iterable[str]) -> str:
+def require_api_key(token: str | None, admin_token: str | None, api_keys: Iterable[str]) -> str:
     """The caller's key for the predictions API: the admin token or one of RELAY_API_KEYS."""
     if token is None:
         raise Unauthorized("an API key is required: Authorization: Bearer <a key from RELAY_API_KEYS>")
@@ -75,7 +81,9 @@ def require_api_key(token: str | None, admin_token: str, api_keys: Iterable[str]
     return token
 
 
-def require_reader(token: str | None, prediction_id: str | None, admin_token: str, key: str) -> None:
+def require_reader(
+    token: str | None, prediction_id: str | None, admin_token: str | None, key: str | None
+) -> None:
     """Allow the admin token, or a subscriber token for this prediction (or `*`).
 
     `prediction_id=None` means "all predictions", which only the admin token or `*` may read.

@@ -66,3 +66,32 @@ def open_sealed(data_key: bytes, sealed: bytes, prediction_id: str, webhook_id: 
     if sealed[:1] != FORMAT:
         raise Unreadable("unknown ciphertext format")
     return _decrypt(data_key, sealed[1:], _aad(b"relay event", prediction_id, webhook_id))
+
+
+# Archived files are sealed in fixed-size chunks, so a file of any size is encrypted and served
+# in constant memory. Each chunk's associated data names the file (prediction, SHA-256 of the
+# plaintext), its index and whether it is the last: chunks cannot be reordered, swapped between
+# files, or dropped from the end without failing authentication.
+FILE_CHUNK = 64 * 1024
+SEALED_FILE_CHUNK = NONCE_BYTES + FILE_CHUNK + 16  # nonce, ciphertext, GCM tag
+
+
+def file_chunk_count(size: int) -> int:
+    """How many chunks a sealed file of `size` plaintext bytes has (an empty file has one)."""
+    return max(1, -(-size // FILE_CHUNK))
+
+
+def _chunk_aad(prediction_id: str, sha256: str, index: int, final: bool) -> bytes:
+    return _aad(b"relay archived file", prediction_id, sha256, str(index), "final" if final else "")
+
+
+def seal_file_chunk(
+    data_key: bytes, chunk: bytes, prediction_id: str, sha256: str, index: int, final: bool
+) -> bytes:
+    return _encrypt(data_key, chunk, _chunk_aad(prediction_id, sha256, index, final))
+
+
+def open_file_chunk(
+    data_key: bytes, sealed: bytes, prediction_id: str, sha256: str, index: int, final: bool
+) -> bytes:
+    return _decrypt(data_key, sealed, _chunk_aad(prediction_id, sha256, index, final))

@@ -1,5 +1,7 @@
 """Errors a user can cause, each with a stable UPPER_SNAKE code and an HTTP status."""
 
+from collections.abc import Mapping
+
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message says which and how to fix it."""
@@ -11,10 +13,10 @@ class RelayError(Exception):
     status = 400
     code = "INVALID_REQUEST"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, dict[str, str]]:
         """The JSON error shape every HTTP answer of Relay's uses."""

@@ -6,6 +6,7 @@ value raises `InvalidRequest` (400), which the CLI turns into a one-line error a
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ class EventFilter:
         return params
 
 
-def _text(name: str, raw: str | None) -> str | None:
+def _text(name: str, raw: object) -> str | None:
     if raw is None:
         return None
     if not isinstance(raw, str) or not raw or len(raw) > MAX_TEXT or "\x00" in raw:
@@ -90,7 +91,7 @@ def _text(name: str, raw: str | None) -> str | None:
     return raw
 
 
-def _moment(name: str, raw: str | None) -> datetime | None:
+def _moment(name: str, raw: object) -> datetime | None:
     if raw is None or raw == "":
         return None
     try:
@@ -135,13 +136,13 @@ def parse_filter(values: Mapping[str, Any], *, extra: tuple[str, ...] = ()) -> E
     return found
 
 
-def add_filter_arguments(parser: Any) -> None:
+def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     """The `--prediction --status --source --since --until --after --before` flags."""
     for name, flag in CLI_FLAGS.items():
         parser.add_argument(flag, dest=name, metavar=name.split("_")[0].upper())
 
 
-def filter_from_args(args: Any) -> EventFilter:
+def filter_from_args(args: argparse.Namespace) -> EventFilter:
     """The filter given on the command line; a bad value is a ConfigError naming the flag."""
     values = {name: getattr(args, name) for name in FILTER_NAMES if getattr(args, name) is not None}
     try:

@@ -52,11 +52,29 @@ def exposition(multiprocess_dir: Path | None) -> bytes:
     if multiprocess_dir is None:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir))
+    # prometheus_client leaves its multiprocess helpers unannotated (the rest of it is typed).
+    multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
     return generate_latest(registry)
 
 
 def forget_process(multiprocess_dir: Path | None, pid: int) -> None:
     """Drop an exiting worker's live gauges (subscribers) from the merged view."""
     if multiprocess_dir is not None:
-        multiprocess.mark_process_dead(pid, path=str(multiprocess_dir))
+        multiprocess.mark_process_dead(pid, path=str(multiprocess_dir))  # type: ignore[no-untyped-call]
+
+
+# Output archive
+ARCHIVE_FILES = Counter("relay_archive_files_total", "Output files stored in the archive")
+ARCHIVE_BYTES = Counter("relay_archive_bytes_total", "Bytes of output files stored in the archive")
+ARCHIVE_FAILURES = Counter(
+    "relay_archive_failures_total", "Archive downloads that ended failed, by reason", ["reason"]
+)
+ARCHIVE_RETRIES = Counter("relay_archive_retries_total", "Archive download attempts that will be retried")
+ARCHIVE_QUEUE = Gauge(
+    "relay_archive_queue_depth", "Archive jobs pending (all instances)", multiprocess_mode="mostrecent"
+)
+ARCHIVE_OLDEST = Gauge(
+    "relay_archive_oldest_pending_seconds",
+    "Age of the oldest pending archive job (all instances)",
+    multiprocess_mode="mostrecent",
+)

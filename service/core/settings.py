@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service.core.errors import ConfigError
+from service.core.hosts import DEFAULT_ARCHIVE_HOSTS, HostPolicy
 from service.core.origins import ANY, normal_origin
 
 GENERATED_SECRETS_FILE = "secrets.json"
@@ -216,6 +217,48 @@ def origins(raw: str, name: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+# Output archive
+def archive_store(raw: str, name: str) -> str:
+    """`file:///absolute/path`, `s3://bucket[/prefix]` or `off` (unset: RELAY_DATA_DIR/files)."""
+    url = raw.strip()
+    is_file = url.startswith("file:///") and len(url) > len("file:///")
+    is_s3 = url.startswith("s3://") and len(url.rstrip("/")) > len("s3://")
+    if url != "off" and not is_file and not is_s3:
+        raise ConfigError(
+            f"{name} must be file:///absolute/path, s3://bucket[/prefix] or off, got {url[:80]!r}"
+        )
+    return url if url == "off" else url.rstrip("/")
+
+
+def archive_hosts(raw: str, name: str) -> tuple[str, ...]:
+    entries = tuple(raw.split())
+    HostPolicy(entries, name)  # a ConfigError naming a malformed entry
+    return entries
+
+
+def simulate_outputs_port(relay_port: int) -> int:
+    """Where `relay simulate --serve-outputs` serves its files: the port after Relay's own, an
+    origin that a dev instance (no DATABASE_URL) allows out of the box."""
+    return relay_port + 1
+
+
+def _archive_defaults(env: Mapping[str, str], values: dict[str, object]) -> dict[str, object]:
+    """The defaults that depend on other settings: the store in RELAY_DATA_DIR, and in dev mode
+    the origin of `relay simulate --serve-outputs` on top of Replicate's."""
+    found: dict[str, object] = {}
+    if not values["archive"]:
+        found["archive"] = (Path(str(values["data_dir"])).resolve() / "files").as_uri()
+    port = values["port"]
+    if (
+        values["database_url"] is None
+        and not env.get("RELAY_ARCHIVE_HOSTS")
+        and isinstance(port, int)
+        and port
+    ):
+        found["archive_hosts"] = (*DEFAULT_ARCHIVE_HOSTS, f"http://127.0.0.1:{simulate_outputs_port(port)}")
+    return found
+
+
 POOLERS = ("off", "transaction")
 
 
@@ -294,7 +337,7 @@ def serve_flag(row: Setting) -> Flag:
 
 
 MIB = 1024 * 1024
-DEV_SECRET = "generated in dev mode"
+DEV_SECRET = "generated in dev mode"  # noqa: S105 - what the docs show as the default, not a secret
 
 
 @dataclass(frozen=True)
@@ -429,6 +472,32 @@ class Settings:
         "RELAY_BUDGET_INTERVAL", "--budget-interval", 60, whole(), "budget check period, seconds"
     )
 
+    # Output archive
+    archive: str = setting(
+        "RELAY_ARCHIVE", "--archive", "", archive_store,
+        "where output files are kept: file:///path, s3://bucket/prefix or off",
+        unset="file://RELAY_DATA_DIR/files",
+    )  # fmt: skip
+    archive_hosts: tuple[str, ...] = setting(
+        "RELAY_ARCHIVE_HOSTS", "--archive-hosts", DEFAULT_ARCHIVE_HOSTS, archive_hosts,
+        "origins whose output URLs are downloaded, space-separated, *. wildcard",
+        unset=" ".join(DEFAULT_ARCHIVE_HOSTS),
+    )  # fmt: skip
+    archive_max_bytes: int = setting(
+        "RELAY_ARCHIVE_MAX_BYTES",
+        "--archive-max-bytes",
+        100 * MIB,
+        whole(),
+        "largest output file kept, bytes",
+    )
+    archive_concurrency: int = setting(
+        "RELAY_ARCHIVE_CONCURRENCY",
+        "--archive-concurrency",
+        4,
+        whole(),
+        "archive downloads at once per process",
+    )
+
     # API surface: the prediction cache and logs
     cache_ttl: int = setting(
         "RELAY_CACHE_TTL", "--cache-ttl", 86400, whole(),
@@ -511,6 +580,7 @@ def load_settings(
     env = {**(os.environ if env is None else env), **flags}
     values: dict[str, object] = {attr: _read(env, row) for attr, row in SETTINGS.items()}
     values["flags"] = flags
+    values.update(_archive_defaults(env, values))  # Output archive
     database_url = values["database_url"]
     if database_url is None:  # dev mode: never mix generated secrets into a real deployment
         values.update(_dev_secrets(values, Path(str(values["data_dir"])), generate_missing))
@@ -580,4 +650,7 @@ def worker_environment(settings: Settings, dsn: str, metrics_dir: Path) -> dict[
         "RELAY_HOST": settings.host,
         "RELAY_PORT": str(settings.port),
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        # Output archive: the dev defaults the parent resolved (workers see a DATABASE_URL)
+        "RELAY_ARCHIVE": settings.archive,
+        "RELAY_ARCHIVE_HOSTS": " ".join(settings.archive_hosts),
     }

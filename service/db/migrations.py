@@ -11,7 +11,7 @@ import re
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 
-import asyncpg
+from service.db.connection import Connection
 
 SQL_PACKAGE = "service.sql"
 MIGRATION_LOCK = 0x52454C4159  # "RELAY": one migrator at a time, across processes
@@ -47,19 +47,19 @@ def migration_files() -> list[Migration]:
     return found
 
 
-async def applied_versions(conn: asyncpg.Connection) -> set[str]:
+async def applied_versions(conn: Connection) -> set[str]:
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     if not exists:
         return set()
     return {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
 
 
-async def pending(conn: asyncpg.Connection) -> list[Migration]:
+async def pending(conn: Connection) -> list[Migration]:
     done = await applied_versions(conn)
     return [path for path in migration_files() if path.stem not in done]
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: Connection) -> list[str]:
     """Apply what is missing; safe to run from several processes at once.
 
     Each migration runs in its own transaction under a transaction-level advisory lock, and is

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from service.db.connection import Connection
+
 log = logging.getLogger("relay.partitions")
 
 AHEAD = "3 months"
@@ -49,13 +51,13 @@ def partition_named(name: str) -> Partition | None:
     return Partition(name, start, month_after(start))
 
 
-async def monthly_partitions(conn: asyncpg.Connection) -> list[Partition]:
+async def monthly_partitions(conn: Connection) -> list[Partition]:
     """The log's monthly partitions, oldest first (the default partition is not one)."""
     names = [row["name"] for row in await conn.fetch(PARTITIONS)]
     return sorted(filter(None, map(partition_named, names)), key=lambda p: p.start)
 
 
-async def create_ahead(conn: asyncpg.Connection) -> int:
+async def create_ahead(conn: Connection) -> int:
     """Partitions from this month to AHEAD from now; how many were missing."""
     made: int = await conn.fetchval(f"SELECT relay_create_partitions(now(), now() + interval '{AHEAD}')")
     return made

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from service.core.statuses import rank
+from service.db.connection import Connection
 
 SEQ_LOCK = 0x52454C4153  # serialises the commits that assign seq
 NOTIFY_CHANNEL = "relay_events"
@@ -62,11 +63,11 @@ class Appended:
     duplicate: bool
 
 
-Prepare = Callable[[asyncpg.Connection, list[Delivery]], Awaitable[list[Delivery]]]
+Prepare = Callable[[Connection, list[Delivery]], Awaitable[list[Delivery]]]
 
 
 async def append(
-    conn: asyncpg.Connection, deliveries: Sequence[Delivery], prepare: Prepare | None = None
+    conn: Connection, deliveries: Sequence[Delivery], prepare: Prepare | None = None
 ) -> list[Appended]:
     """Append a batch atomically; outside a transaction it is committed when this returns.
     Results follow input order.
@@ -84,7 +85,7 @@ async def append(
         return await _append_statement(conn, await prepare(conn, list(deliveries)))
 
 
-async def _append_statement(conn: asyncpg.Connection, deliveries: Sequence[Delivery]) -> list[Appended]:
+async def _append_statement(conn: Connection, deliveries: Sequence[Delivery]) -> list[Appended]:
     rows = await conn.fetch(
         APPEND,
         [d.webhook_id for d in deliveries],
@@ -104,12 +105,13 @@ async def _append_statement(conn: asyncpg.Connection, deliveries: Sequence[Deliv
     return [Appended(r["seq"], r["duplicate"]) for r in rows]
 
 
-async def max_seq(conn: asyncpg.Connection) -> int:
-    return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+async def max_seq(conn: Connection) -> int:
+    seq: int = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+    return seq
 
 
 async def fetch_events(
-    conn: asyncpg.Connection,
+    conn: Connection,
     *,
     prediction_id: str | None = None,
     after: int = 0,
@@ -117,7 +119,8 @@ async def fetch_events(
     limit: int = 500,
 ) -> list[asyncpg.Record]:
     """Events with `after < seq <= up_to`, in seq order, optionally for one prediction."""
-    clauses, args = ["seq > $1"], [after]
+    clauses: list[str] = ["seq > $1"]
+    args: list[object] = [after]
     if up_to is not None:
         args.append(up_to)
         clauses.append(f"seq <= ${len(args)}")
@@ -127,7 +130,7 @@ async def fetch_events(
     return await fetch_where(conn, " AND ".join(clauses), args, limit)
 
 
-async def fetch_seqs(conn: asyncpg.Connection, seqs: Sequence[int]) -> list[asyncpg.Record]:
+async def fetch_seqs(conn: Connection, seqs: Sequence[int]) -> list[asyncpg.Record]:
     """The events with these seqs, in seq order."""
     return await conn.fetch(select_where("seq = ANY($1::int8[])"), list(seqs))
 
@@ -137,9 +140,7 @@ def select_where(where: str) -> str:
     return f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY seq"
 
 
-async def fetch_where(
-    conn: asyncpg.Connection, where: str, args: Sequence[Any], limit: int
-) -> list[asyncpg.Record]:
+async def fetch_where(conn: Connection, where: str, args: Sequence[Any], limit: int) -> list[asyncpg.Record]:
     return await conn.fetch(f"{select_where(where)} LIMIT ${len(args) + 1}", *args, limit)
 
 
@@ -150,12 +151,12 @@ PREDICTION_STATE = (
 )
 
 
-async def fetch_prediction(conn: asyncpg.Connection, prediction_id: str) -> asyncpg.Record | None:
+async def fetch_prediction(conn: Connection, prediction_id: str) -> asyncpg.Record | None:
     """The projection row plus the body of the event that defines the current state."""
     return await conn.fetchrow(f"{PREDICTION_STATE} WHERE p.prediction_id = $1", prediction_id)
 
 
-async def fetch_recent_predictions(conn: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+async def fetch_recent_predictions(conn: Connection, limit: int) -> list[asyncpg.Record]:
     """The most recently updated predictions, in the shape of `fetch_prediction`."""
     return await conn.fetch(f"{PREDICTION_STATE} ORDER BY p.updated_at DESC LIMIT $1", limit)
 
@@ -175,7 +176,7 @@ ORDER BY prediction_id, min(seq)
 """
 
 
-async def fetch_status_runs(conn: asyncpg.Connection, prediction_ids: list[str]) -> list[asyncpg.Record]:
+async def fetch_status_runs(conn: Connection, prediction_ids: list[str]) -> list[asyncpg.Record]:
     """Each prediction's timeline: runs of consecutive events with the same status, in seq order."""
     return await conn.fetch(STATUS_RUNS, prediction_ids)
 

@@ -10,14 +10,13 @@ a forgotten or re-wrapped key is never served from the cache.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-
-import asyncpg
 
 from service.core import crypto
 from service.core.errors import ConfigError
 from service.db import database
+from service.db.connection import Connection, Row
 from service.db.store import Delivery, Prepare
 
 ERASURE_SOURCE = "erasure"
@@ -67,7 +66,7 @@ class Vault:
     def enabled(self) -> bool:
         return self.current_id is not None
 
-    async def check(self, conn: asyncpg.Connection) -> None:
+    async def check(self, conn: Connection) -> None:
         """Refuse (ConfigError) when stored data keys are wrapped by a key not configured."""
         for kek_id in await wrapping_key_ids(conn):
             if not self.enabled:
@@ -87,7 +86,7 @@ class Vault:
         appends stay one statement without a transaction around them."""
         return self.seal if self.enabled else None
 
-    async def seal(self, conn: asyncpg.Connection, deliveries: list[Delivery]) -> list[Delivery]:
+    async def seal(self, conn: Connection, deliveries: list[Delivery]) -> list[Delivery]:
         """Encrypt a batch for storage (run by `store.append` under the seq lock).
 
         An erasure delivery deletes its prediction's data key; any delivery for a forgotten
@@ -110,7 +109,7 @@ class Vault:
         body = crypto.seal(data_key, delivery.body, delivery.prediction_id, delivery.webhook_id)
         return replace(delivery, body=body, encrypted=True)
 
-    async def _data_keys(self, conn: asyncpg.Connection, prediction_ids: Iterable[str]) -> dict[str, bytes]:
+    async def _data_keys(self, conn: Connection, prediction_ids: Iterable[str]) -> dict[str, bytes]:
         """Get or create the data key of each prediction; forgotten ones are left out."""
         ids = list(prediction_ids)
         keys = self._unwrap_rows(await conn.fetch(SELECT_KEYS, ids))
@@ -126,7 +125,7 @@ class Vault:
             keys.update(self._unwrap_rows(await conn.fetch(SELECT_KEYS, others)))
         return keys
 
-    def _unwrap_rows(self, rows: Iterable[Mapping]) -> dict[str, bytes]:
+    def _unwrap_rows(self, rows: Iterable[Row]) -> dict[str, bytes]:
         return {r["prediction_id"]: self.data_key(r["prediction_id"], r["wrapped"]) for r in rows}
 
     def data_key(self, prediction_id: str, wrapped: bytes) -> bytes:
@@ -146,7 +145,7 @@ class Vault:
             return data_key
         raise crypto.Unreadable("no configured key-encryption key unwraps this data key")
 
-    def plaintext(self, row: Mapping) -> bytes | None:
+    def plaintext(self, row: Row) -> bytes | None:
         """The exact bytes received for an encrypted row; None once its prediction is forgotten."""
         wrapped = row["data_key"]
         if wrapped is None:
@@ -155,7 +154,7 @@ class Vault:
         data_key = self.data_key(prediction_id, wrapped)
         return crypto.open_sealed(data_key, row["body"], prediction_id, row["webhook_id"])
 
-    async def rotate(self, conn: asyncpg.Connection, progress: Callable[[int, int], None]) -> int:
+    async def rotate(self, conn: Connection, progress: Callable[[int, int], None]) -> int:
         """Re-wrap every data key under the current key; the log is untouched. Returns the count."""
         if not self.enabled:
             raise ConfigError("RELAY_ENCRYPTION_KEY is not set; put the new key first, then the old ones")
@@ -196,5 +195,5 @@ async def check_keys(dsn: str, vault: Vault) -> None:
         await conn.close()
 
 
-async def wrapping_key_ids(conn: asyncpg.Connection) -> list[str]:
+async def wrapping_key_ids(conn: Connection) -> list[str]:
     return [r["kek_id"] for r in await conn.fetch(WRAPPING_KEY_IDS)]

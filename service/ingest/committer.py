@@ -32,7 +32,7 @@ ACQUIRE_TIMEOUT = 5.0
 ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
-def _string_field(prediction: dict, name: str) -> str:
+def _string_field(prediction: dict[str, Any], name: str) -> str:
     value = prediction.get(name)
     if not isinstance(value, str) or not value:
         raise InvalidPayload(f"the body's {name!r} must be a non-empty string")
@@ -45,15 +45,16 @@ def _text_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) and value and "\x00" not in value else None
 
 
-def prediction_model(prediction: dict) -> str | None:
+def prediction_model(prediction: dict[str, Any]) -> str | None:
     return _text_or_none(prediction.get("model")) or _text_or_none(prediction.get("version"))
 
 
-def predict_time(prediction: dict) -> float | None:
+def predict_time(prediction: dict[str, Any]) -> float | None:
     metrics = prediction.get("metrics")
     value = metrics.get("predict_time") if isinstance(metrics, dict) else None
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    return float(value) if is_number and value >= 0 else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
 
 
 def _finite(text: str) -> float:
@@ -78,7 +79,7 @@ def nesting_depth(value: Any) -> int:
     return deepest
 
 
-def parse_prediction(body: bytes) -> dict:
+def parse_prediction(body: bytes) -> dict[str, Any]:
     """The delivered prediction object; 400 unless it is a JSON object with string id/status.
 
     Encodings other than UTF-8, NaN, Infinity and floats that overflow are refused: readers
@@ -104,7 +105,7 @@ def parse_prediction(body: bytes) -> dict:
 
 
 def delivery_from(
-    prediction: dict,
+    prediction: dict[str, Any],
     body: bytes,
     *,
     webhook_id: str,
@@ -158,7 +159,7 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._pending: deque[tuple[Delivery, asyncio.Future[Appended]]] = deque()
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self.batches = 0
 
     def start(self) -> None:

@@ -29,6 +29,7 @@ import asyncpg
 from service.core.metrics import LISTENER_RECONNECTS, SLOW_CLIENT_CLOSES, SUBSCRIBERS
 from service.core.statuses import is_terminal
 from service.db import store
+from service.db.connection import Row
 from service.db.database import HeldConnection
 from service.db.events import event_text
 from service.db.vault import Vault
@@ -99,7 +100,7 @@ class Hub:
         self._notified = 0  # the newest seq a notification announced
         self._stale = True  # rows may have committed unannounced: read the log on the next wake
         self._replays: asyncio.Queue[str] = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing_code: int | None = None
         self.listening = asyncio.Event()
         self.listen_blocked: str | None = None  # why LISTEN cannot receive, once the probe failed
@@ -147,7 +148,7 @@ class Hub:
             if not group:
                 del self._subscribers[subscriber.prediction_id]
 
-    def dispatch(self, rows: Iterable[asyncpg.Record | dict], *, replayed: bool = False) -> None:
+    def dispatch(self, rows: Iterable[Row], *, replayed: bool = False) -> None:
         for row in rows:
             if not replayed and row["seq"] <= self.cursor:
                 continue  # handed over by this process's writer while the log was being read
@@ -226,13 +227,14 @@ class Hub:
             if len(rows) < READ_PAGE:
                 return
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        if payload.isdigit():
-            self._notified = max(self._notified, int(payload))
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        text = str(payload)  # asyncpg passes a str; its type says object
+        if text.isdigit():
+            self._notified = max(self._notified, int(text))
         self._nudge.set()
 
-    def _on_replay(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self._replays.put_nowait(payload)
+    def _on_replay(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self._replays.put_nowait(str(payload))
 
     async def _replay_forever(self) -> None:
         while True:
@@ -254,6 +256,7 @@ class Hub:
                 conn = await self._connect()
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await self._probe(conn)  # first, so the connection's last statement is the LISTEN
                 await conn.add_listener(store.NOTIFY_CHANNEL, self._on_notify)
                 await conn.add_listener(store.REPLAY_CHANNEL, self._on_replay)
                 if not first:
@@ -262,7 +265,6 @@ class Hub:
                 self.listening.set()
                 self._stale = True  # catch up on whatever was committed while we were away
                 self._nudge.set()
-                await self._probe(conn)
                 await self._watch(conn, lost)
             except asyncio.CancelledError:
                 raise

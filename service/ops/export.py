@@ -16,6 +16,7 @@ import asyncpg
 
 from service.core.filters import EventFilter
 from service.db import store
+from service.db.connection import Connection
 from service.db.events import body_bytes
 from service.db.store import iso
 from service.db.vault import Vault
@@ -46,7 +47,7 @@ def export_line(row: asyncpg.Record, vault: Vault) -> str:
 
 
 async def export(
-    conn: asyncpg.Connection,
+    conn: Connection,
     event_filter: EventFilter,
     out: TextIO,
     vault: Vault,

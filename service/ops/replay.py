@@ -33,6 +33,7 @@ from service.core.retry import retry_after_seconds
 from service.core.settings import decode_webhook_secret
 from service.core.signatures import signed_headers
 from service.db import store
+from service.db.connection import Connection
 from service.db.events import body_bytes
 from service.db.vault import Vault
 
@@ -99,7 +100,7 @@ def target_from_json(target: Any) -> Target:
     raise InvalidRequest('target must be {"url": "https://…", "secret": "whsec_…"} or {"fanout": true}')
 
 
-async def plan(conn: asyncpg.Connection, event_filter: EventFilter) -> Report:
+async def plan(conn: Connection, event_filter: EventFilter) -> Report:
     """What a replay would send: count, seq range and number of predictions."""
     where, args = event_filter.where()
     row = await conn.fetchrow(
@@ -107,10 +108,11 @@ async def plan(conn: asyncpg.Connection, event_filter: EventFilter) -> Report:
         f" count(DISTINCT prediction_id) AS predictions FROM events WHERE {where}",
         *args,
     )
+    assert row is not None  # an aggregate without GROUP BY yields one row
     return Report(**dict(row), dry_run=True)
 
 
-async def matching_rows(conn: asyncpg.Connection, event_filter: EventFilter) -> AsyncIterator[asyncpg.Record]:
+async def matching_rows(conn: Connection, event_filter: EventFilter) -> AsyncIterator[asyncpg.Record]:
     """The matching events page by page (keyset on seq), so memory stays flat."""
     while True:
         where, args = event_filter.where()
@@ -123,7 +125,7 @@ async def matching_rows(conn: asyncpg.Connection, event_filter: EventFilter) -> 
 
 
 async def replay(
-    conn: asyncpg.Connection,
+    conn: Connection,
     event_filter: EventFilter,
     target: Target,
     vault: Vault,
@@ -150,7 +152,7 @@ async def replay(
 
 
 async def _announce(
-    conn: asyncpg.Connection, event_filter: EventFilter, report: Report, progress: Callable[[int], None]
+    conn: Connection, event_filter: EventFilter, report: Report, progress: Callable[[int], None]
 ) -> None:
     chunk: list[str] = []
     size = 0
@@ -165,9 +167,7 @@ async def _announce(
         await _notify(conn, chunk, report, progress)
 
 
-async def _notify(
-    conn: asyncpg.Connection, seqs: list[str], report: Report, progress: Callable[[int], None]
-) -> None:
+async def _notify(conn: Connection, seqs: list[str], report: Report, progress: Callable[[int], None]) -> None:
     await conn.execute("SELECT pg_notify($1, $2)", store.REPLAY_CHANNEL, ",".join(seqs))
     report.delivered += len(seqs)
     report.resume_after = int(seqs[-1])
@@ -200,7 +200,7 @@ class Watermark:
 
 
 async def _deliver_all(
-    conn: asyncpg.Connection,
+    conn: Connection,
     event_filter: EventFilter,
     target: UrlTarget,
     vault: Vault,
@@ -280,5 +280,5 @@ async def send(
 
 def backoff(attempt: int) -> float:
     """Capped exponential backoff with full jitter between half and all of the step."""
-    step = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
+    step = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**attempt)
     return step * random.uniform(0.5, 1.0)

@@ -23,6 +23,7 @@ import asyncpg
 
 from service.core.errors import ConfigError
 from service.db import store
+from service.db.connection import Connection
 from service.db.partitions import Partition, monthly_partitions
 from service.db.vault import Vault
 from service.ops.export import export_line
@@ -56,7 +57,7 @@ def due(partitions: list[Partition], now: datetime, keep: timedelta) -> list[Par
     return [p for p in partitions if p.end <= now - keep]
 
 
-async def export_partition(conn: asyncpg.Connection, partition: Partition, path: Path, vault: Vault) -> int:
+async def export_partition(conn: Connection, partition: Partition, path: Path, vault: Vault) -> int:
     """Write one month in the export format; durable on disk before this returns."""
     temporary = path.with_name(path.name + ".partial")
     count = 0
@@ -72,15 +73,16 @@ async def export_partition(conn: asyncpg.Connection, partition: Partition, path:
     return count
 
 
-async def count_rows(conn: asyncpg.Connection, partition: Partition) -> int:
+async def count_rows(conn: Connection, partition: Partition) -> int:
     rows: int = await conn.fetchval(f'SELECT count(*) FROM "{partition.name}"')
     return rows
 
 
-async def drop(conn: asyncpg.Connection, partition: Partition) -> None:
+async def drop(conn: Connection, partition: Partition) -> None:
     """Detach and drop one partition, and the projection rows whose state was in it."""
     async with conn.transaction():
         bounds = await conn.fetchrow(f'SELECT min(seq) AS low, max(seq) AS high FROM "{partition.name}"')
+        assert bounds is not None  # an aggregate without GROUP BY yields one row
         await conn.execute(f'ALTER TABLE events DETACH PARTITION "{partition.name}"')
         await conn.execute(f'DROP TABLE "{partition.name}"')
         if bounds["low"] is not None:
@@ -90,7 +92,7 @@ async def drop(conn: asyncpg.Connection, partition: Partition) -> None:
 
 
 async def retire(
-    conn: asyncpg.Connection,
+    conn: Connection,
     *,
     keep: timedelta,
     now: datetime,

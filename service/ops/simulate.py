@@ -17,12 +17,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from service.core.errors import ConfigError
-from service.core.settings import Settings, decode_webhook_secret
+from service.core.settings import Settings, decode_webhook_secret, simulate_outputs_port
 from service.core.signatures import signed_headers
+from service.ops.outputs import OutputServer
 
 MODEL = "qwen/qwen-image-edit-plus"
 VERSION = "5a8b5e4bd4e1b1d3b9a8c9e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5"
@@ -47,8 +49,10 @@ def lifecycle(
     start: datetime | None = None,
     webhook: str | None = None,
     predict_time: float = 4.61,
+    output_url: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The bodies Replicate would deliver for one prediction (to `webhook`), in sending order."""
+    """The bodies Replicate would deliver for one prediction (to `webhook`), in sending order;
+    the output is `output_url` when given (a file really served), else a replicate.delivery URL."""
     created = start or datetime.now(UTC)
     base: dict[str, Any] = {
         "id": prediction_id,
@@ -84,7 +88,7 @@ def lifecycle(
         logs += progress_line(step) + "\n"
         bodies.append({**running, "logs": logs})
     logs += progress_line(STEPS) + "\n"
-    output = [f"https://replicate.delivery/xezq/{prediction_id}/out-0.webp"]
+    output = [output_url or f"https://replicate.delivery/xezq/{prediction_id}/out-0.webp"]
     total_time = round(predict_time + 1.39, 2)  # plus queueing and setup, as Replicate counts it
     final = {
         **running,
@@ -162,6 +166,7 @@ class Simulator:
         self.client, self.url, self.key, self.rng = client, url, key, rng
         self.limiter, self.options = limiter, options
         self.report = Report()
+        self.outputs: OutputServer | None = None
 
     def _outcome(self) -> str:
         if self.rng.random() < self.options.failures:
@@ -176,7 +181,13 @@ class Simulator:
         outcome = self._outcome()
         deliveries = [
             (f"msg_{new_id(self.rng, 24)}", json.dumps(b).encode())
-            for b in lifecycle(prediction_id, outcome, webhook=self.url, predict_time=self._predict_time())
+            for b in lifecycle(
+                prediction_id,
+                outcome,
+                webhook=self.url,
+                predict_time=self._predict_time(),
+                output_url=self.outputs.url(prediction_id) if self.outputs is not None else None,
+            )
         ]
         if self.rng.random() < self.options.reorder and len(deliveries) > 3:
             i = self.rng.randrange(1, len(deliveries) - 2)
@@ -201,9 +212,9 @@ class Simulator:
                 status = 0
             else:
                 status = response.status_code
-            if 200 <= status < 300:
-                self._acknowledged(webhook_id, response.json())
-                return
+                if 200 <= status < 300:
+                    self._acknowledged(webhook_id, response.json())
+                    return
             if 400 <= status < 500:
                 self.report.rejected += 1
                 return
@@ -211,7 +222,7 @@ class Simulator:
                 await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
         self.report.failed += 1
 
-    def _acknowledged(self, webhook_id: str, answer: dict) -> None:
+    def _acknowledged(self, webhook_id: str, answer: dict[str, Any]) -> None:
         self.report.acknowledged += 1
         if answer.get("duplicate"):
             self.report.duplicates += 1
@@ -219,11 +230,14 @@ class Simulator:
             self.report.acked_ids.append(webhook_id)
 
 
-async def simulate(options: argparse.Namespace, url: str, key: bytes) -> Report:
+async def simulate(
+    options: argparse.Namespace, url: str, key: bytes, outputs: OutputServer | None = None
+) -> Report:
     rng = random.Random(options.seed)
     limits = httpx.Limits(max_connections=options.concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
         simulator = Simulator(client, url, key, rng, RateLimiter(options.rate), options)
+        simulator.outputs = outputs
         queue = list(range(options.predictions))
 
         async def worker() -> None:
@@ -233,6 +247,28 @@ async def simulate(options: argparse.Namespace, url: str, key: bytes) -> Report:
 
         await asyncio.gather(*(worker() for _ in range(max(1, options.concurrency))))
     return simulator.report
+
+
+async def simulate_serving(options: argparse.Namespace, url: str, key: bytes, port: int) -> Report:
+    """`simulate` with the outputs served on 127.0.0.1:`port`, kept up until the instance has
+    fetched every succeeded prediction's file (or --serve-for seconds have passed)."""
+    outputs = OutputServer("127.0.0.1", port)
+    try:
+        await outputs.start()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot serve outputs on 127.0.0.1:{port} ({error.strerror}); pick --outputs-port"
+        ) from None
+    try:
+        report = await simulate(options, url, key, outputs)
+        wanted = {p for p, status in report.final_status.items() if status == "succeeded"}
+        deadline = time.monotonic() + options.serve_for
+        while not wanted <= outputs.served and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        print(f"served {len(wanted & outputs.served)} of {len(wanted)} output files from {outputs.origin}")
+        return report
+    finally:
+        await outputs.stop()
 
 
 def validate(options: argparse.Namespace) -> None:
@@ -249,7 +285,12 @@ def run_simulation(options: argparse.Namespace, settings: Settings) -> int:
     if secret is None:
         raise ConfigError("no webhook secret: pass --secret whsec_… or set REPLICATE_WEBHOOK_SECRET")
     key = decode_webhook_secret(secret, "--secret")
-    report = asyncio.run(simulate(options, options.url or settings.webhook_url, key))
+    url = options.url or settings.webhook_url
+    if getattr(options, "serve_outputs", False):
+        port = options.outputs_port or simulate_outputs_port(urlsplit(url).port or 80)
+        report = asyncio.run(simulate_serving(options, url, key, port))
+    else:
+        report = asyncio.run(simulate(options, url, key))
     print(report.summary())
     if options.report:
         with open(options.report, "w") as handle:

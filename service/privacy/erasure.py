@@ -15,6 +15,7 @@ import asyncpg
 
 from service.core.errors import ConfigError, NotFound, RelayError, error_class
 from service.db import database, migrations, store
+from service.db.connection import Connection
 from service.db.store import Appended, Delivery
 from service.db.vault import ERASED_BODY, ERASURE_SOURCE, Vault
 
@@ -38,7 +39,7 @@ def erasure_id(prediction_id: str) -> str:
     return f"erasure_{prediction_id}"
 
 
-async def plan_erasure(conn: asyncpg.Connection, vault: Vault, prediction_id: str) -> Delivery:
+async def plan_erasure(conn: Connection, vault: Vault, prediction_id: str) -> Delivery:
     """The erasure event to append for a prediction, or an error saying why it cannot be."""
     if not vault.enabled:
         raise EncryptionOff(ENCRYPTION_OFF)

@@ -55,6 +55,7 @@ async def take(pool: asyncpg.Pool, key: str, limit: int) -> Quota:
     """Count one request for `key`; OverLimit (429 with Retry-After) once the window is used up."""
     async with pool.acquire() as conn:
         row = await conn.fetchrow(COUNT_REQUEST, key_hash(key), WINDOW_SECONDS)
+    assert row is not None  # an upsert with RETURNING yields its row
     quota = Quota(limit, row["used"], max(1, math.ceil(row["left"])))
     if quota.used > limit:
         raise OverLimit(

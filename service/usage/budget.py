@@ -15,6 +15,7 @@ import asyncpg
 
 from service.core.metrics import BUDGET_USD, SPEND_USD
 from service.core.settings import Settings
+from service.db.connection import Connection
 from service.usage.report import month_spend, month_start
 
 log = logging.getLogger("relay.budget")
@@ -27,7 +28,7 @@ ON CONFLICT DO NOTHING RETURNING threshold
 """
 
 
-async def check(conn: asyncpg.Connection, settings: Settings, now: datetime | None = None) -> float:
+async def check(conn: Connection, settings: Settings, now: datetime | None = None) -> float:
     """Update the gauges and send the alerts this month has newly earned; returns the spend."""
     now = now or datetime.now(UTC)
     spend = await month_spend(conn, settings.prices, now)

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from service.core.params import utc_moment
+from service.db.connection import Connection
 from service.db.store import iso
 
 GROUPS = ("model", "day")
@@ -123,7 +124,7 @@ def _key(value: Any) -> Any:
     return value.isoformat() if isinstance(value, date) else value
 
 
-async def report(conn: asyncpg.Connection, when: Period, prices: dict[str, float]) -> dict[str, Any]:
+async def report(conn: Connection, when: Period, prices: dict[str, float]) -> dict[str, Any]:
     """`{since, until, group, groups: [...], total}`; each line has counts, seconds and cost."""
     rows = await conn.fetch(usage_sql(when.group), when.since, when.until)
     seconds: dict[Any, dict[str | None, float]] = {}
@@ -157,7 +158,7 @@ def _saved(answers: int, seconds: dict[str | None, float], prices: dict[str, flo
     }
 
 
-async def cached_report(conn: asyncpg.Connection, when: Period, prices: dict[str, float]) -> dict[str, Any]:
+async def cached_report(conn: Connection, when: Period, prices: dict[str, float]) -> dict[str, Any]:
     """Answers from the prediction cache in the period, and the predict time and cost they saved."""
     rows = await conn.fetch(CACHED_SQL.format(key=CACHED_KEYS[when.group]), when.since, when.until)
     by_key: dict[Any, tuple[int, dict[str | None, float]]] = {}
@@ -170,13 +171,14 @@ async def cached_report(conn: asyncpg.Connection, when: Period, prices: dict[str
     return {**_saved(sum(n for n, _ in by_key.values()), everything, prices), "groups": groups}
 
 
-async def month_spend(conn: asyncpg.Connection, prices: dict[str, float], now: datetime) -> float:
+async def month_spend(conn: Connection, prices: dict[str, float], now: datetime) -> float:
     """Estimated spend of `now`'s UTC calendar month; unpriced models add nothing."""
     rows = await conn.fetch(SPEND_SQL, month_start(now), next_month(now))
-    return round(sum(r["seconds"] * prices.get(r["model"], 0.0) for r in rows if r["seconds"]), 6)
+    spend: float = sum(r["seconds"] * prices.get(r["model"], 0.0) for r in rows if r["seconds"])
+    return round(spend, 6)
 
 
-async def budget_status(conn: asyncpg.Connection, prices: dict[str, float], budget: float | None) -> dict:
+async def budget_status(conn: Connection, prices: dict[str, float], budget: float | None) -> dict[str, Any]:
     """This UTC month's spend against `RELAY_BUDGET` (what a dashboard shows)."""
     now = datetime.now(UTC)
     spend = await month_spend(conn, prices, now)
@@ -194,7 +196,7 @@ def _cell(value: Any) -> str:
 
 def format_table(usage: dict[str, Any]) -> str:
     """The report as an aligned text table, one line per group and a total; no price shows "-"."""
-    lines = [(usage["group"], *HEADINGS)]
+    lines: list[tuple[str, ...]] = [(usage["group"], *HEADINGS)]
     for line in [*usage["groups"], {usage["group"]: "total", **usage["total"]}]:
         lines.append((_cell(line[usage["group"]]), *(_cell(line[c]) for c in (*COLUMNS, "cost"))))
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
@@ -207,10 +209,8 @@ def _cached_line(usage: dict[str, Any]) -> list[str]:
     cached = usage.get("cached")
     if not cached or not cached["answers"]:
         return []
-    return [
-        f"cached answers: {cached['answers']}, saving {_cell(float(cached['predict_time_saved']))} s "
-        f"of predict time and {_cell(cached['cost_saved'])} USD"
-    ]
+    seconds, cost = _cell(float(cached["predict_time_saved"])), _cell(cached["cost_saved"])
+    return [f"cached answers: {cached['answers']}, saving {seconds} s of predict time and {cost} USD"]
 
 
 def _aligned(row: tuple[str, ...], widths: list[int]) -> str:

@@ -20,8 +20,10 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ExceptionHandler, Receive, Scope, Send
 
+from service.archive.stores import open_store
+from service.archive.worker import Archiver, Tuning
 from service.core import metrics, openapi
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
 from service.core.settings import Settings
@@ -34,7 +36,7 @@ from service.usage import budget
 from service.web.logs import RequestContext
 from service.web.origins import ApiCors
 from service.web.responses import error_response
-from service.web.routes import admin, dashboard, privacy, reading, sockets, usage, webhooks
+from service.web.routes import admin, dashboard, files, privacy, reading, sockets, usage, webhooks
 from service.web.routes import api as predictions_api
 from service.web.routes import openapi as openapi_route
 from service.web.state import CONNECT_TIMEOUT, Relay, relay_of
@@ -138,6 +140,48 @@ def start_budget(relay: Relay) -> None:
         relay.background.add(asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget"))
 
 
+def log_crash(task: asyncio.Task[None]) -> None:
+    """A background loop that ends by an exception (not a cancel) says so in the log."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s stopped: %r", task.get_name(), task.exception())
+
+
+async def start_archive(relay: Relay) -> None:
+    """The output archive's worker (discovery and downloads), unless RELAY_ARCHIVE=off."""
+    settings = relay.settings
+    relay.archive_store = open_store(settings.archive)
+    if relay.archive_store is None:
+        return
+    tuning = Tuning(concurrency=settings.archive_concurrency)
+    # Each download holds a connection for its whole attempt (the job's row lock): its own pool,
+    # so downloads never starve webhooks and reads of connections.
+    dbs = relay.databases
+    pool = await asyncpg.create_pool(
+        dbs.write, min_size=1, max_size=tuning.concurrency + 2, timeout=CONNECT_TIMEOUT, **dbs.pool_options()
+    )
+    spool = settings.data_dir.resolve() / "archive-spool"
+    archiver = Archiver(
+        pool,
+        relay.archive_store,
+        relay.vault,
+        relay.archive_policy,
+        spool,
+        settings.archive_max_bytes,
+        tuning,
+    )
+
+    async def run() -> None:
+        try:
+            await archiver.run()
+        finally:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
+
+    task = asyncio.create_task(run(), name="relay-archive")
+    task.add_done_callback(log_crash)
+    relay.background.add(task)
+
+
 async def stop_background(relay: Relay) -> None:
     for task in relay.background:
         task.cancel()
@@ -193,6 +237,7 @@ ROUTE_MODULES: tuple[Any, ...] = (
     dashboard,
     privacy,
     usage,
+    files,
     openapi_route,
 )
 
@@ -250,6 +295,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         start_upstream(relay)
         start_budget(relay)
         relay.background.add(asyncio.create_task(partitions.keep_ahead(relay.pool), name="relay-partitions"))
+        await start_archive(relay)
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out
         # of the collector's sight, a full collection took ~1 ms instead of 13-33 ms, which were
         # the tail of the webhook latency (bench/ingest.py with a gc.callbacks probe).
@@ -268,7 +314,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     middleware = [Middleware(RequestContext)]
     if settings.cors_origins:
         middleware.append(Middleware(ApiCors, origins=settings.cors_origins))
-    handlers = {
+    handlers: dict[int | type[Exception], ExceptionHandler] = {
         RelayError: relay_error,
         **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files
         **dict.fromkeys(DATABASE_DOWN, database_down),

@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.supervisors import Multiprocess
 
+from service.archive.stores import open_store
 from service.core.settings import Settings, load_settings, worker_environment
 from service.db import database
 from service.db.vault import Vault, check_keys
@@ -111,6 +112,7 @@ def serve(settings: Settings) -> None:
         asyncio.run(database.require_writable(dsn))
         asyncio.run(database.migrate(dsn))
         asyncio.run(check_keys(dsn, Vault(settings.key_encryption_keys)))
+        open_store(settings.archive)  # a clear ConfigError now, not a failed start-up later
         print(banner(settings), flush=True)
         if settings.workers > 1:
             serve_workers(settings, dsn)

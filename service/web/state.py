@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import asyncpg
 from starlette.requests import HTTPConnection
 
+from service.archive.stores import ArchiveStore
+from service.core.hosts import HostPolicy
 from service.core.settings import Settings
 from service.db.database import Databases
 from service.db.vault import Vault
@@ -35,11 +37,14 @@ class Relay:
     webhook_keys: tuple[bytes, ...] = field(init=False)
     vault: Vault = field(init=False)
     upstream: Upstream | None = field(init=False, default=None)
-    background: set[asyncio.Task] = field(init=False, default_factory=set)
+    background: set[asyncio.Task[None]] = field(init=False, default_factory=set)
+    archive_store: ArchiveStore | None = field(init=False, default=None)  # None: RELAY_ARCHIVE=off
+    archive_policy: HostPolicy = field(init=False)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys
         self.vault = Vault(self.settings.key_encryption_keys)
+        self.archive_policy = HostPolicy(self.settings.archive_hosts)
 
     async def listen_connection(self) -> asyncpg.Connection:
         """The hub's LISTEN connection: RELAY_LISTEN_DATABASE_URL, direct or session-pooled."""

@@ -34,6 +34,7 @@ from service.core.validation import (
 from service.upstream import ratelimit, versions
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
+from service.web.routes.reading import archive_list
 from service.web.routes.webhooks import read_body
 from service.web.state import relay_of
 
@@ -97,7 +98,7 @@ async def create_prediction(request: Request) -> JSONResponse:
     key = cache_key(request, target, payload["input"]) if body.get("cache") is True else None
     if key is not None and (hit := await cache.find(relay.pool, relay.vault, key, relay.settings.cache_ttl)):
         bind(prediction_id=hit.prediction_id)
-        return JSONResponse(cached_answer(request, hit), headers=quota.headers())
+        return JSONResponse(await cached_answer(request, hit), headers=quota.headers())
     reply = await upstream.create(target.path, payload)
     bind(prediction_id=reply.data.get("id"))  # the access line names the prediction made
     await versions.learn(relay.pool, reply.data)
@@ -112,18 +113,25 @@ def cache_key(request: Request, target: Target, values: dict[str, Any]) -> cache
     return cache.CacheKey(scope, target.cache_key, input_sha256(values))
 
 
-def cached_answer(request: Request, hit: cache.Hit) -> dict[str, Any]:
-    """The source prediction as a create answer: `relay.cached` and `relay.source` say so."""
-    answer = with_relay(request, cache.as_delivered(hit.prediction))
+async def cached_answer(request: Request, hit: cache.Hit) -> dict[str, Any]:
+    """The source prediction as a create answer: `relay.cached` and `relay.source` say so, and
+    outputs Relay has archived point at its copies (Replicate deletes its own after an hour)."""
+    relay = relay_of(request)
+    async with relay.pool.acquire() as conn:
+        archive = await archive_list(conn, request, hit.prediction)
+    copies = {e["url"]: relay.settings.base_url + e["file"] for e in archive if e.get("status") == "stored"}
+    answer = with_relay(request, cache.pointing_at_copies(hit.prediction, copies))
     answer["relay"] = {"cached": True, "source": hit.prediction_id, **answer.get("relay", {})}
-    return answer
+    return {**answer, "archive": archive}
 
 
 async def get_prediction(request: Request) -> JSONResponse:
     upstream, quota = await admit(request)
     reply = await upstream.get(request.path_params["prediction_id"])
     await versions.learn(relay_of(request).pool, reply.data)
-    return JSONResponse(with_relay(request, reply.data), headers=quota.headers())
+    async with relay_of(request).pool.acquire() as conn:
+        archive = await archive_list(conn, request, reply.data)
+    return JSONResponse({**with_relay(request, reply.data), "archive": archive}, headers=quota.headers())
 
 
 async def cancel_prediction(request: Request) -> JSONResponse:

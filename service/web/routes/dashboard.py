@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from starlette.requests import Request
@@ -21,7 +22,7 @@ from service.core.openapi import ADMIN, TOKEN_QUERY, errors, json_body, operatio
 from service.db import store
 from service.db.events import prediction_state
 from service.web.responses import EventsResponse
-from service.web.routes.reading import int_param
+from service.web.routes.reading import archive_list, int_param
 from service.web.state import relay_of
 
 STATIC = Path(__file__).parent.parent / "static"
@@ -50,7 +51,7 @@ async def relay_js(request: Request) -> FileResponse:
     return FileResponse(STATIC / "relay.js", media_type="text/javascript", headers=NO_CACHE)
 
 
-def timeline_entry(run: asyncpg.Record) -> dict:
+def timeline_entry(run: asyncpg.Record) -> dict[str, Any]:
     return {
         "status": run["status"],
         "seq": run["seq"],
@@ -81,6 +82,9 @@ async def recent_predictions(request: Request) -> EventsResponse:
         }
         for row in rows
     ]
+    async with relay.pool.acquire() as conn:
+        for prediction in predictions:
+            prediction["archive"] = await archive_list(conn, request, prediction)
     return EventsResponse({"predictions": predictions, "seq": seq})
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from service.archive.files import archive_entries
 from service.core.auth import require_reader, token_from
 from service.core.errors import NotFound
 from service.core.openapi import (
@@ -22,6 +25,7 @@ from service.core.openapi import (
 )
 from service.core.params import MAX_PAGE, parse_int
 from service.db import store
+from service.db.connection import Connection
 from service.db.events import prediction_state
 from service.web.responses import EventsResponse, events_page
 from service.web.state import relay_of
@@ -43,9 +47,19 @@ async def get_prediction(request: Request) -> EventsResponse:
     relay = relay_of(request)
     async with relay.pool.acquire() as conn:
         row = await store.fetch_prediction(conn, prediction_id)
-    if row is None:
-        raise NotFound(f"no events stored for prediction {prediction_id!r}")
-    return EventsResponse(prediction_state(row, relay.vault))
+        if row is None:
+            raise NotFound(f"no events stored for prediction {prediction_id!r}")
+        state = prediction_state(row, relay.vault)
+        state["archive"] = await archive_list(conn, request, state)
+    return EventsResponse(state)
+
+
+async def archive_list(conn: Connection, request: Request, prediction: Any) -> list[dict[str, Any]]:
+    """The `archive` of a prediction (empty when the archive is off)."""
+    relay = relay_of(request)
+    if relay.archive_store is None:
+        return []
+    return await archive_entries(conn, prediction, relay.archive_policy)
 
 
 async def list_prediction_events(request: Request) -> Response:

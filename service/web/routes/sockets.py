@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
 
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -30,7 +29,7 @@ from service.db.events import event_text
 from service.live.hub import Subscriber
 from service.web.origins import require_origin
 from service.web.routes.reading import int_param
-from service.web.state import relay_of
+from service.web.state import Relay, relay_of
 
 log = logging.getLogger("relay.sockets")
 
@@ -119,7 +118,7 @@ async def first_to_end(
     return INTERNAL_ERROR  # if the client is still there, it reconnects with after=
 
 
-async def deliver(websocket: WebSocket, relay: Any, subscriber: Subscriber, after: int) -> int | None:
+async def deliver(websocket: WebSocket, relay: Relay, subscriber: Subscriber, after: int) -> int | None:
     """The backlog up to the log's horizon, `caught_up`, then live messages; the close code at the end.
 
     The horizon is read after subscribing, so every event committed before the client connected
@@ -136,7 +135,7 @@ async def deliver(websocket: WebSocket, relay: Any, subscriber: Subscriber, afte
 
 
 async def send_backlog(
-    websocket: WebSocket, relay: Any, prediction_id: str | None, after: int, horizon: int
+    websocket: WebSocket, relay: Relay, prediction_id: str | None, after: int, horizon: int
 ) -> tuple[int, bool]:
     """Send stored events in (after, horizon]; return the last seq sent and whether the
     prediction had already ended by the horizon (so the stream ends after `caught_up`)."""

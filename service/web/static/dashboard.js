@@ -134,7 +134,10 @@
   // --- one prediction's view ------------------------------------------------------------------
 
   function newView(id) {
-    return { id, status: null, model: null, logs: null, output: null, error: null, timeline: [], parts: null };
+    return {
+      id, status: null, model: null, logs: null, output: null, error: null, timeline: [], parts: null,
+      archive: [], archiveWatch: null,
+    };
   }
 
   function applyEvent(event) {
@@ -231,19 +234,50 @@
     parts.progressText.textContent = progress.percent + "% (" + progress.current + "/" + progress.total + ")";
   }
 
+  function archiveItem(view, url) {
+    return (view.archive || []).find((item) => item.url === url) || null;
+  }
+
+  function archiveNote(item) {
+    if (item === null) return null;
+    if (item.status === "stored") return el("span", { class: "archive archived" }, "archived");
+    if (item.status === "failed") return el("span", { class: "archive archive-failed" }, "archive failed: " + (item.reason || "unknown"));
+    return el("span", { class: "archive archive-pending" }, "archiving…");
+  }
+
   function renderOutputs(view) {
     const urls = outputUrls(view.output);
-    const key = urls.join("\n");
+    const items = urls.map((url) => archiveItem(view, url));
+    const key = urls.map((url, i) => url + " " + (items[i] ? items[i].status : "")).join("\n");
     if (key === view.parts.outputKey) return; // keep loaded images as they are
     view.parts.outputKey = key;
     view.parts.outputs.replaceChildren(
       ...urls.map((url, index) => {
-        const label = "Output " + (index + 1) + " of " + view.id;
-        const isImage = url.startsWith("data:image/") || IMAGE.test(new URL(url).pathname);
-        const content = isImage ? el("img", { src: url, alt: label, decoding: "async" }) : label;
-        return el("li", {}, el("a", { href: url, rel: "noreferrer" }, content));
+        const item = items[index];
+        const stored = Relay.fileUrl(item, currentToken);
+        const shown = stored || url;
+        const label = "Output " + (index + 1) + " of " + view.id + (stored ? " (archived copy)" : "");
+        const typed = item && item.content_type ? item.content_type.startsWith("image/") : null;
+        const isImage = typed ?? (url.startsWith("data:image/") || IMAGE.test(new URL(url).pathname));
+        const content = isImage ? el("img", { src: shown, alt: label, decoding: "async" }) : label;
+        const link = el("a", { href: shown, rel: "noreferrer" }, content);
+        const note = archiveNote(item);
+        return note ? el("li", { "data-archive": item.status }, link, note) : el("li", {}, link);
       })
     );
+  }
+
+  /** Once a prediction has ended with output, follow its archive until every file is settled. */
+  function watchArchive(view) {
+    if (view.archiveWatch || !Relay.isTerminal(view.status) || outputUrls(view.output).length === 0) return;
+    if ((view.archive || []).length && !view.archive.some((item) => item.status === "pending")) return;
+    view.archiveWatch = Relay.watchArchive(view.id, {
+      token: currentToken,
+      onArchive(items) {
+        view.archive = items;
+        if (view.parts) renderOutputs(view);
+      },
+    });
   }
 
   function showConnection(name, detail) {
@@ -299,6 +333,7 @@
       views.set(view.id, view);
       addCard(view, false);
       render(view);
+      watchArchive(view);
     }
     showEmpty();
     Relay.subscribeAll({
@@ -309,6 +344,7 @@
         const view = applyEvent(event);
         if (!known) addCard(view, true);
         render(view);
+        watchArchive(view);
         if (Relay.isTerminal(event.status)) refreshSpend(true);
       },
       onConnection: showConnection,
@@ -344,6 +380,7 @@
         applyEvent(event);
         addEventRow(event);
         render(view);
+        watchArchive(view);
         $("logs").textContent = view.logs || "";
       },
       onConnection: showConnection,
@@ -358,6 +395,7 @@
   // --- start ---------------------------------------------------------------------------------
 
   const token = takeToken();
+  const currentToken = token;
   if (!token) {
     tokenProblem(
       "No admin token. Open the dashboard link that relay serve printed (it ends in #token=…), " +

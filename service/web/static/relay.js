@@ -11,6 +11,12 @@
  *   });
  *   sub.close();
  *
+ *   // Stored copies of the outputs (Relay keeps them after Replicate deletes its own, an hour
+ *   // after completion): each item is {url, status: "pending"|"stored"|"failed", file, reason}.
+ *   const watch = Relay.watchArchive("PREDICTION_ID", { token: "…", onArchive(items) {} });
+ *   Relay.fileUrl(item, token)      // the stored copy's URL (with ?token=) once "stored", else null
+ *   Relay.outputUrl(url, items, token)  // the stored copy of an output URL if any, else the URL
+ *
  * The socket reconnects by itself with capped exponential backoff and jitter, resuming with
  * `after=` the last seq it delivered, so a dropped connection loses nothing and repeats nothing.
  */
@@ -201,5 +207,77 @@
     return stream("/events/ws", "/admin/predictions?limit=1", options, false);
   }
 
-  root.Relay = { subscribe, subscribeAll, parseProgress, isTerminal, supersedes, TERMINAL_STATUSES };
+  // --- the output archive ----------------------------------------------------------------
+
+  const ARCHIVE_FIRST_DELAY = 1000;
+  const ARCHIVE_MAX_DELAY = 60000;
+  const ARCHIVE_GIVE_UP = 2 * 3600 * 1000; // Relay itself stops retrying about an hour after completion
+
+  /** The stored copy of an archive item, as a URL that carries the token (for <img src>). */
+  function fileUrl(item, token) {
+    if (!item || item.status !== "stored" || typeof item.file !== "string") return null;
+    return item.file + (token ? "?token=" + encodeURIComponent(token) : "");
+  }
+
+  /** The URL to show for an output: its stored copy once archived, the original until then. */
+  function outputUrl(url, items, token) {
+    const item = (items || []).find((candidate) => candidate.url === url);
+    return fileUrl(item, token) || url;
+  }
+
+  /** One prediction's `archive` list (GET /predictions/{id}). */
+  async function fetchArchive(predictionId, options) {
+    const url = httpBase(options.base) + "/predictions/" + encodeURIComponent(predictionId);
+    const response = await fetch(url, { headers: { Authorization: "Bearer " + options.token }, cache: "no-store" });
+    if (!response.ok) throw Object.assign(new Error("HTTP " + response.status), { status: response.status });
+    const body = await response.json();
+    return Array.isArray(body.archive) ? body.archive : [];
+  }
+
+  /** Poll a prediction's archive (backing off) until no item is pending; `onArchive(items)` on each change. */
+  function watchArchive(predictionId, options) {
+    let timer = null;
+    let stopped = false;
+    let last = "";
+    const started = Date.now();
+    async function poll(delay) {
+      let items = null;
+      try {
+        items = await fetchArchive(predictionId, options);
+      } catch (error) {
+        if (error.status === 401 || error.status === 403 || error.status === 404) return; // nothing to watch
+      }
+      if (stopped) return;
+      if (items !== null) {
+        const key = JSON.stringify(items);
+        if (key !== last) {
+          last = key;
+          if (options.onArchive) options.onArchive(items);
+        }
+        if (!items.some((item) => item.status === "pending")) return;
+      }
+      if (Date.now() - started > ARCHIVE_GIVE_UP) return;
+      timer = setTimeout(() => poll(Math.min(delay * 2, ARCHIVE_MAX_DELAY)), delay);
+    }
+    poll(ARCHIVE_FIRST_DELAY);
+    return {
+      close() {
+        stopped = true;
+        clearTimeout(timer);
+      },
+    };
+  }
+
+  root.Relay = {
+    subscribe,
+    subscribeAll,
+    parseProgress,
+    isTerminal,
+    supersedes,
+    watchArchive,
+    fetchArchive,
+    fileUrl,
+    outputUrl,
+    TERMINAL_STATUSES,
+  };
 })(typeof self !== "undefined" ? self : this);

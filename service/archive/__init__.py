@@ -1,0 +1,1 @@
+"""Output archive: every output file of a prediction, kept after Replicate deletes it."""

@@ -1,0 +1,1 @@
+"""Outbound network access that a webhook's content can steer (archive fetches, replays)."""

@@ -1,0 +1,149 @@
+"""`GET /files/<sha256>`: an archived output file, streamed, to whoever may read a prediction
+whose output holds it (the admin token, or that prediction's subscriber token)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from service.archive.files import SHA256, StoredFile, byte_span, file_chunks, find_copy
+from service.core import crypto
+from service.core.auth import ALL_PREDICTIONS, matches_any, token_from, token_prediction
+from service.core.errors import Forbidden, NotFound, Unauthorized
+from service.core.openapi import ADMIN, SUBSCRIBER, TOKEN_QUERY, errors, operation, path_param
+from service.db import store
+from service.db.events import open_body
+from service.web.state import relay_of
+
+log = logging.getLogger("relay.files")
+
+# The file never changes (its name is its hash), but only token holders may read it: browsers
+# may keep it for a year, shared caches may not keep it at all. The sandbox CSP and nosniff
+# keep a stored file from ever running as a page on Relay's origin.
+FILE_HEADERS = {
+    "Cache-Control": "private, max-age=31536000, immutable",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+    "Cross-Origin-Resource-Policy": "same-site",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+async def locate(request: Request, sha256: str) -> StoredFile:
+    """The copy this caller may read: 401 without a token, 403 when it reads no prediction that
+    holds the file (the same answer whether or not the file exists), 404 for the admin."""
+    relay = relay_of(request)
+    settings = relay.settings
+    token = token_from(request.headers, request.query_params)
+    if token is None:
+        raise Unauthorized("a token is required: ?token=<subscriber token> or Authorization: Bearer")
+    admin = matches_any(token, [settings.admin_token] if settings.admin_token else [])
+    if not admin and not settings.subscribe_key:
+        raise Forbidden("the token is not valid")
+    prediction_id = None if admin else token_prediction(token, str(settings.subscribe_key))
+    async with relay.pool.acquire() as conn:
+        if prediction_id is None or prediction_id == ALL_PREDICTIONS:
+            found = await find_copy(conn, sha256, relay.vault, admin=True)
+        else:
+            row = await store.fetch_prediction(conn, prediction_id)
+            output_of = open_body(row, relay.vault) if row is not None else None
+            found = await find_copy(conn, sha256, relay.vault, output_of)
+    if found is None:
+        if admin or prediction_id == ALL_PREDICTIONS:
+            raise NotFound(f"no stored file {sha256}")
+        raise Forbidden("the subscriber token is for a prediction whose output does not hold this file")
+    return found
+
+
+async def serve_file(request: Request) -> Response:
+    sha256 = request.path_params["sha256"]
+    if not SHA256.fullmatch(sha256):
+        raise NotFound("a file is named by its SHA-256: 64 lower-case hex digits")
+    relay = relay_of(request)
+    if relay.archive_store is None:
+        raise NotFound("the output archive is off (RELAY_ARCHIVE=off)")
+    stored = await locate(request, sha256)
+    etag = f'"{stored.sha256}"'
+    headers = {**FILE_HEADERS, "ETag": etag}
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    requested = request.headers.get("range")
+    if stored.sealed or requested is None or "," in requested or not requested.startswith("bytes="):
+        headers["Accept-Ranges"] = "none" if stored.sealed else "bytes"
+        headers["Content-Length"] = str(stored.size)
+        chunks = await primed(file_chunks(relay.archive_store, stored), stored)
+        return StreamingResponse(_logged(chunks, stored), media_type=stored.content_type, headers=headers)
+    span = byte_span(requested, stored.size)
+    if span is None:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{stored.size}"})
+    start, end = span
+    headers.update({"Accept-Ranges": "bytes", "Content-Length": str(end - start)})
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{stored.size}"
+    chunks = await primed(file_chunks(relay.archive_store, stored, span), stored)
+    return StreamingResponse(
+        _logged(chunks, stored), status_code=206, media_type=stored.content_type, headers=headers
+    )
+
+
+async def primed(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncIterator[bytes]:
+    """`chunks` with its first chunk already read, so that an object missing from the store is
+    a 404 before any header is sent (not a response cut short)."""
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = b""
+    except FileNotFoundError:
+        log.error("stored file %s is missing from the store; RELAY_ARCHIVE must be shared by every instance",
+                  stored.sha256)  # fmt: skip
+        raise NotFound("the stored file is missing from this instance's archive store") from None
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return rest()
+
+
+async def _logged(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncIterator[bytes]:
+    """The body; a file that cannot be read to the end (a damaged object, an unreadable seal)
+    is logged and the response cut short, so the client sees an incomplete body, not a wrong one."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except (crypto.Unreadable, OSError) as error:
+        log.error(
+            "stored file %s cannot be read (%s); response cut short", stored.sha256, type(error).__name__
+        )
+        raise
+
+
+routes = [Route("/files/{sha256}", serve_file)]
+
+BYTES = {"schema": {"type": "string", "format": "binary"}}
+openapi = {
+    "/files/{sha256}": {
+        "get": operation(
+            "An archived output file",
+            tag="files",
+            description="To the admin token, or a subscriber token of a prediction whose output holds "
+            "the file. Single byte ranges for files stored in clear.",
+            security=[SUBSCRIBER, ADMIN],
+            parameters=[
+                path_param("sha256", "the file's SHA-256", {"type": "string", "pattern": "^[0-9a-f]{64}$"}),
+                TOKEN_QUERY,
+            ],
+            responses={
+                200: {"description": "The file, with its content type", "content": {"*/*": BYTES}},
+                206: {"description": "The requested range", "content": {"*/*": BYTES}},
+                304: {"description": "Not modified (If-None-Match)"},
+                416: {"description": "The range is outside the file"},
+                **errors(401, 403, 404),
+            },
+        )
+    }
+}

@@ -1,0 +1,50 @@
+"""A real S3-protocol server for tests: moto's ThreadedMotoServer on port 0, with the standard
+AWS variables pointing at it (as an operator would for MinIO or R2)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+_buckets = itertools.count()
+
+
+class S3:
+    def __init__(self) -> None:
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> S3:
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "relay-test",
+            "AWS_SECRET_ACCESS_KEY": "relay-test-secret",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+        }
+        for name, value in self.env.items():
+            self.saved[name] = os.environ.get(name)
+            os.environ[name] = value
+        return self
+
+    def new_bucket(self) -> str:
+        """A fresh bucket; its RELAY_ARCHIVE URL (with a prefix)."""
+        name = f"relay-test-{os.getpid()}-{next(_buckets)}"
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                     aws_access_key_id="relay-test", aws_secret_access_key="relay-test-secret",
+                     ).create_bucket(Bucket=name)  # fmt: skip
+        return f"s3://{name}/outputs"
+
+    def __exit__(self, *exc: object) -> None:
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self.server.stop()

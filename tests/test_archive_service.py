@@ -1,0 +1,274 @@
+"""Output archive through `relay serve`: /files auth, kill -9 mid-download, two instances."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.core.auth import mint_token
+
+from .fake_replicate import FakeReplicate, api_client, relay_for
+from .fileserver import DRIP, FileServer, png
+from .support import (
+    ADMIN_TOKEN,
+    ROOT,
+    SUBSCRIBE_KEY,
+    Postgres,
+    RelayProcess,
+    admin_headers,
+    free_port,
+    new_prediction_id,
+    post_webhook,
+    query,
+    relay_env,
+)
+
+
+def archive_env(dsn: str, store: Path, origin: str, **extra: str) -> dict[str, str]:
+    places = {"RELAY_ARCHIVE": store.as_uri(), "RELAY_DATA_DIR": str(store.parent)}
+    return relay_env(dsn, RELAY_ARCHIVE_HOSTS=origin, **places, **extra)
+
+
+def succeeded(prediction_id: str, output: Any) -> dict[str, Any]:
+    return {"id": prediction_id, "status": "succeeded", "output": output}
+
+
+def wait_for(check: Any, timeout: float = 30, message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+def stored_objects(store: Path) -> list[Path]:
+    return sorted(p for p in store.rglob("*") if p.is_file())
+
+
+def test_files_are_served_to_the_admin_and_the_right_subscriber_only(
+    postgres: Postgres, files: FileServer, tmp_path: Path
+) -> None:
+    """/files/<sha256>: 401 without a token, 403 for another prediction's token, 200 with type,
+    length, ETag and an immutable cache header for the admin and the prediction's subscriber."""
+    body = png(11, 80)
+    url = files.add("/out/11.png", body)
+    prediction, other = new_prediction_id(), new_prediction_id()
+    env = archive_env(postgres.new_database(), tmp_path / "files", files.origin)
+    with RelayProcess(env) as relay, httpx.Client(base_url=relay.url, timeout=10) as client:
+        assert post_webhook(client, succeeded(prediction, [url])).status_code == 200
+        assert post_webhook(client, succeeded(other, [])).status_code == 200
+
+        def archived() -> dict[str, Any] | None:
+            state = client.get(f"/predictions/{prediction}", headers=admin_headers()).json()
+            return state["archive"][0] if state["archive"][0]["status"] == "stored" else None
+
+        item = wait_for(archived, message="the output to be stored")
+        sha = hashlib.sha256(body).hexdigest()
+        assert item == {"url": url, "status": "stored", "file": f"/files/{sha}", "sha256": sha,
+                        "size": len(body), "content_type": "image/png"}  # fmt: skip
+        path = item["file"]
+        assert client.get(path).status_code == 401
+        wrong = client.get(path, params={"token": mint_token(SUBSCRIBE_KEY, other)})
+        assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "FORBIDDEN"
+        for token in (ADMIN_TOKEN, mint_token(SUBSCRIBE_KEY, prediction)):
+            answer = client.get(path, headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 200 and answer.content == body
+            assert answer.headers["content-type"] == "image/png"
+            assert answer.headers["content-length"] == str(len(body))
+            assert answer.headers["etag"] == f'"{sha}"'
+            assert "immutable" in answer.headers["cache-control"]
+            assert answer.headers["x-content-type-options"] == "nosniff"
+        again = client.get(path, params={"token": ADMIN_TOKEN}, headers={"If-None-Match": f'"{sha}"'})
+        assert again.status_code == 304
+        part = client.get(path, params={"token": ADMIN_TOKEN}, headers={"Range": "bytes=8-23"})
+        assert part.status_code == 206 and part.content == body[8:24]
+        assert part.headers["content-range"] == f"bytes 8-23/{len(body)}"
+        beyond = client.get(path, params={"token": ADMIN_TOKEN}, headers={"Range": f"bytes={len(body)}-"})
+        assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(body)}"
+        assert client.get("/files/" + "0" * 64, params={"token": ADMIN_TOKEN}).status_code == 404
+        assert (
+            client.get(
+                "/files/" + "0" * 64, params={"token": mint_token(SUBSCRIBE_KEY, prediction)}
+            ).status_code
+            == 403
+        )
+        metrics = client.get("/metrics").text
+        assert "relay_archive_files_total 1.0" in metrics and "relay_archive_bytes_total" in metrics
+        for lost in stored_objects(tmp_path / "files"):  # a store not shared by every instance
+            lost.unlink()
+        missing = client.get(path, params={"token": ADMIN_TOKEN})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "NOT_FOUND"
+    assert files.counts()["/out/11.png"] == 1
+
+
+def test_kill_9_mid_download_resumes_after_restart_with_one_object(
+    postgres: Postgres, files: FileServer, tmp_path: Path
+) -> None:
+    """A process killed while downloading leaves no object; the restarted one stores exactly one."""
+    body = png(12, 40)
+    url = files.add("/slow.png", body)
+    files.script["/slow.png"] = [DRIP]
+    store = tmp_path / "files"
+    env = archive_env(postgres.new_database(), store, files.origin)
+    relay = RelayProcess(env).start()
+    try:
+        with httpx.Client(base_url=relay.url, timeout=10) as client:
+            assert post_webhook(client, succeeded(new_prediction_id(), [url])).status_code == 200
+        assert files.drip_started.wait(20), "the download never started"
+        time.sleep(0.5)  # some bytes are in the spool file now
+        relay.stop(signal.SIGKILL)
+    finally:
+        relay.stop()
+    assert stored_objects(store) == []
+    assert list((tmp_path / "archive-spool").glob("*.part")), "a partial download was left behind"
+    with RelayProcess(env, port=relay.port):
+        wait_for(lambda: query(env["DATABASE_URL"], "SELECT 1 FROM archive_jobs WHERE status = 'stored'"),
+                 message="the job to be stored after the restart")  # fmt: skip
+    [only] = stored_objects(store)
+    assert only.read_bytes() == body and only.name == hashlib.sha256(body).hexdigest()
+    assert list((tmp_path / "archive-spool").glob("*.part")) == []
+    assert files.counts()["/slow.png"] == 2
+
+
+def test_two_instances_share_200_files_and_fetch_each_once(
+    postgres: Postgres, files: FileServer, tmp_path: Path
+) -> None:
+    """Two `relay serve` on one database and store: every file is fetched once and stored once."""
+    files.delay = 0.05  # long enough that both instances claim work (each polls every second)
+    urls = [files.add(f"/many/{n}.png", png(1000 + n, 24)) for n in range(200)]
+    store = tmp_path / "files"
+    dsn = postgres.new_database()
+    env = archive_env(dsn, store, files.origin)
+    with RelayProcess(env) as first, RelayProcess(env) as second:
+        with httpx.Client(base_url=first.url, timeout=10) as client:
+            for start in range(0, 200, 10):
+                output = {"images": urls[start : start + 10]}
+                assert post_webhook(client, succeeded(new_prediction_id(), output)).status_code == 200
+        stored = "SELECT count(*) AS n FROM archive_jobs WHERE status = 'stored'"
+        wait_for(lambda: query(dsn, stored)[0]["n"] == 200, timeout=90, message="200 stored files")
+        per_instance = [
+            float(line.split()[-1])
+            for relay in (first, second)
+            for line in httpx.get(relay.url + "/metrics").text.splitlines()
+            if line.startswith("relay_archive_files_total ")
+        ]
+    counts = files.counts()
+    assert len(counts) == 200 and set(counts.values()) == {1}, "a file was fetched twice"
+    assert len(stored_objects(store)) == 200
+    assert sum(per_instance) == 200 and all(per_instance), f"one instance did all the work: {per_instance}"
+
+
+def relay_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def test_archive_status_lists_failures_and_retry_fetches_again(
+    postgres: Postgres, files: FileServer, tmp_path: Path
+) -> None:
+    """`relay archive status --failed` names the reason; `relay archive retry` re-queues the job."""
+    prediction = new_prediction_id()
+    url = files.origin + "/late.png"
+    env = archive_env(postgres.new_database(), tmp_path / "files", files.origin)
+    stored = "SELECT status FROM archive_jobs"
+    with RelayProcess(env) as relay, httpx.Client(base_url=relay.url, timeout=10) as client:
+        assert post_webhook(client, succeeded(prediction, [url])).status_code == 200
+        wait_for(
+            lambda: query(env["DATABASE_URL"], stored) == [("failed",)] or None, message="the 404 to fail"
+        )
+        status = relay_command("archive", "status", "--failed", env=env)
+        assert status.returncode == 0, status.stderr
+        assert (
+            "0 pending, 0 stored, 1 failed" in status.stdout
+            and "failed: HTTP 404: the file is gone" in status.stdout
+        )
+        assert "/late.png" not in status.stdout  # an output URL is content: only its origin is shown
+        files.add("/late.png", png(21))
+        again = relay_command("archive", "retry", prediction, env=env)
+        assert again.returncode == 0 and "re-queued 1" in again.stdout, again.stderr
+        wait_for(
+            lambda: query(env["DATABASE_URL"], stored) == [("stored",)] or None, message="the retry to store"
+        )
+        mine = relay_command("archive", "status", "--prediction", prediction, env=env)
+        assert "1 stored" in mine.stdout and "image/png" in mine.stdout
+    missing = relay_command("archive", "retry", "nothing-here", env=env)
+    assert missing.returncode == 2 and "no failed archive job" in missing.stderr
+
+
+def test_relay_forget_deletes_the_archived_files(
+    postgres: Postgres, files: FileServer, tmp_path: Path
+) -> None:
+    """With encryption on, `relay forget` removes the prediction's stored files from the store."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    prediction = new_prediction_id()
+    url = files.add("/mine.png", png(22, 64))
+    store = tmp_path / "files"
+    env = archive_env(postgres.new_database(), store, files.origin, RELAY_ENCRYPTION_KEY=key)
+    with RelayProcess(env) as relay, httpx.Client(base_url=relay.url, timeout=10) as client:
+        assert post_webhook(client, succeeded(prediction, [url])).status_code == 200
+        wait_for(lambda: stored_objects(store), message="the file to be stored")
+    [sealed] = stored_objects(store)
+    assert png(22, 64) not in sealed.read_bytes()
+    forget = relay_command("forget", prediction, env=env)
+    assert forget.returncode == 0, forget.stderr
+    assert "deleted 1 archived file(s)" in forget.stdout
+    assert stored_objects(store) == []
+    assert query(env["DATABASE_URL"], "SELECT count(*) FROM archive_jobs")[0][0] == 0
+
+
+def test_relay_simulate_serve_outputs_is_archived(postgres: Postgres, tmp_path: Path) -> None:
+    """`relay simulate --serve-outputs` serves real PNGs that an instance allowing its origin archives."""
+    port = free_port()
+    store = tmp_path / "files"
+    env = archive_env(postgres.new_database(), store, f"http://127.0.0.1:{port}")
+    with RelayProcess(env) as relay:
+        options = ["--predictions", "3", "--serve-outputs", "--outputs-port", str(port), "--seed", "3"]
+        ran = relay_command("simulate", "--url", relay.url + "/webhooks/replicate", *options, env=env)
+        assert ran.returncode == 0, ran.stderr
+        assert f"served 3 of 3 output files from http://127.0.0.1:{port}" in ran.stdout
+        stored = "SELECT content_type FROM archive_jobs WHERE status = 'stored'"
+        rows = wait_for(
+            lambda: len(query(env["DATABASE_URL"], stored)) == 3 and query(env["DATABASE_URL"], stored)
+        )
+    assert [row["content_type"] for row in rows] == ["image/png"] * 3
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in stored_objects(store))
+
+
+def test_api_get_carries_the_archive_of_replicates_output(
+    postgres: Postgres, files: FileServer, tmp_path: Path
+) -> None:
+    """GET /api/predictions/{id} lists each allowed output URL of Replicate's answer with its copy."""
+    body = png(31, 48)
+    url = files.add("/api/out.png", body)
+    places = {"RELAY_ARCHIVE": (tmp_path / "files").as_uri(), "RELAY_DATA_DIR": str(tmp_path)}
+    dsn = postgres.new_database()
+    with (
+        FakeReplicate() as fake,
+        relay_for(dsn, fake, RELAY_ARCHIVE_HOSTS=files.origin, **places) as relay,
+        api_client(relay) as api,
+    ):
+        created = api.post("/api/predictions", json={"model": "owner/model", "input": {"prompt": "x"}}).json()
+        prediction = created["id"]
+        wait_for(lambda: fake.predictions[prediction]["status"] == "succeeded", message="the fake to finish")
+        fake.predictions[prediction] = {
+            **fake.predictions[prediction],
+            "output": [url, "https://elsewhere.test/x"],
+        }
+        assert post_webhook(api, succeeded(prediction, [url])).status_code == 200
+
+        def archived() -> list[dict[str, Any]] | None:
+            archive = api.get(f"/api/predictions/{prediction}").json()["archive"]
+            return archive if archive and archive[0]["status"] == "stored" else None
+
+        [item] = wait_for(archived, message="the API to show the stored copy")
+    assert item["file"] == f"/files/{hashlib.sha256(body).hexdigest()}" and item["url"] == url

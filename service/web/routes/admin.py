@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -68,9 +69,9 @@ routes = [
     Route("/admin/replay", post_replay, methods=["POST"]),
 ]
 
-MOMENT = {"type": "string", "format": "date-time", "description": "ISO 8601 on received_at"}
-TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT, "pattern": "^[^\\x00]*$"}
-FILTER_SCHEMAS = {
+MOMENT: dict[str, Any] = {"type": "string", "format": "date-time", "description": "ISO 8601 on received_at"}
+TEXT: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT, "pattern": "^[^\\x00]*$"}
+FILTER_SCHEMAS: dict[str, dict[str, Any]] = {
     "prediction_id": TEXT,
     "status": TEXT,
     "source": {"enum": list(SOURCES)},

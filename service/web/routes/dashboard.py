@@ -97,7 +97,7 @@ routes = [
 ]
 
 
-def _file(media_type: str, description: str) -> dict:
+def _file(media_type: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
 
 

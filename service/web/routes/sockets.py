@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Coroutine
+from typing import Any
 
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -182,7 +183,7 @@ async def close(websocket: WebSocket, code: int) -> None:
 
 
 # WebSocket routes are outside OpenAPI's HTTP model: docs/api.md describes them.
-openapi: dict[str, dict[str, dict]] = {}
+openapi: dict[str, dict[str, dict[str, Any]]] = {}
 
 routes = [
     WebSocketRoute("/predictions/{prediction_id}/ws", prediction_stream),

@@ -92,6 +92,7 @@ class FakeReplicate:
         self.lose: set[str] = set()  # webhook events never delivered ("logs", "completed", ...)
         self.hold = False  # keep predictions running (before completing) until cleared or canceled
         self.outcome = "succeeded"  # how the next predictions end: succeeded, failed or canceled
+        self.output: list[str] | None = None  # output URLs of the next predictions (else Replicate-like)
         self.tasks: set[asyncio.Future] = set()
         self.webhook_results: list[int] = []
         self._server: uvicorn.Server | None = None
@@ -117,6 +118,7 @@ class FakeReplicate:
         self.lose = set()
         self.hold = False
         self.outcome = "succeeded"
+        self.output = None
 
     def calls(self, method: str, path_regex: str) -> list[Seen]:
         pattern = re.compile(path_regex)
@@ -188,6 +190,8 @@ class FakeReplicate:
         prediction_id = "p" + uuid.uuid4().hex[:25]
         bodies = lifecycle(prediction_id, self.outcome)
         for item in bodies:
+            if self.output is not None and item.get("output"):
+                item["output"] = list(self.output)
             named_model, version_id = answered_model(body.get("version"), model)
             item.update(
                 input=body["input"],

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -20,6 +22,7 @@ from .fake_replicate import (
     relay_for,
     watch,
 )
+from .fileserver import png
 from .support import ADMIN_TOKEN, RelayProcess, admin_headers, query
 
 ENCRYPTION_KEY = base64.b64encode(b"k" * 32).decode()
@@ -184,3 +187,30 @@ def test_the_cache_survives_a_restart(cache_db, fake):
     ):
         answer = http.post("/api/predictions", json=body)
     assert answer.status_code == 200 and answer.json()["relay"]["source"] == created["id"]
+
+
+def test_a_cached_answer_points_at_the_archived_copies(postgres, files, tmp_path):
+    """Replicate deletes outputs after an hour: a cached answer serves Relay's stored copies."""
+    body = png(7, 40)
+    url = files.add("/cached/out.png", body)
+    places = {"RELAY_ARCHIVE": (tmp_path / "files").as_uri(), "RELAY_DATA_DIR": str(tmp_path)}
+    with (
+        FakeReplicate() as fake,
+        relay_for(postgres.new_database(), fake, RELAY_ARCHIVE_HOSTS=files.origin, **places) as relay,
+        api_client(relay) as http,
+    ):
+        fake.output = [url]
+        request = {**CACHED, "input": unique_input("archived")}
+        created = http.post("/api/predictions", json=request).json()
+        finished(relay, created)
+        deadline = time.monotonic() + 30
+        while (
+            http.get(f"/predictions/{created['id']}", headers=admin_headers()).json()["archive"][0]["status"]
+            != "stored"
+        ):
+            assert time.monotonic() < deadline, "the output was never archived"
+            time.sleep(0.1)
+        answer = http.post("/api/predictions", json=request).json()
+    copy = f"/files/{hashlib.sha256(body).hexdigest()}"
+    assert answer["relay"]["cached"] is True and answer["output"] == [relay.url + copy]
+    assert answer["archive"][0]["url"] == url and answer["archive"][0]["file"] == copy

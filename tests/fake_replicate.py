@@ -45,6 +45,7 @@ CREATE = {"model": QWEN, "input": QWEN_INPUT}
 VERSION = "5a8b5e4bd4e1b1d3b9a8c9e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5"
 WEBHOOK_GAP = 0.03
 PAGE_SIZE = 2
+FINAL_RETRY_FOR, FINAL_RETRY_GAP = 30.0, 0.2
 
 
 @dataclass
@@ -95,6 +96,15 @@ class FakeReplicate:
         self.output: list[str] | None = None  # output URLs of the next predictions (else Replicate-like)
         self.tasks: set[asyncio.Future] = set()
         self.webhook_results: list[int] = []
+        # Batches: created predictions not yet terminal, and the most there ever were at once.
+        self.unfinished: set[str] = set()
+        self.max_unfinished = 0
+        self.created: dict[str, dict[str, Any]] = {}  # since reset: prediction id -> create request
+        self.retry_final = False  # resend a failed `completed` delivery (as Replicate does) for 30 s
+        self.answer_delay = 0.0  # create, start running, then wait this long before answering
+        self.output_base: str | None = None  # serve outputs from here instead of replicate.delivery
+        self.instant = False  # (bench) each prediction sends `start` then `completed` at once
+        self._shared: httpx.AsyncClient | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -119,6 +129,12 @@ class FakeReplicate:
         self.hold = False
         self.outcome = "succeeded"
         self.output = None
+        self.unfinished = set()
+        self.max_unfinished = 0
+        self.created = {}
+        self.retry_final = False
+        self.answer_delay = 0.0
+        self.output_base = None
 
     def calls(self, method: str, path_regex: str) -> list[Seen]:
         pattern = re.compile(path_regex)
@@ -156,7 +172,10 @@ class FakeReplicate:
         if seen.authorization != f"Bearer {TOKEN}":
             body = error_body(401, "Unauthenticated", "You did not pass a valid authentication token")
             return JSONResponse(body, status_code=401)
-        return self._route(request, path, parsed)
+        response = self._route(request, path, parsed)
+        if self.answer_delay and request.method == "POST" and path.endswith("/predictions"):
+            await asyncio.sleep(self.answer_delay)  # the prediction exists; its answer is late
+        return response
 
     @staticmethod
     def _scripted_response(answer: Answer) -> Response:
@@ -200,11 +219,18 @@ class FakeReplicate:
                 webhook=body.get("webhook"),
                 webhook_events_filter=body.get("webhook_events_filter"),
             )
+            if self.output_base and item.get("output"):
+                item["output"] = [
+                    url.replace("https://replicate.delivery", self.output_base) for url in item["output"]
+                ]
             item["urls"] = {
                 key: url.replace("https://api.replicate.com/v1", self.api_base)
                 for key, url in item["urls"].items()
             }
         self.predictions[prediction_id] = bodies[0]
+        self.unfinished.add(prediction_id)
+        self.created[prediction_id] = body
+        self.max_unfinished = max(self.max_unfinished, len(self.unfinished))
         task = asyncio.ensure_future(self._run(prediction_id, bodies, body.get("webhook"), body))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -213,6 +239,7 @@ class FakeReplicate:
     def _cancel(self, prediction: dict[str, Any]) -> Response:
         if prediction["status"] in ("starting", "processing"):
             prediction.update(status="canceled", completed_at=prediction["created_at"])
+            self.unfinished.discard(prediction["id"])
         return JSONResponse(prediction)
 
     def _list(self, cursor: str | None) -> Response:
@@ -235,20 +262,39 @@ class FakeReplicate:
     # ---- the prediction "running" ----------------------------------------------------------
     async def _run(self, prediction_id: str, bodies: list[dict], webhook: str | None, request: dict) -> None:
         wanted = set(request.get("webhook_events_filter") or ["start", "output", "logs", "completed"])
+        if self.instant:
+            if self._shared is None:
+                limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+                self._shared = httpx.AsyncClient(timeout=30, limits=limits)
+            await self._send_all(prediction_id, [bodies[0], bodies[-1]], webhook, wanted, self._shared, 0.0)
+            return
         async with httpx.AsyncClient(timeout=10) as client:
-            for index, body in enumerate(bodies):
-                while index == len(bodies) - 1 and self.hold and not self._canceled(prediction_id):
-                    await asyncio.sleep(WEBHOOK_GAP)
-                if self._canceled(prediction_id):
-                    body = self.predictions[prediction_id]
-                    index = len(bodies) - 1
-                self.predictions[prediction_id] = body
-                event = self._event(index, len(bodies), body)
-                if webhook and event in wanted and event not in self.lose:
-                    await self._deliver(client, webhook, body)
-                if index == len(bodies) - 1:
-                    return
+            await self._send_all(prediction_id, bodies, webhook, wanted, client, WEBHOOK_GAP)
+
+    async def _send_all(
+        self,
+        prediction_id: str,
+        bodies: list[dict],
+        webhook: str | None,
+        wanted: set[str],
+        client: httpx.AsyncClient,
+        gap: float,
+    ) -> None:
+        for index, body in enumerate(bodies):
+            while index == len(bodies) - 1 and self.hold and not self._canceled(prediction_id):
                 await asyncio.sleep(WEBHOOK_GAP)
+            if self._canceled(prediction_id):
+                body = self.predictions[prediction_id]
+                index = len(bodies) - 1
+            self.predictions[prediction_id] = body
+            event = self._event(index, len(bodies), body)
+            if event == "completed":
+                self.unfinished.discard(prediction_id)  # terminal upstream before it is sent
+            if webhook and event in wanted and event not in self.lose:
+                await self._deliver(client, webhook, body, final=event == "completed")
+            if index == len(bodies) - 1:
+                return
+            await asyncio.sleep(gap)
 
     def _canceled(self, prediction_id: str) -> bool:
         return self.predictions[prediction_id]["status"] == "canceled"
@@ -261,21 +307,33 @@ class FakeReplicate:
             return "completed"
         return "output" if body.get("output") else "logs"
 
-    async def _deliver(self, client: httpx.AsyncClient, url: str, body: dict) -> None:
+    async def _deliver(self, client: httpx.AsyncClient, url: str, body: dict, final: bool = False) -> None:
         raw = json.dumps(body).encode()
-        headers = signed_headers(WEBHOOK_KEY, "msg_" + uuid.uuid4().hex, raw)
-        try:
-            response = await client.post(url, content=raw, headers=headers)
-        except httpx.HTTPError:
-            self.webhook_results.append(0)
-        else:
-            self.webhook_results.append(response.status_code)
+        webhook_id = "msg_" + uuid.uuid4().hex
+        deadline = time.monotonic() + (FINAL_RETRY_FOR if final and self.retry_final else 0)
+        while True:
+            headers = signed_headers(WEBHOOK_KEY, webhook_id, raw)
+            try:
+                status = (await client.post(url, content=raw, headers=headers)).status_code
+            except httpx.HTTPError:
+                status = 0
+            self.webhook_results.append(status)
+            if 200 <= status < 300 or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(FINAL_RETRY_GAP)
 
     # ---- lifecycle of the server -----------------------------------------------------------
     def __enter__(self) -> FakeReplicate:
         app = Starlette(routes=[Route("/v1/{path:path}", self.handle, methods=["GET", "POST"])])
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws="none", http="h11"
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            ws="none",
+            http="h11",
+            timeout_keep_alive=75,  # as long-lived as an API's: no race on an idle connection
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)

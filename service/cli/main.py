@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from service.cli import batches as batch_cli
 from service.cli import operators as console
 from service.cli import retention
 from service.cli.archive import add_archive_arguments, cmd_archive
@@ -152,6 +153,7 @@ COMMANDS: list[console.Command] = [
     ("archive", "output archive: status of downloads, retry failed ones", cmd_archive, add_archive_arguments),
     *console.COMMANDS,
     *retention.COMMANDS,
+    *batch_cli.COMMANDS,
 ]
 
 

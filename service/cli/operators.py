@@ -12,12 +12,12 @@ import contextlib
 import functools
 import json
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TextIO, TypeVar
 
 import asyncpg
 
+from service.cli.progress import Progress
 from service.core.errors import ConfigError, RelayError
 from service.core.filters import add_filter_arguments, filter_from_args
 from service.core.params import MAX_PAGE, parse_int
@@ -39,41 +39,6 @@ from service.ops.tail import tail, ws_base
 from service.privacy.erasure import ready_connection
 
 T = TypeVar("T")
-BAR_WIDTH = 20
-
-
-class Progress:
-    """`label: 12,345 (4,100/s)` redrawn on stderr at most ten times a second, on a terminal only.
-    With a `total` (read at each draw: a replay learns it from its plan) it is a bar,
-    `label: [#####...............] 460/1,840 (4,100/s)`."""
-
-    def __init__(self, label: str, quiet: bool, total: Callable[[], int] | None = None):
-        self.label, self.total = label, total
-        self.enabled = not quiet and sys.stderr.isatty()
-        self.count = 0
-        self.started = self.drawn = time.monotonic()
-
-    def __call__(self, n: int) -> None:
-        self.count += n
-        if self.enabled and time.monotonic() - self.drawn >= 0.1:
-            self.draw()
-
-    def draw(self, end: str = "") -> None:
-        self.drawn = time.monotonic()
-        rate = self.count / max(self.drawn - self.started, 1e-6)
-        sys.stderr.write(f"\r{self.label}: {self.counted()} ({rate:,.0f}/s)\x1b[K{end}")
-        sys.stderr.flush()
-
-    def counted(self) -> str:
-        total = self.total() if self.total is not None else 0
-        if not total:
-            return f"{self.count:,}"
-        filled = min(BAR_WIDTH, BAR_WIDTH * self.count // total)
-        return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {self.count:,}/{total:,}"
-
-    def close(self) -> None:
-        if self.enabled:
-            self.draw("\n")
 
 
 def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]], *, writes: bool = False) -> T:

@@ -26,6 +26,31 @@ def mint_token(key: str | None, prediction: str, ttl: int = DEFAULT_TTL) -> str:
     return jwt.encode(claims, key, algorithm="HS256")
 
 
+def mint_batch_token(key: str | None, batch_id: str, ttl: int = DEFAULT_TTL) -> str:
+    """A token for one batch's stream (`WS /batches/{id}/ws`): claim `batch`, and `exp`."""
+    if key is None:
+        raise ConfigError("RELAY_SUBSCRIBE_KEY is not set, so no batch token can be minted")
+    return jwt.encode({"batch": batch_id, "exp": int(time.time()) + ttl}, key, algorithm="HS256")
+
+
+def require_batch_reader(token: str | None, batch_id: str, admin_token: str | None, key: str | None) -> None:
+    """Allow the admin token, or a token whose `batch` claim is this batch."""
+    if token is None:
+        raise Unauthorized("a token is required: ?token=<batch token> or Authorization: Bearer")
+    if matches_any(token, [admin_token]):
+        return
+    if key is None:
+        raise Forbidden("the batch token is not valid")
+    try:
+        claims = jwt.decode(token, key, algorithms=["HS256"], options={"require": ["exp"]})
+    except jwt.ExpiredSignatureError:
+        raise Forbidden("the batch token has expired; GET the batch again for a new one") from None
+    except jwt.InvalidTokenError:
+        raise Forbidden("the batch token is not valid") from None
+    if claims.get("batch") != batch_id:
+        raise Forbidden("the token is not for this batch")
+
+
 def token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
     """The bearer token from `Authorization: Bearer …`, else from `?token=`."""
     header = headers.get("authorization", "")

@@ -54,6 +54,7 @@ class Message:
     text: str
     terminal: bool = False
     replayed: bool = False
+    prediction_id: str = ""
 
 
 class Subscriber:
@@ -159,6 +160,7 @@ class Hub:
                     event_text(row, self._vault, replayed=replayed),
                     terminal=is_terminal(row["status"]) and not replayed,
                     replayed=replayed,
+                    prediction_id=row["prediction_id"],
                 )
                 for subscriber in targets:
                     subscriber.offer(message)

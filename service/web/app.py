@@ -10,6 +10,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -24,6 +25,8 @@ from starlette.types import ExceptionHandler, Receive, Scope, Send
 
 from service.archive.stores import open_store
 from service.archive.worker import Archiver, Tuning
+from service.batches import store as batch_store
+from service.batches.scheduler import BUDGET_RECHECK, BudgetGate, Scheduler
 from service.core import metrics, openapi
 from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
 from service.core.settings import Settings
@@ -33,10 +36,11 @@ from service.live.hub import Hub
 from service.upstream.client import Upstream
 from service.upstream.reconcile import Reconciler
 from service.usage import budget
+from service.usage.report import month_spend
 from service.web.logs import RequestContext
 from service.web.origins import ApiCors
 from service.web.responses import error_response
-from service.web.routes import admin, dashboard, files, privacy, reading, sockets, usage, webhooks
+from service.web.routes import admin, batches, dashboard, files, privacy, reading, sockets, usage, webhooks
 from service.web.routes import api as predictions_api
 from service.web.routes import openapi as openapi_route
 from service.web.state import CONNECT_TIMEOUT, Relay, relay_of
@@ -131,6 +135,47 @@ def start_upstream(relay: Relay) -> None:
         reconciler.run(settings.reconcile_interval, settings.reconcile_after), name="relay-reconcile"
     )
     relay.background.add(task)  # a strong reference, so the task is never garbage collected
+
+
+def budget_gate(relay: Relay) -> BudgetGate | None:
+    """Why a batch may start no new item: this month's estimated spend has reached RELAY_BUDGET."""
+    settings = relay.settings
+    budget = settings.budget
+    if budget is None:
+        return None
+
+    async def blocked() -> str | None:
+        async with relay.pool.acquire() as conn:
+            spend = await month_spend(conn, settings.prices, datetime.now(UTC))
+        if spend < budget:
+            return None
+        return (
+            f"RELAY_BUDGET reached: {spend:.2f} of {budget:.2f} USD spent this month; "
+            "no new item starts until the month's spend allows"
+        )
+
+    return blocked
+
+
+async def start_batches(relay: Relay) -> None:
+    """The batch scheduler, driven by webhooks; it reaches Replicate through the upstream client.
+    Item predictions get ownership records once `prediction_owners` exists."""
+    if relay.upstream is None:
+        return
+    async with relay.pool.acquire() as conn:
+        owners = batch_store.record_owner if await batch_store.owners_table(conn) else None
+    relay.scheduler = Scheduler(
+        relay.pool,
+        relay.upstream,
+        relay.batch_link_key,
+        relay.settings.webhook_url,
+        budget=budget_gate(relay),
+        owners=owners,
+        budget_recheck=min(relay.settings.budget_interval, BUDGET_RECHECK),
+    )
+    task = asyncio.create_task(relay.scheduler.run(), name="relay-batches")
+    task.add_done_callback(log_crash)
+    relay.background.add(task)
 
 
 def start_budget(relay: Relay) -> None:
@@ -234,6 +279,7 @@ ROUTE_MODULES: tuple[Any, ...] = (
     sockets,
     admin,
     predictions_api,
+    batches,
     dashboard,
     privacy,
     usage,
@@ -293,6 +339,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         relay.committer = GroupCommitter(relay.pool, prepare=relay.vault.prepare, on_commit=handover)
         relay.committer.start()
         start_upstream(relay)
+        await start_batches(relay)
         start_budget(relay)
         relay.background.add(asyncio.create_task(partitions.keep_ahead(relay.pool), name="relay-partitions"))
         await start_archive(relay)

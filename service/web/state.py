@@ -13,6 +13,8 @@ import asyncpg
 from starlette.requests import HTTPConnection
 
 from service.archive.stores import ArchiveStore
+from service.batches.links import link_key
+from service.batches.scheduler import Scheduler
 from service.core.hosts import HostPolicy
 from service.core.settings import Settings
 from service.db.database import Databases
@@ -40,10 +42,13 @@ class Relay:
     background: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     archive_store: ArchiveStore | None = field(init=False, default=None)  # None: RELAY_ARCHIVE=off
     archive_policy: HostPolicy = field(init=False)
+    scheduler: Scheduler | None = field(init=False, default=None)  # batches, with an upstream
+    batch_link_key: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys
         self.vault = Vault(self.settings.key_encryption_keys)
+        self.batch_link_key = link_key(self.settings.subscribe_key or "")
         self.archive_policy = HostPolicy(self.settings.archive_hosts)
 
     async def listen_connection(self) -> asyncpg.Connection:

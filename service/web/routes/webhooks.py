@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import parse_qs
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from service.batches import store as batch_store
+from service.batches.links import QUERY_NAME, parse_ref
 from service.core.errors import BodyIncomplete, BodyTooLarge, RelayError
 from service.core.logcontext import bind, printable_id
 from service.core.metrics import DELIVERIES, DUPLICATES, INGEST_SECONDS, REJECTS
 from service.core.openapi import errors, header_param, json_body, operation
 from service.core.signatures import verify
+from service.core.statuses import is_terminal
+from service.db.store import Delivery
 from service.ingest.committer import webhook_delivery
 from service.web.responses import error_response
-from service.web.state import relay_of
+from service.web.state import Relay, relay_of
 
 log = logging.getLogger("relay.webhooks")
 
@@ -57,6 +62,26 @@ async def send_json(send: Send, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def bind_batch_item(relay: Relay, query_string: bytes, delivery: Delivery) -> bool:
+    """A delivery to a batch item's URL binds its prediction to the item before it is stored,
+    so the batch's stream knows the prediction by its first event and a create whose answer
+    was lost still finds its item. Whether the URL named a batch item."""
+    values = parse_qs(query_string.decode("latin-1")).get(QUERY_NAME)
+    ref = parse_ref(values[0], relay.batch_link_key) if values else None
+    if ref is None:
+        return False
+    scheduler = relay.scheduler
+    if scheduler is not None and scheduler.knows_bound(ref):
+        return True  # this process recorded the create's answer: already bound
+    async with relay.pool.acquire() as conn:
+        owner = await batch_store.bind(conn, ref, delivery.prediction_id)
+        if owner is not None and scheduler is not None and scheduler.owners is not None:
+            await scheduler.owners(conn, delivery.prediction_id, owner)
+    if scheduler is not None:
+        scheduler.remember_bound(ref)
+    return True
+
+
 class WebhookEndpoint:
     """An ASGI app (a class, so Starlette's `Route` does not wrap it as a request handler)."""
 
@@ -73,7 +98,10 @@ class WebhookEndpoint:
             )
             delivery = webhook_delivery(body, webhook_id, timestamp)
             bind(prediction_id=delivery.prediction_id)
+            item = scope["query_string"] and await bind_batch_item(relay, scope["query_string"], delivery)
             appended = await relay.committer.submit(delivery)
+            if item and relay.scheduler is not None and is_terminal(delivery.status):
+                relay.scheduler.nudge()  # once committed, so the scheduler sees the item ended
         except RelayError as error:
             REJECTS.labels(error.code).inc()
             REJECTED.inc()

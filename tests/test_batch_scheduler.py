@@ -1,0 +1,100 @@
+"""The scheduler's rules for creates Replicate did not clearly answer, on a real database."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+from service.batches import store as batches
+from service.batches.links import ItemRef, link_key
+from service.batches.requests import batch_request
+from service.batches.scheduler import Scheduler
+from service.core.errors import RelayError, error_class
+
+from .batch_support import qwen_inputs
+from .fake_replicate import QWEN
+
+WEBHOOK_URL = "http://127.0.0.1:9/webhooks/replicate"
+ProcessingError = error_class("ProcessingError", 502, "PROCESSING_ERROR")
+NetworkError = error_class("NetworkError", 502, "NETWORK_ERROR")
+
+
+class Reply:
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+
+
+class Upstream:
+    """Answers each create with the next scripted error, then with a new prediction."""
+
+    def __init__(self, *errors: RelayError):
+        self.errors = list(errors)
+        self.creates: list[dict[str, Any]] = []
+
+    async def create(self, path: str, payload: dict[str, Any]) -> Reply:
+        self.creates.append(payload)
+        if self.errors:
+            raise self.errors.pop(0)
+        return Reply({"id": f"p{len(self.creates)}", "status": "starting"})
+
+    async def cancel(self, prediction_id: str) -> Reply:
+        return Reply({"id": prediction_id, "status": "canceled"})
+
+
+async def new_batch(pool: asyncpg.Pool, items: int) -> str:
+    request = batch_request({"model": QWEN, "inputs": qwen_inputs(items), "concurrency": 5}, WEBHOOK_URL)
+    async with pool.acquire() as conn:
+        return (await batches.insert_batch(conn, "admin", request))["id"]
+
+
+async def statuses(pool: asyncpg.Pool, batch_id: str) -> list[tuple[str, str | None]]:
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT status, error_code FROM batch_items WHERE batch_id = $1 ORDER BY index", batch_id
+        )
+    return [(row["status"], row["error_code"]) for row in rows]
+
+
+async def step(scheduler: Scheduler) -> None:
+    await scheduler.step_all()
+    await scheduler.drain()
+
+
+def test_an_unanswered_create_is_never_resent_and_gives_up_as_unknown(dsn):
+    """A 5xx leaves the item `creating`, later `failed` (CREATE_OUTCOME_UNKNOWN); a late delivery binds it."""
+
+    async def run() -> None:
+        async with asyncpg.create_pool(dsn, min_size=1, max_size=4) as pool:
+            upstream = Upstream(ProcessingError("Replicate failed with 500"))
+            scheduler = Scheduler(pool, upstream, link_key("k"), WEBHOOK_URL, unknown_after=0.3)
+            batch_id = await new_batch(pool, 1)
+            await step(scheduler)
+            await step(scheduler)
+            assert await statuses(pool, batch_id) == [("creating", None)]
+            await asyncio.sleep(0.4)
+            await step(scheduler)
+            assert await statuses(pool, batch_id) == [("failed", "CREATE_OUTCOME_UNKNOWN")]
+            assert len(upstream.creates) == 1  # never sent again
+            async with pool.acquire() as conn:
+                owner = await batches.bind(conn, ItemRef(batch_id, 0), "p-late")
+            assert owner == "admin" and await statuses(pool, batch_id) == [("submitted", None)]
+
+    asyncio.run(run())
+
+
+def test_a_create_that_never_connected_goes_back_to_pending_and_is_sent_once(dsn):
+    async def run() -> None:
+        async with asyncpg.create_pool(dsn, min_size=1, max_size=4) as pool:
+            upstream = Upstream(NetworkError("cannot reach Replicate's API (ConnectError)"))
+            scheduler = Scheduler(pool, upstream, link_key("k"), WEBHOOK_URL)
+            batch_id = await new_batch(pool, 1)
+            await step(scheduler)
+            assert await statuses(pool, batch_id) == [("pending", None)]
+            await asyncio.sleep(1.1)  # the batch waits a second before trying again
+            await step(scheduler)
+            assert await statuses(pool, batch_id) == [("submitted", None)]
+            assert [c["input"] for c in upstream.creates] == qwen_inputs(1) * 2
+
+    asyncio.run(run())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -214,3 +215,12 @@ def test_a_cached_answer_points_at_the_archived_copies(postgres, files, tmp_path
     copy = f"/files/{hashlib.sha256(body).hexdigest()}"
     assert answer["relay"]["cached"] is True and answer["output"] == [relay.url + copy]
     assert answer["archive"][0]["url"] == url and answer["archive"][0]["file"] == copy
+
+
+def test_an_input_with_an_unpaired_surrogate_is_a_400_not_a_500(client, cache_relay, fake):
+    """JSON may escape a lone surrogate (\\ud800), which no UTF-8 request upstream can carry:
+    refused before the cache key or Replicate (it was a 500)."""
+    body = json.dumps({**CACHED, "model": "someone/other", "input": {"p": "\ud800 cache"}})
+    response = client.post("/api/predictions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "unpaired UTF-16 surrogate" in response.json()["error"]["message"]
+    assert fake.requests == []

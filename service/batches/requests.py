@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.core.errors import InvalidRequest
-from service.core.validation import create_request
+from service.core.validation import create_request, unstorable
 
 MAX_INPUTS = 10_000
 MAX_CONCURRENCY = 50
@@ -65,5 +65,7 @@ def batch_request(body: Any, webhook_url: str) -> BatchRequest:
             if index == 0 and not error.message.startswith("input"):
                 raise  # a problem with the batch itself (model, version, filter), not an input
             raise InvalidRequest(f"inputs[{index}]: {error.message}") from None
+        if (problem := unstorable(values)) is not None:
+            raise InvalidRequest(f"inputs[{index}]: input {problem}")  # the items are kept in jsonb
         path, events_filter = found.path, payload["webhook_events_filter"]
     return BatchRequest(path, target, events_filter, concurrency, inputs)

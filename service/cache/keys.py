@@ -22,4 +22,5 @@ def canonical_json(value: Any) -> str:
 
 
 def input_sha256(value: Any) -> str:
-    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+    # surrogatepass: JSON may carry an unpaired surrogate (\\ud800), which strict UTF-8 refuses.
+    return hashlib.sha256(canonical_json(value).encode("utf-8", "surrogatepass")).hexdigest()

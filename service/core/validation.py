@@ -10,7 +10,7 @@ long as it is an object.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -208,6 +208,47 @@ def known_model(target: Target, learned: Mapping[str, str]) -> ModelSchema | Non
     return MODELS.get(learned.get(target.version_id, ""))
 
 
+def _texts(value: Any) -> Iterator[str]:
+    """Every key and string inside a JSON value. Iterative: nesting depth cannot overflow it."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            yield item
+
+
+def _not_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+UNPAIRED = "holds an unpaired UTF-16 surrogate, which is not Unicode text"
+
+
+def unpaired_surrogate(value: Any) -> str | None:
+    """JSON can escape a lone surrogate (\\ud800); no UTF-8 request can carry it upstream."""
+    return UNPAIRED if any(_not_unicode(text) for text in _texts(value)) else None
+
+
+def unstorable(value: Any) -> str | None:
+    """Why Postgres `jsonb` could not hold this JSON value (a NUL, or an unpaired UTF-16
+    surrogate, in any key or string), else None."""
+    for text in _texts(value):
+        if "\x00" in text:
+            return "holds a NUL character (\\u0000), which Postgres cannot store"
+        if _not_unicode(text):
+            return UNPAIRED
+    return None
+
+
 def check_prediction_id(prediction_id: str) -> str:
     if not PREDICTION_ID.match(prediction_id):
         raise InvalidRequest("the prediction id must be 1 to 100 letters, digits, '_' or '-'")
@@ -267,6 +308,8 @@ def create_request(
     values = body.get("input")
     if not isinstance(values, dict):
         raise InvalidRequest("input must be a JSON object")
+    if (problem := unpaired_surrogate(values)) is not None:
+        raise InvalidRequest(f"input {problem}")
     schema = known_model(found, learned or {})
     if schema is not None:
         schema.check(values)

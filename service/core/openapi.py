@@ -39,6 +39,12 @@ SECURITY_SCHEMES: dict[str, Schema] = {
 }
 
 ERROR_CODE = {"type": "string", "pattern": "^[A-Z][A-Z0-9_]*$"}
+
+
+def ref_name(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 SCHEMAS: dict[str, Schema] = {
     "Error": {
         "type": "object",
@@ -92,6 +98,22 @@ SCHEMAS: dict[str, Schema] = {
             "erased": {"const": True},
         },
     },
+}
+
+# What Postgres jsonb holds: any JSON, except a NUL in a key or a string (batch inputs are kept so).
+NO_NUL = "^[^\\x00]*$"
+SCHEMAS["StorableValue"] = {
+    "anyOf": [
+        {"type": "string", "pattern": NO_NUL},
+        {"type": ["number", "boolean", "null"]},
+        {"type": "array", "items": ref_name("StorableValue")},
+        ref_name("StorableObject"),
+    ]
+}
+SCHEMAS["StorableObject"] = {
+    "type": "object",
+    "propertyNames": {"pattern": NO_NUL},
+    "additionalProperties": ref_name("StorableValue"),
 }
 
 STATUS_TEXT = {

@@ -33,7 +33,7 @@ PREDICTION_ID = re.compile(PREDICTION_ID_PATTERN)
 VERSION_ID = re.compile(VERSION_ID_PATTERN)
 
 
-def _is_int(value: Any) -> bool:
+def is_json_integer(value: Any) -> bool:
     """JSON has one number type: 4.0 is the integer 4 (as JSON Schema's "integer" says), 4.5 is not."""
     if isinstance(value, float):
         return value.is_integer()
@@ -98,8 +98,8 @@ def _text(maximum: int, minimum: int = 0) -> Rule:
 def _integer(minimum: int | None = None, maximum: int | None = None) -> Rule:
     def check(value: Any) -> str | None:
         if minimum is None or maximum is None:
-            return None if _is_int(value) else "must be an integer"
-        if not _is_int(value) or not minimum <= value <= maximum:
+            return None if is_json_integer(value) else "must be an integer"
+        if not is_json_integer(value) or not minimum <= value <= maximum:
             return f"must be an integer from {minimum} to {maximum}"
         return None
 

@@ -164,14 +164,16 @@ PREDICTION = {
 }
 
 
-def model_rules() -> list[dict[str, Any]]:
-    """For each model Relay validates, its input rules whenever `model` or `version` names it."""
+def model_rules(field: str = "input", many: bool = False) -> list[dict[str, Any]]:
+    """For each model Relay validates, its input rules whenever `model` or `version` names it
+    (for `field`, one input object, or with `many` a list of them)."""
     rules = []
     for schema in MODELS.values():
         named = re.escape(schema.name)
         by_model = {"required": ["model"], "properties": {"model": {"const": schema.name}}}
         by_version = {"required": ["version"], "properties": {"version": {"pattern": f"^{named}(?::.*)?$"}}}
-        then = {"properties": {"input": schema.input_schema()}}
+        rules_of = schema.input_schema()
+        then = {"properties": {field: {"type": "array", "items": rules_of} if many else rules_of}}
         rules.append({"if": {"anyOf": [by_model, by_version]}, "then": then})
     return rules
 

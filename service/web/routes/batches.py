@@ -24,7 +24,7 @@ from service.batches.scheduler import Scheduler
 from service.core.auth import matches_any, mint_batch_token, require_api_key, require_batch_reader, token_from
 from service.core.errors import InvalidRequest, NotFound, RelayError
 from service.core.metrics import MESSAGES_SENT
-from service.core.openapi import ADMIN, API_KEY, errors, json_body, operation, path_param, query_param
+from service.core.openapi import ADMIN, API_KEY, errors, json_body, operation, path_param, query_param, ref
 from service.core.validation import MODEL_PATTERN, VERSION_PATTERN, WEBHOOK_EVENTS
 from service.db import store
 from service.db.connection import Connection
@@ -32,7 +32,7 @@ from service.db.events import event_text, open_body
 from service.live.hub import Message, Subscriber
 from service.upstream import ratelimit
 from service.upstream.ratelimit import Quota
-from service.web.routes.api import ProxyDisabled
+from service.web.routes.api import ProxyDisabled, model_rules
 from service.web.routes.dashboard import NO_CACHE, PAGE_HEADERS, STATIC
 from service.web.routes.reading import int_param
 from service.web.routes.sockets import POLICY_VIOLATION, admitted, close, first_to_end, wait_for_disconnect
@@ -309,10 +309,11 @@ SUBMIT = {
     "properties": {
         "version": {"type": "string", "pattern": VERSION_PATTERN},
         "model": {"type": "string", "pattern": MODEL_PATTERN},
-        "inputs": {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"type": "object"}},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": ref("StorableObject")},
         "concurrency": {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY},
         "webhook_events_filter": {"type": "array", "minItems": 1, "items": {"enum": list(WEBHOOK_EVENTS)}},
     },
+    "allOf": model_rules("inputs", many=True),
 }
 BATCH_ERRORS = (400, 401, 403, 404, 429)
 PAGE = {"description": "The batch page", "content": {"text/html": {"schema": {"type": "string"}}}}

@@ -244,7 +244,7 @@ class FakeReplicate:
 
     def _list(self, cursor: str | None) -> Response:
         newest_first = list(reversed(self.predictions.values()))
-        offset = int(cursor) if cursor and cursor.isdigit() else 0
+        offset = int(cursor) if cursor and cursor.isascii() and cursor.isdigit() else 0
         page = newest_first[offset : offset + PAGE_SIZE]
 
         def link(at: int) -> str:

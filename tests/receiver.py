@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -35,12 +36,34 @@ class Receiver(ThreadingHTTPServer):
         self.timestamps: dict[str, int] = {}  # webhook-id -> webhook-timestamp it was accepted with
         self.attempts: list[tuple[str, str]] = []  # (path, webhook-id) of every request
         self.bad_signatures = 0
+        # For destinations: a rule that may answer first (webhook-id, body) -> (status, headers),
+        # how long each request takes, the relay-seq of each accepted delivery, and overlaps.
+        self.rule: Callable[[str, bytes], tuple[int, dict[str, str]] | None] | None = None
+        self.delay = 0.0
+        self.seqs: dict[str, int] = {}
+        self.in_flight: set[str] = set()
+        self.overlaps = 0  # requests that arrived while the same webhook-id was in flight
+        self.arrivals: list[tuple[str, float]] = []  # (webhook-id, time.monotonic()) of every request
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
     def answer(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str]]:
+        webhook_id = headers.get("webhook-id", "")
+        with self.lock:
+            self.overlaps += webhook_id in self.in_flight
+            self.in_flight.add(webhook_id)
+            self.arrivals.append((webhook_id, time.monotonic()))
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            return self._answer(path, headers, body)
+        finally:
+            with self.lock:
+                self.in_flight.discard(webhook_id)
+
+    def _answer(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str]]:
         if self.hold_after is not None and len(self.accepted) >= self.hold_after:
             self.held.set()
             self.released.wait(30)
@@ -51,6 +74,9 @@ class Receiver(ThreadingHTTPServer):
                 return 302, {"Location": "/hook"}
             if self.script:
                 return self.script.pop(0)
+            ruled = self.rule(headers.get("webhook-id", ""), body) if self.rule is not None else None
+            if ruled is not None:
+                return ruled
             if self.fail_after is not None and len(self.accepted) >= self.fail_after:
                 return 500, {}
             try:
@@ -60,6 +86,8 @@ class Receiver(ThreadingHTTPServer):
                 return 401, {}
             self.accepted.append((headers["webhook-id"], body))
             self.timestamps[headers["webhook-id"]] = int(headers["webhook-timestamp"])
+            if "relay-seq" in headers:
+                self.seqs[headers["webhook-id"]] = int(headers["relay-seq"])
             return 200, {}
 
     def accepted_ids(self) -> list[str]:

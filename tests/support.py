@@ -119,6 +119,8 @@ def relay_env(dsn: str, **extra: str) -> dict[str, str]:
         REPLICATE_WEBHOOK_SECRET=WEBHOOK_SECRET,
         RELAY_ADMIN_TOKEN=ADMIN_TOKEN,
         RELAY_SUBSCRIBE_KEY=SUBSCRIBE_KEY,
+        # The test receivers listen on loopback, which replays refuse by default (test_replay_guard).
+        RELAY_REPLAY_PRIVATE="on",
         PYTHONUNBUFFERED="1",
         # No test fetches real output URLs (lifecycle() names replicate.delivery): the archive
         # tests turn it on against their own file server.

@@ -344,6 +344,14 @@ def test_rate_limit_is_shared_by_two_relay_instances(postgres, fake):
     assert len(fake.calls("GET", "/predictions")) == 4
 
 
+def test_a_body_past_the_api_limit_is_413_naming_relay_api_max_body(api, fake):
+    """The /api limit is RELAY_API_MAX_BODY (the webhook one, RELAY_MAX_BODY, is another)."""
+    big = {"model": QWEN, "input": {**QWEN_INPUT, "prompt": "x" * 70_000}}
+    status, code, message = error_of(api.post("/api/predictions", json=big))
+    assert (status, code) == (413, "BODY_TOO_LARGE") and "RELAY_API_MAX_BODY" in message
+    assert "RELAY_MAX_BODY " not in message and fake.requests == []
+
+
 # Found while fuzzing the OpenAPI description (tests/test_openapi.py): each was a 500 or a refusal
 # of what the document promises to accept.
 def test_nan_and_infinity_are_not_json_and_are_refused(api, fake):

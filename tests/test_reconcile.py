@@ -153,3 +153,26 @@ def test_without_an_upstream_token_nothing_is_reconciled(postgres, fake):
         reconciled = metric(relay, "relay_reconciled_total", 'result="appended"')
     assert [e["status"] for e in events] == ["starting"] and reconciled == 0
     assert fake.requests == []
+
+
+def test_reconciling_a_running_prediction_twice_appends_the_new_progress(api, api_relay, fake):
+    """Still `processing` upstream but further along the second time: a second reconcile event
+    (a reconcile id derived from the status alone would call it a duplicate)."""
+    fake.hold, fake.lose = True, set(ALL_EVENTS)
+    prediction_id = api.post("/api/predictions", json=CREATE).json()["id"]
+    deadline = time.monotonic() + 5
+    while fake.predictions[prediction_id]["output"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    first = reconcile_cli(api_relay, prediction_id)
+    assert first.returncode == 0 and "appended" in first.stdout, first.stdout
+    progressed = {**fake.predictions[prediction_id], "status": "processing"}
+    progressed["logs"] = (progressed.get("logs") or "") + "\n 90%|█████████ | 45/50 [00:09<00:01]"
+    fake.predictions[prediction_id] = progressed
+    second = reconcile_cli(api_relay, prediction_id)
+    assert second.returncode == 0 and "appended" in second.stdout, second.stdout
+    events = events_of(api_relay, prediction_id)
+    assert [(e["status"], e["source"]) for e in events] == [("processing", "reconcile")] * 2
+    assert events[-1]["prediction"]["logs"] == progressed["logs"]
+    state = httpx.get(f"{api_relay.url}/predictions/{prediction_id}", headers=admin_headers()).json()
+    assert state["logs"] == progressed["logs"] and state["last_seq"] == events[-1]["seq"]

@@ -98,6 +98,8 @@ def test_relay_serves_everything_as_a_member_of_relay_app(owner, app, fake):
         with api_client(relay) as api:
             created = api.post("/api/predictions", json=CREATE)
             assert created.status_code == 201, created.text
+            # prediction_owners (050): recorded at create, read back for the key's own GET.
+            assert api.get(f"/api/predictions/{created.json()['id']}").status_code == 200
             proxied, code = watch(relay, created.json()["relay"]["ws"], created.json()["relay"]["token"])
             assert proxied[-1]["status"] == "succeeded" and code == 1000
 

@@ -30,6 +30,7 @@ DESIGN_VARIABLES = {
     "REPLICATE_API_BASE": "--replicate-api-base",
     "RELAY_PUBLIC_URL": "--public-url",
     "RELAY_ENCRYPTION_KEY": "--encryption-key",
+    "RELAY_RETRY_SCHEDULE": "--retry-schedule",
     "RELAY_ARCHIVE": "--archive",
     "RELAY_ARCHIVE_HOSTS": "--archive-hosts",
     "RELAY_ARCHIVE_MAX_BYTES": "--archive-max-bytes",
@@ -54,6 +55,9 @@ SAMPLES = {
     "RELAY_LOG_LEVEL": "DEBUG",
     "RELAY_WS_QUEUE": "5",
     "RELAY_WS_PING": "7",
+    "RELAY_MAX_HEADER_BYTES": "8192",
+    "RELAY_WS_QUEUE_BYTES": "2048",
+    "RELAY_REPLAY_PRIVATE": "off",  # relay_env turns it on for the test receivers
     "RELAY_PRICES": "a/b=0.5",
     "RELAY_BUDGET": "20",
     "RELAY_BUDGET_INTERVAL": "9",
@@ -73,6 +77,10 @@ SAMPLES = {
     "RELAY_LISTEN_DATABASE_URL": "postgresql://direct@db.example/relay",
     "RELAY_READ_DATABASE_URL": "postgresql://replica@db.example/relay",
     "RELAY_DATABASE_POOLER": "transaction",
+    # Destinations
+    "RELAY_RETRY_SCHEDULE": "0,1,2",
+    "RELAY_DESTINATION_CONCURRENCY": "4",
+    "RELAY_DESTINATIONS": "off",
     "RELAY_CACHE_TTL": "60",
     "RELAY_LOG_FORMAT": "json",
     "RELAY_ACCESS_LOG": "off",

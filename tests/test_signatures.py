@@ -175,3 +175,21 @@ def test_verify_accepts_only_what_hmac_compare_digest_accepts(monkeypatch):
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: False)
     with pytest.raises(InvalidSignature):
         verify(headers, body, [KEY], TOLERANCE, now=NOW)
+
+
+def test_token_checks_compare_with_hmac_compare_digest(monkeypatch):
+    """matches_any (admin token, API keys) runs every configured secret through compare_digest."""
+    from service.core import auth
+
+    calls = []
+    original = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return original(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    assert auth.matches_any("secret-b", ["secret-a", "secret-b", "secret-c"]) and len(calls) == 3
+    function = ast.parse(inspect.getsource(auth.matches_any)).body[0]
+    operators = [op for node in ast.walk(function) if isinstance(node, ast.Compare) for op in node.ops]
+    assert not any(isinstance(op, ast.Eq | ast.NotEq | ast.In | ast.NotIn) for op in operators)

@@ -105,10 +105,13 @@ def test_resume_after_a_disconnect_gets_exactly_the_missing_events(client, relay
 
 
 def test_resuming_past_this_instances_cursor_repeats_nothing(client, relay):
-    """A client that read further elsewhere (after= past this process's cursor) gets only newer events."""
+    """A client that read further elsewhere (after= at the log's head) gets only newer events.
+    (An after= beyond the head is refused: tests/test_params.py.)"""
     prediction_id = new_prediction_id()
     start = post(client, lifecycle(prediction_id)[0])
-    after = start + 2
+    other = new_prediction_id()
+    after = max(post(client, lifecycle(other)[0]), post(client, processing(other, 1)))
+    assert after == start + 2
 
     async def scenario() -> tuple[int, list[dict]]:
         async with subscribe(stream_url(relay, prediction_id, after=after)) as ws:
@@ -120,7 +123,7 @@ def test_resuming_past_this_instances_cursor_repeats_nothing(client, relay):
     caught_up, live = asyncio.run(scenario())
     assert caught_up == after
     assert seqs(live) == log_seqs(relay.env["DATABASE_URL"], prediction_id, after=after)
-    assert seqs(live) == [start + 3, start + 4]
+    assert seqs(live) == [after + 1, after + 2, after + 3, after + 4]
 
 
 def test_stream_of_a_finished_prediction_sends_the_backlog_and_closes_1000(client, relay):

@@ -153,6 +153,23 @@ def test_a_later_batch_moves_progress_forward_but_never_undoes_a_terminal_state(
     assert state["event_count"] == 5 and state["first_seq"] == first[0].seq
 
 
+def test_equal_rank_progress_in_separate_batches_moves_the_state_to_the_newer_event(dsn, client, admin):
+    """`processing`, then a newer `processing` in a later batch: the newer one is the state (the
+    projection's equal-rank rule, in SQL across batches, and what GET /predictions/{id} shows)."""
+    prediction_id = new_prediction_id()
+    older = make_delivery(prediction_id, "processing")
+    run(appended(dsn, [older]))
+    newer = run(appended(dsn, [make_delivery(prediction_id, "processing")]))
+    state = run(projection(dsn, prediction_id))
+    assert state["state_seq"] == newer[0].seq and state["event_count"] == 2
+
+    served = new_prediction_id()
+    bodies = [{"id": served, "status": "processing", "logs": f"step {n}"} for n in (1, 2)]
+    for body in bodies:  # one at a time: separate group-commit batches
+        assert post_webhook(client, body).status_code == 200
+    assert admin.get(f"/predictions/{served}").json()["logs"] == "step 2"
+
+
 def test_unknown_status_ranks_as_running_and_cannot_undo_a_terminal_state():
     assert rank("some-future-status") == Rank.RUNNING
     assert not supersedes(rank("some-future-status"), rank("succeeded"))

@@ -20,7 +20,7 @@ from .fake_replicate import (
     metric,
     relay_for,
 )
-from .support import free_port
+from .support import ADMIN_TOKEN, free_port
 
 CREATE_PATH = f"/models/{QWEN}/predictions"
 
@@ -150,7 +150,7 @@ def test_an_unreachable_upstream_is_a_network_error(postgres, fake):
         relay_for(
             postgres.new_database(), fake, REPLICATE_API_BASE=f"http://127.0.0.1:{free_port()}/v1"
         ) as relay,
-        api_client(relay) as client,
+        api_client(relay, ADMIN_TOKEN) as client,  # the admin sees any id (an API key: only its own)
     ):
         series = ("relay_upstream_requests_total", 'outcome="NETWORK_ERROR"')
         status, code, message = error_of(client.get("/api/predictions/p1"))

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import random
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
@@ -39,6 +38,7 @@ from service.core.metrics import (
     ARCHIVE_QUEUE,
     ARCHIVE_RETRIES,
 )
+from service.core.retry import exponential
 from service.db.connection import Connection
 from service.db.vault import Vault
 from service.net.guard import GuardedClient, Refused, TooLarge, capped_chunks
@@ -91,8 +91,7 @@ def object_key(sha256: str, job: Job) -> str:
 
 
 def retry_delay(attempts: int, base: float) -> float:
-    delay: float = min(base * 2 ** max(0, attempts - 1), RETRY_CAP)
-    return delay * random.uniform(0.8, 1.2)
+    return exponential(attempts, base, RETRY_CAP)  # core.retry: the one retry policy
 
 
 def _pid_alive(pid: int) -> bool:

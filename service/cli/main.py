@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from service.cli import batches as batch_cli
+from service.cli import destinations, retention
 from service.cli import operators as console
-from service.cli import retention
 from service.cli.archive import add_archive_arguments, cmd_archive
 from service.cli.privacy import add_forget_arguments, cmd_forget, cmd_rotate_keys
 from service.core.auth import DEFAULT_TTL, mint_token
@@ -154,6 +154,7 @@ COMMANDS: list[console.Command] = [
     *console.COMMANDS,
     *retention.COMMANDS,
     *batch_cli.COMMANDS,
+    *destinations.COMMANDS,
 ]
 
 

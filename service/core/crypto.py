@@ -68,6 +68,17 @@ def open_sealed(data_key: bytes, sealed: bytes, prediction_id: str, webhook_id: 
     return _decrypt(data_key, sealed[1:], _aad(b"relay event", prediction_id, webhook_id))
 
 
+def seal_secret(kek: bytes, secret: bytes, owner: str) -> bytes:
+    """A secret Relay keeps (a destination's signing secret), bound to its owner's id."""
+    return FORMAT + _encrypt(kek, secret, _aad(b"relay secret", owner))
+
+
+def open_secret(kek: bytes, sealed: bytes, owner: str) -> bytes:
+    if sealed[:1] != FORMAT:
+        raise Unreadable("unknown ciphertext format")
+    return _decrypt(kek, sealed[1:], _aad(b"relay secret", owner))
+
+
 # Archived files are sealed in fixed-size chunks, so a file of any size is encrypted and served
 # in constant memory. Each chunk's associated data names the file (prediction, SHA-256 of the
 # plaintext), its index and whether it is the last: chunks cannot be reordered, swapped between

@@ -46,6 +46,24 @@ SPEND_USD = Gauge(
 )
 BUDGET_USD = Gauge("relay_budget_usd", "RELAY_BUDGET, USD per month", multiprocess_mode="mostrecent")
 
+DESTINATION_EVENTS = Counter(
+    "relay_destination_events_total",
+    "Destination sends by outcome: sent (2xx), failed (an attempt), exhausted (retries spent)",
+    ["destination", "outcome"],
+)
+DESTINATION_LAG_EVENTS = Gauge(
+    "relay_destination_lag_events",
+    "Events a destination has not received yet (log past its cursor, plus owed)",
+    ["destination"],
+    multiprocess_mode="livemax",
+)
+DESTINATION_LAG_SECONDS = Gauge(
+    "relay_destination_lag_seconds",
+    "Age of the oldest event a destination has not received yet",
+    ["destination"],
+    multiprocess_mode="livemax",
+)
+
 
 def exposition(multiprocess_dir: Path | None) -> bytes:
     """The Prometheus text of this process, or of all workers sharing `multiprocess_dir`."""

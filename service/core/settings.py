@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from service.core.errors import ConfigError
 from service.core.hosts import DEFAULT_ARCHIVE_HOSTS, HostPolicy
 from service.core.origins import ANY, normal_origin
+from service.core.retry import DEFAULT_SCHEDULE, parse_schedule
 
 GENERATED_SECRETS_FILE = "secrets.json"
 
@@ -165,13 +166,6 @@ def log_format(raw: str, name: str) -> str:
     return value
 
 
-def on_off(raw: str, name: str) -> bool:
-    value = raw.strip().lower()
-    if value not in ("on", "off", "true", "false", "1", "0"):
-        raise ConfigError(f"{name} must be on or off, got {value[:20]!r}")
-    return value in ("on", "true", "1")
-
-
 def _usd(raw: str, name: str, *, rule: str = "0 or more", positive: bool = False) -> float:
     try:
         value = float(raw)
@@ -215,6 +209,11 @@ def origins(raw: str, name: str) -> tuple[str, ...]:
             )
         found.append(origin)
     return tuple(found)
+
+
+def schedule(raw: str, name: str) -> tuple[float, ...]:
+    """Comma-separated delays in seconds (core.retry)."""
+    return parse_schedule(raw, name)
 
 
 # Output archive
@@ -289,6 +288,8 @@ class Setting:
         """The default as the docs and `--help` show it."""
         if self.unset:
             return self.unset
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
         if self.default is None or self.default in ("", (), {}):
             return ""
         if isinstance(self.default, Path) and not self.default.is_absolute():
@@ -315,6 +316,26 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
+SWITCH_VALUES = {
+    "1": True,
+    "on": True,
+    "true": True,
+    "yes": True,
+    "0": False,
+    "off": False,
+    "false": False,
+    "no": False,
+}
+
+
+def on_off(raw: str, name: str) -> bool:
+    """An on/off variable (on, off, true, false, yes, no, 1, 0)."""
+    value = raw.strip().lower()
+    if value not in SWITCH_VALUES:
+        raise ConfigError(f"{name} must be on or off, got {raw[:20]!r}")
+    return SWITCH_VALUES[value]
+
+
 @dataclass(frozen=True)
 class Flag:
     """A `relay serve` flag: the command-line form of one variable (the flag wins)."""
@@ -337,6 +358,7 @@ def serve_flag(row: Setting) -> Flag:
 
 
 MIB = 1024 * 1024
+DEFAULT_SCHEDULE_TEXT = ",".join(f"{delay:g}" for delay in DEFAULT_SCHEDULE)
 DEV_SECRET = "generated in dev mode"  # noqa: S105 - what the docs show as the default, not a secret
 
 
@@ -472,6 +494,20 @@ class Settings:
         "RELAY_BUDGET_INTERVAL", "--budget-interval", 60, whole(), "budget check period, seconds"
     )
 
+    # Destinations
+    retry_schedule: tuple[float, ...] = setting(
+        "RELAY_RETRY_SCHEDULE", "--retry-schedule", DEFAULT_SCHEDULE, schedule,
+        "destinations' retry delays, seconds, comma-separated", unset=DEFAULT_SCHEDULE_TEXT,
+    )  # fmt: skip
+    destination_concurrency: int = setting(
+        "RELAY_DESTINATION_CONCURRENCY", "--destination-concurrency", 16, whole(),
+        "requests in flight per destination",
+    )  # fmt: skip
+    destinations: bool = setting(
+        "RELAY_DESTINATIONS", "--destinations", True, on_off,
+        "on: this server sends destinations; off: `relay destinations run` does", unset="on",
+    )  # fmt: skip
+
     # Output archive
     archive: str = setting(
         "RELAY_ARCHIVE", "--archive", "", archive_store,
@@ -497,6 +533,20 @@ class Settings:
         whole(),
         "archive downloads at once per process",
     )
+
+    # Hardening: bounds a hostile client cannot push past, and replays to private addresses
+    max_header_bytes: int = setting(
+        "RELAY_MAX_HEADER_BYTES", "--max-header-bytes", 65536, whole(minimum=1024),
+        "largest request head (request line + headers), bytes; larger: 431",
+    )  # fmt: skip
+    ws_queue_bytes: int = setting(
+        "RELAY_WS_QUEUE_BYTES", "--ws-queue-bytes", 8 * MIB, whole(minimum=1024),
+        "bytes queued per subscriber before 1013",
+    )  # fmt: skip
+    replay_private: bool = setting(
+        "RELAY_REPLAY_PRIVATE", "--replay-private", False, on_off,
+        "on: admin replays may target loopback, private and link-local addresses",
+    )  # fmt: skip
 
     # API surface: the prediction cache and logs
     cache_ttl: int = setting(

@@ -250,7 +250,7 @@ def unstorable(value: Any) -> str | None:
 
 
 def check_prediction_id(prediction_id: str) -> str:
-    if not PREDICTION_ID.match(prediction_id):
+    if not PREDICTION_ID.fullmatch(prediction_id):  # `$` alone would let a trailing newline in
         raise InvalidRequest("the prediction id must be 1 to 100 letters, digits, '_' or '-'")
     return prediction_id
 

@@ -14,18 +14,28 @@ from service.core.errors import ConfigError
 from service.core.settings import Settings
 from service.db import embedded, migrations
 from service.db.connection import Connection
+from service.db.supervisor import PostmasterSupervisor
 
 CONNECT_TIMEOUT = 5.0
 
 
 @contextlib.contextmanager
-def database_dsn(settings: Settings) -> Iterator[str]:
-    """The DSN to use; starts (or joins) the embedded server when DATABASE_URL is unset."""
+def database_dsn(settings: Settings, *, supervise: bool = False) -> Iterator[str]:
+    """The DSN to use; starts (or joins) the embedded server when DATABASE_URL is unset.
+    With `supervise` (`relay serve`), a dead embedded postmaster is restarted (supervisor.py)."""
     if settings.database_url is not None:
         yield str(settings.database_url)
         return
     server = embedded.start(settings.data_dir)
-    yield embedded.dsn(server)
+    if not supervise:
+        yield embedded.dsn(server)
+        return
+    supervisor = PostmasterSupervisor(server)
+    supervisor.start()
+    try:
+        yield embedded.dsn(server)
+    finally:
+        supervisor.stop()
 
 
 @dataclass(frozen=True)

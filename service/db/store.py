@@ -130,9 +130,11 @@ async def fetch_events(
     return await fetch_where(conn, " AND ".join(clauses), args, limit)
 
 
-async def fetch_seqs(conn: Connection, seqs: Sequence[int]) -> list[asyncpg.Record]:
-    """The events with these seqs, in seq order."""
-    return await conn.fetch(select_where("seq = ANY($1::int8[])"), list(seqs))
+async def fetch_seqs(
+    conn: Connection, seqs: Sequence[int], after: int = 0, limit: int = 500
+) -> list[asyncpg.Record]:
+    """A page (rows and bytes bounded) of the events with these seqs past `after`, in seq order."""
+    return await fetch_where(conn, "seq = ANY($1::int8[]) AND seq > $2", [list(seqs), after], limit)
 
 
 def select_where(where: str) -> str:
@@ -140,8 +142,38 @@ def select_where(where: str) -> str:
     return f"SELECT {EVENT_COLUMNS} FROM events WHERE {where} ORDER BY seq"
 
 
-async def fetch_where(conn: Connection, where: str, args: Sequence[Any], limit: int) -> list[asyncpg.Record]:
-    return await conn.fetch(f"{select_where(where)} LIMIT ${len(args) + 1}", *args, limit)
+# The most body bytes one page carries (beyond its first row, which always comes): a page of
+# 1,000 events of 4 MiB each would otherwise be 4 GiB in memory at once. `next_after` continues.
+PAGE_BYTES = 8 * 1024 * 1024
+
+
+def sized_page(inner: str, order: str, budget: str) -> str:
+    """`inner` (rows with a `size` column, already limited) cut where the running total of
+    `size`, in `order`, passes `budget`: every row whose predecessors hold less than the budget.
+    `page_rows` is how many rows `inner` had, so a caller can tell a cut page from the end."""
+    return (
+        "SELECT * FROM (SELECT page.*, sum(page.size) OVER (ORDER BY "
+        f"{order} ROWS UNBOUNDED PRECEDING) AS running, count(*) OVER () AS page_rows FROM ({inner}) AS page)"
+        f" AS sized WHERE running - size < {budget} ORDER BY {order}"
+    )
+
+
+async def fetch_where(
+    conn: Connection, where: str, args: Sequence[Any], limit: int, max_bytes: int = PAGE_BYTES
+) -> list[asyncpg.Record]:
+    """At most `limit` matching events in seq order, and no more than `max_bytes` of bodies after
+    the first (octet_length reads a stored body's size without fetching or decompressing it)."""
+    n = len(args)
+    inner = (
+        f"SELECT {EVENT_COLUMNS}, octet_length(body) AS size FROM events WHERE {where}"
+        f" ORDER BY seq LIMIT ${n + 1}"
+    )
+    return await conn.fetch(sized_page(inner, "seq", f"${n + 2}"), *args, limit, max_bytes)
+
+
+def page_may_continue(rows: Sequence[asyncpg.Record], limit: int) -> bool:
+    """Whether more rows may follow a page from `fetch_where`: it was full, or cut by bytes."""
+    return bool(rows) and (len(rows) >= limit or len(rows) < rows[0]["page_rows"])
 
 
 PREDICTION_STATE = (
@@ -156,9 +188,21 @@ async def fetch_prediction(conn: Connection, prediction_id: str) -> asyncpg.Reco
     return await conn.fetchrow(f"{PREDICTION_STATE} WHERE p.prediction_id = $1", prediction_id)
 
 
-async def fetch_recent_predictions(conn: Connection, limit: int) -> list[asyncpg.Record]:
-    """The most recently updated predictions, in the shape of `fetch_prediction`."""
-    return await conn.fetch(f"{PREDICTION_STATE} ORDER BY p.updated_at DESC LIMIT $1", limit)
+# The projection's most recent rows, with each state body's size and its rank, for `sized_page`.
+RECENT_STATES = PREDICTION_STATE.replace(
+    " FROM predictions p",
+    ", octet_length(events.body) AS size, row_number() OVER (ORDER BY p.updated_at DESC) AS ord"
+    " FROM predictions p",
+)
+
+
+async def fetch_recent_predictions(
+    conn: Connection, limit: int, max_bytes: int = PAGE_BYTES
+) -> list[asyncpg.Record]:
+    """The most recently updated predictions, in the shape of `fetch_prediction`: at most
+    `limit`, and fewer when their state bodies would pass `max_bytes` (the first always comes)."""
+    inner = f"{RECENT_STATES} ORDER BY p.updated_at DESC LIMIT $1"
+    return await conn.fetch(sized_page(inner, "ord", "$2"), limit, max_bytes)
 
 
 # Consecutive events of one status form a run (gaps and islands): a late `processing` after

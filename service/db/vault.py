@@ -145,6 +145,22 @@ class Vault:
             return data_key
         raise crypto.Unreadable("no configured key-encryption key unwraps this data key")
 
+    def seal_secret(self, secret: str, owner: str) -> tuple[bytes, str | None]:
+        """A secret to store: sealed under the current key, with its kek_id; in clear (None)
+        when encryption is off."""
+        if self.current_id is None:
+            return secret.encode(), None
+        return crypto.seal_secret(self._keks[self.current_id], secret.encode(), owner), self.current_id
+
+    def open_secret(self, stored: bytes, kek_id: str | None, owner: str) -> str:
+        """A stored secret in clear; `crypto.Unreadable` when its key is not configured."""
+        if kek_id is None:
+            return bytes(stored).decode()
+        kek = self._keks.get(kek_id)
+        if kek is None:
+            raise crypto.Unreadable(f"key-encryption key {kek_id} is not in RELAY_ENCRYPTION_KEY")
+        return crypto.open_secret(kek, bytes(stored), owner).decode()
+
     def plaintext(self, row: Row) -> bytes | None:
         """The exact bytes received for an encrypted row; None once its prediction is forgotten."""
         wrapped = row["data_key"]

@@ -28,25 +28,45 @@ log = logging.getLogger("relay.ingest")
 MAX_BATCH = 1000
 MAX_DEPTH = 128
 ACQUIRE_TIMEOUT = 5.0
-# Errors caused by one row's content rather than by the database being unavailable.
-ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# Errors caused by one row's content rather than by the database being unavailable: bad data
+# (22), a constraint (23), or a limit such as an index row too large (54). One such row is
+# isolated and answered 400; the rest of its batch still commits.
+ROW_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+)
+# Longest accepted values (Replicate's ids are 26 characters, its statuses one word, model and
+# version names well under 200). Each lands in an index, whose rows Postgres caps at ~2.7 kB:
+# a longer value would fail the statement, so it is refused here, at parse time.
+MAX_LENGTHS = {"id": 256, "status": 64, "model": 512, "version": 512}
 
 
 def _string_field(prediction: dict[str, Any], name: str) -> str:
     value = prediction.get(name)
     if not isinstance(value, str) or not value:
         raise InvalidPayload(f"the body's {name!r} must be a non-empty string")
+    return _checked_text(name, value)
+
+
+def _checked_text(name: str, value: str) -> str:
     if "\x00" in value:
         raise InvalidPayload(f"the body's {name!r} must not contain NUL characters")
+    if len(value) > MAX_LENGTHS[name]:
+        raise InvalidPayload(f"the body's {name!r} is longer than {MAX_LENGTHS[name]} characters")
     return value
 
 
-def _text_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) and value and "\x00" not in value else None
+def _text_or_none(prediction: dict[str, Any], name: str) -> str | None:
+    """An optional text field: absent, empty or not a string reads as None; too long is a 400."""
+    value = prediction.get(name)
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return None
+    return _checked_text(name, value)
 
 
 def prediction_model(prediction: dict[str, Any]) -> str | None:
-    return _text_or_none(prediction.get("model")) or _text_or_none(prediction.get("version"))
+    return _text_or_none(prediction, "model") or _text_or_none(prediction, "version")
 
 
 def predict_time(prediction: dict[str, Any]) -> float | None:
@@ -195,8 +215,11 @@ class GroupCommitter:
             results = await self._append([d for d, _ in batch])
         except ROW_ERRORS as exc:
             if len(batch) > 1:
-                for item in batch:  # isolate the row that the database refuses
-                    await self._commit([item])
+                # Isolate the row the database refuses by halving: the other half commits in
+                # one statement, and a single poison row costs about log2(batch) extra commits.
+                middle = len(batch) // 2
+                await self._commit(batch[:middle])
+                await self._commit(batch[middle:])
                 return
             # The class only: the database's message may quote the content.
             log.warning("a delivery was refused by the database (%s)", type(exc).__name__)

@@ -58,11 +58,17 @@ class Message:
 
 
 class Subscriber:
-    """One socket's view of the hub: a bounded queue and the reason it must stop, if any."""
+    """One socket's view of the hub: a queue bounded in messages and in bytes, and the reason it
+    must stop, if any. Counting messages alone let one socket that never read pin 900 events
+    of 1 MiB; a message larger than the byte bound still goes through an empty queue."""
 
-    def __init__(self, prediction_id: str | None, queue_size: int, after: int = 0):
+    def __init__(
+        self, prediction_id: str | None, queue_size: int, after: int = 0, queue_bytes: int | None = None
+    ):
         self.prediction_id = prediction_id
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
+        self.queue_bytes = queue_bytes
+        self.queued_bytes = 0
         self.live_from = after  # live messages at or below this seq are the backlog's, or the client's
         self.stop_code: int | None = None
         self.stopped = asyncio.Event()
@@ -74,11 +80,27 @@ class Subscriber:
     def offer(self, message: Message) -> None:
         if self.stop_code is not None or not self.wants(message):
             return
+        size = len(message.text)
+        over_bytes = self.queue_bytes is not None and self.queued_bytes + size > self.queue_bytes
+        if over_bytes and not self.queue.empty():
+            self._overflow()
+            return
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
-            SLOW_CLIENT_CLOSES.inc()
-            self.stop(1013)
+            self._overflow()
+            return
+        self.queued_bytes += size
+
+    async def next(self) -> Message:
+        """The next queued message (the writer's side of the queue)."""
+        message = await self.queue.get()
+        self.queued_bytes -= len(message.text)
+        return message
+
+    def _overflow(self) -> None:
+        SLOW_CLIENT_CLOSES.inc()
+        self.stop(1013)
 
     def stop(self, code: int) -> None:
         if self.stop_code is None:
@@ -226,7 +248,7 @@ class Hub:
             async with self._reader.use() as conn:
                 rows = await store.fetch_events(conn, after=self.cursor, limit=READ_PAGE)
             self.dispatch(rows)
-            if len(rows) < READ_PAGE:
+            if not store.page_may_continue(rows, READ_PAGE):
                 return
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
@@ -241,14 +263,22 @@ class Hub:
     async def _replay_forever(self) -> None:
         while True:
             payload = await self._replays.get()
-            seqs = [int(part) for part in payload.split(",") if part.isdigit()]
+            seqs = [int(part) for part in payload.split(",") if part.isascii() and part.isdigit()]
             try:
-                async with self._pool.acquire(timeout=5) as conn:
-                    rows = await store.fetch_seqs(conn, seqs)
+                await self._replay_seqs(seqs)
             except Exception as exc:  # noqa: BLE001 - a live replay is best effort
                 log.warning("could not read %d replayed events (%s)", len(seqs), type(exc).__name__)
-                continue
+
+    async def _replay_seqs(self, seqs: list[int]) -> None:
+        """Read the replayed rows page by page (bounded in rows and bytes) and send them."""
+        after = 0
+        while True:
+            async with self._pool.acquire(timeout=5) as conn:
+                rows = await store.fetch_seqs(conn, seqs, after, READ_PAGE)
             self.dispatch(rows, replayed=True)
+            if not store.page_may_continue(rows, READ_PAGE):
+                return
+            after = rows[-1]["seq"]
 
     async def _listen_forever(self) -> None:
         first = True

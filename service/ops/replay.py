@@ -4,8 +4,9 @@ To a URL: each event is re-signed with Standard Webhooks under its **original** 
 (so receivers de-duplicate) and a fresh timestamp. Events are spread over a few lanes by
 prediction, so concurrency is bounded and each prediction's events arrive in seq order. 429, 5xx
 and network errors are retried with backoff (honouring `Retry-After`); redirects are not
-followed. The first event that still fails stops the run: `resume_after` is the highest seq
-below which everything was delivered, the value to pass as `after` to carry on.
+followed (the signed POST is `net.sender`'s, shared with destinations; the policy is
+`core.retry`'s). The first event that still fails stops the run: `resume_after` is the highest
+seq below which everything was delivered, the value to pass as `after` to carry on.
 
 To subscribers: the matching seqs are announced with `pg_notify` on `relay_replay`; every
 instance's hub reads those rows and sends them marked `"replayed": true`. No row is added.
@@ -15,27 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import random
+import ipaddress
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-import httpx
 
 from service.core.errors import ConfigError, InvalidRequest
 from service.core.filters import EventFilter
 from service.core.metrics import REPLAY_DELIVERIES
-from service.core.retry import retry_after_seconds
+from service.core.retry import Backoff
 from service.core.settings import decode_webhook_secret
-from service.core.signatures import signed_headers
 from service.db import store
 from service.db.connection import Connection
 from service.db.events import body_bytes
 from service.db.vault import Vault
+from service.net.guard import is_public, system_resolve
+from service.net.http1 import Pool
+from service.net.sender import deliver, new_client
 
 PAGE = 500
 LANE_DEPTH = 100
@@ -46,6 +48,7 @@ BACKOFF_CAP = 30.0
 MAX_RETRY_AFTER = 120.0
 REQUEST_TIMEOUT = 30.0
 NOTIFY_LIMIT = 7900  # pg_notify payloads must stay under 8000 bytes
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,36 @@ def target_from_json(target: Any) -> Target:
     raise InvalidRequest('target must be {"url": "https://…", "secret": "whsec_…"} or {"fanout": true}')
 
 
+async def check_target_address(
+    target: UrlTarget, allow_private: bool, resolve: Resolver = system_resolve
+) -> None:
+    """Refuse (400) a target whose host resolves to a loopback, private, link-local or other
+    non-global address, unless RELAY_REPLAY_PRIVATE is on: the admin API must not become a way
+    to reach the services next to Relay. Checked once, before anything is sent."""
+    if allow_private:
+        return
+    parts = urlsplit(target.url)
+    host = parts.hostname or ""
+    try:
+        found = [host] if _is_literal(host) else await resolve(host, parts.port or 443)
+        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
+    except (OSError, ValueError):
+        raise InvalidRequest("the replay target's host name does not resolve") from None
+    if not addresses or not all(is_public(a) for a in addresses):
+        raise InvalidRequest(
+            "the replay target resolves to a private, loopback or link-local address; "
+            "set RELAY_REPLAY_PRIVATE=on to allow replays to such addresses"
+        )
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def plan(conn: Connection, event_filter: EventFilter) -> Report:
     """What a replay would send: count, seq range and number of predictions."""
     where, args = event_filter.where()
@@ -119,7 +152,7 @@ async def matching_rows(conn: Connection, event_filter: EventFilter) -> AsyncIte
         rows = await store.fetch_where(conn, where, args, PAGE)
         for row in rows:
             yield row
-        if len(rows) < PAGE:
+        if not store.page_may_continue(rows, PAGE):
             return
         event_filter = event_filter.starting_after(rows[-1]["seq"])
 
@@ -213,8 +246,7 @@ async def _deliver_all(
     lanes: list[asyncio.Queue[asyncpg.Record | None]] = [
         asyncio.Queue(maxsize=LANE_DEPTH) for _ in range(concurrency)
     ]
-    timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=10.0)
-    async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as http:
+    async with new_client(REQUEST_TIMEOUT) as http:
 
         async def lane(queue: asyncio.Queue[asyncpg.Record | None]) -> None:
             while (row := await queue.get()) is not None:
@@ -243,42 +275,18 @@ async def _deliver_all(
                 worker.cancel()
 
 
-async def send(
-    http: httpx.AsyncClient, target: UrlTarget, row: asyncpg.Record, retries: int, vault: Vault
-) -> str | None:
+async def send(http: Pool, target: UrlTarget, row: asyncpg.Record, retries: int, vault: Vault) -> str | None:
     """Deliver one event; None when the receiver took it (2xx), else why it did not."""
-    body = body_bytes(row, vault)
-    reason = "not sent"
-    for attempt in range(retries + 1):
-        if attempt:
-            REPLAY_DELIVERIES.labels("retried").inc()
-        headers = signed_headers(target.key, row["webhook_id"], body)  # a fresh timestamp each try
-        wait = backoff(attempt)
-        try:
-            response = await http.post(target.url, content=body, headers=headers)
-        except httpx.TransportError as exc:
-            reason = f"network error ({type(exc).__name__})"
-        else:
-            status = response.status_code
-            if 200 <= status < 300:
-                REPLAY_DELIVERIES.labels("delivered").inc()
-                return None
-            reason = f"HTTP {status}"
-            if 300 <= status < 400:
-                reason += " redirect, not followed"
-            if status != 429 and status < 500:
-                break
-            asked = retry_after_seconds(response.headers.get("retry-after"))
-            wait = wait if asked is None else min(asked, MAX_RETRY_AFTER)
-        if attempt < retries:
-            await asyncio.sleep(wait)
-    else:
-        reason += f" after {retries + 1} attempts"
+    policy = Backoff(
+        attempts=retries + 1, base=BACKOFF_BASE, cap=BACKOFF_CAP, max_retry_after=MAX_RETRY_AFTER,
+        floor=0.5, cap_retry_after=True,
+    )  # fmt: skip
+    retried = REPLAY_DELIVERIES.labels("retried").inc
+    attempt = await deliver(
+        http, target.url, target.key, row["webhook_id"], body_bytes(row, vault), policy, retried
+    )
+    if attempt.ok:
+        REPLAY_DELIVERIES.labels("delivered").inc()
+        return None
     REPLAY_DELIVERIES.labels("failed").inc()
-    return reason
-
-
-def backoff(attempt: int) -> float:
-    """Capped exponential backoff with full jitter between half and all of the step."""
-    step = min(BACKOFF_CAP, BACKOFF_BASE * 2.0**attempt)
-    return step * random.uniform(0.5, 1.0)
+    return attempt.reason

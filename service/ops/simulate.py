@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from service.core.errors import ConfigError
+from service.core.retry import Backoff, retryable_status
 from service.core.settings import Settings, decode_webhook_secret, simulate_outputs_port
 from service.core.signatures import signed_headers
 from service.ops.outputs import OutputServer
@@ -30,6 +31,8 @@ MODEL = "qwen/qwen-image-edit-plus"
 VERSION = "5a8b5e4bd4e1b1d3b9a8c9e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5"
 STEPS = 50
 FINAL_RETRIES = 5
+# Like Replicate's own sender: 0.2 s, 0.4 s, … up to 2 s between tries of the final delivery.
+SENDER_BACKOFF = Backoff(attempts=FINAL_RETRIES + 1, base=0.2, cap=2.0, max_retry_after=0.0)
 
 
 def new_id(rng: random.Random, length: int = 26) -> str:
@@ -215,11 +218,12 @@ class Simulator:
                 if 200 <= status < 300:
                     self._acknowledged(webhook_id, response.json())
                     return
-            if 400 <= status < 500:
+            if status and not retryable_status(status):
                 self.report.rejected += 1
                 return
-            if attempt < retries:
-                await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+            wait = SENDER_BACKOFF.delay(attempt + 1) if attempt < retries else None
+            if wait is not None:
+                await asyncio.sleep(wait)
         self.report.failed += 1
 
     def _acknowledged(self, webhook_id: str, answer: dict[str, Any]) -> None:

@@ -7,18 +7,16 @@ only after a 429, the one answer that proves the prediction was not made.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
-from tenacity.stop import stop_base
-from tenacity.wait import wait_exponential_jitter
 
 from service.core.errors import NotFound, RelayError, error_class
 from service.core.metrics import UPSTREAM_REQUESTS
-from service.core.retry import retry_after_seconds
+from service.core.retry import Backoff, retry_after_seconds
 from service.core.settings import Settings
 from service.core.validation import check_prediction_id
 
@@ -83,23 +81,6 @@ def error_for(response: httpx.Response, what: str) -> RelayError:
     return UnknownError(f"Replicate answered {status} unexpectedly{said}")
 
 
-BACKOFF = wait_exponential_jitter(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_INITIAL)
-
-
-def _wait(retry_state: RetryCallState) -> float:
-    error = retry_state.outcome.exception() if retry_state.outcome else None
-    asked = error.retry_after if isinstance(error, RateLimitError) else 0.0
-    return max(asked, BACKOFF(retry_state))
-
-
-class StopOnLongRetryAfter(stop_base):
-    """Give up at once when Replicate asks for a wait longer than RETRY_AFTER_MAX."""
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        error = retry_state.outcome.exception() if retry_state.outcome else None
-        return isinstance(error, RateLimitError) and error.retry_after > RETRY_AFTER_MAX
-
-
 @dataclass(frozen=True)
 class Reply:
     """A 2xx answer: its JSON object and the exact bytes Replicate sent."""
@@ -113,7 +94,13 @@ class Upstream:
 
     def __init__(self, settings: Settings):
         assert settings.replicate_api_token is not None
-        self.retries = settings.upstream_retries
+        self.policy = Backoff(
+            attempts=settings.upstream_retries + 1,
+            base=BACKOFF_INITIAL,
+            cap=BACKOFF_MAX,
+            max_retry_after=RETRY_AFTER_MAX,
+            jitter=BACKOFF_INITIAL,
+        )
         self.client = httpx.AsyncClient(
             base_url=settings.replicate_api_base + "/",
             headers={"Authorization": f"Bearer {settings.replicate_api_token}"},
@@ -140,13 +127,18 @@ class Upstream:
         return await self._call("GET", "predictions", "prediction list", params=params)
 
     async def _call(self, method: str, path: str, what: str, safe: bool = True, **kwargs: Any) -> Reply:
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(RETRYABLE_WHEN_SAFE if safe else RateLimitError),
-            stop=stop_after_attempt(self.retries + 1) | StopOnLongRetryAfter(),
-            wait=_wait,
-            reraise=True,
-        )
-        return await retrying(self._send, method, path, what, **kwargs)
+        retryable = RETRYABLE_WHEN_SAFE if safe else (RateLimitError,)
+        failures = 0
+        while True:
+            try:
+                return await self._send(method, path, what, **kwargs)
+            except retryable as error:
+                failures += 1
+                asked = error.retry_after if isinstance(error, RateLimitError) else None
+                wait = self.policy.delay(failures, asked)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
 
     async def _send(self, method: str, path: str, what: str, **kwargs: Any) -> Reply:
         try:

@@ -28,9 +28,10 @@ from service.archive.worker import Archiver, Tuning
 from service.batches import store as batch_store
 from service.batches.scheduler import BUDGET_RECHECK, BudgetGate, Scheduler
 from service.core import metrics, openapi
-from service.core.errors import DatabaseUnavailable, MethodNotAllowed, NotFound, RelayError
+from service.core.errors import DatabaseUnavailable, InvalidRequest, MethodNotAllowed, NotFound, RelayError
 from service.core.settings import Settings
 from service.db import database, migrations, partitions
+from service.destinations.manager import Destinations
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
 from service.upstream.client import Upstream
@@ -40,7 +41,18 @@ from service.usage.report import month_spend
 from service.web.logs import RequestContext
 from service.web.origins import ApiCors
 from service.web.responses import error_response
-from service.web.routes import admin, batches, dashboard, files, privacy, reading, sockets, usage, webhooks
+from service.web.routes import (
+    admin,
+    batches,
+    dashboard,
+    destinations,
+    files,
+    privacy,
+    reading,
+    sockets,
+    usage,
+    webhooks,
+)
 from service.web.routes import api as predictions_api
 from service.web.routes import openapi as openapi_route
 from service.web.state import CONNECT_TIMEOUT, Relay, relay_of
@@ -111,6 +123,15 @@ async def database_down(request: Request, error: Exception) -> Response:
 async def metrics_page(request: Request) -> Response:
     body = metrics.exposition(relay_of(request).settings.metrics_dir)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+async def data_error(request: Request, error: Exception) -> Response:
+    """Postgres refusing a value a request carried (class 22, data exception) is the client's
+    error, 400; parameters are checked before queries, so this is only the safety net."""
+    if request.scope["type"] != "http":
+        raise error
+    log.warning("the database refused a value in %s (%s)", request.url.path, type(error).__name__)
+    return error_response(InvalidRequest("a parameter holds a value the database cannot take"))
 
 
 async def relay_error(request: Request, error: Exception) -> Response:
@@ -185,6 +206,14 @@ def start_budget(relay: Relay) -> None:
         relay.background.add(asyncio.create_task(budget.watch(relay.pool, settings), name="relay-budget"))
 
 
+def start_destinations(relay: Relay) -> None:
+    """The senders of the destinations this instance holds (each held by one instance)."""
+    if not relay.settings.destinations:
+        return  # RELAY_DESTINATIONS=off: `relay destinations run` sends, elsewhere
+    sender = Destinations(relay.pool, relay.listen_connection, relay.vault, relay.settings)
+    relay.background.add(asyncio.create_task(sender.run(), name="relay-destinations"))
+
+
 def log_crash(task: asyncio.Task[None]) -> None:
     """A background loop that ends by an exception (not a cancel) says so in the log."""
     if not task.cancelled() and task.exception() is not None:
@@ -228,6 +257,7 @@ async def start_archive(relay: Relay) -> None:
 
 
 async def stop_background(relay: Relay) -> None:
+    await relay.replays.stop()
     for task in relay.background:
         task.cancel()
     await asyncio.gather(*relay.background, return_exceptions=True)
@@ -283,6 +313,7 @@ ROUTE_MODULES: tuple[Any, ...] = (
     dashboard,
     privacy,
     usage,
+    destinations,
     files,
     openapi_route,
 )
@@ -303,7 +334,19 @@ class RelayApp(Starlette):
             scope["app"] = self
             await self.webhook(scope, receive, send)
             return
+        if scope["type"] in ("http", "websocket") and "\x00" in scope["path"]:
+            await refuse_nul_path(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
+
+
+async def refuse_nul_path(scope: Scope, receive: Receive, send: Send) -> None:
+    """A NUL in a decoded path (`/predictions/a%00b`) can match no id Postgres stores, and
+    Postgres text cannot even carry it: 400 (a refused handshake for a WebSocket)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await error_response(InvalidRequest("the path must not contain NUL (%00)"))(scope, receive, send)
 
 
 async def open_pools(relay: Relay) -> None:
@@ -342,6 +385,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         await start_batches(relay)
         start_budget(relay)
         relay.background.add(asyncio.create_task(partitions.keep_ahead(relay.pool), name="relay-partitions"))
+        start_destinations(relay)
         await start_archive(relay)
         # Everything allocated so far (modules, settings, pools) lives as long as the process: out
         # of the collector's sight, a full collection took ~1 ms instead of 13-33 ms, which were
@@ -363,6 +407,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
         middleware.append(Middleware(ApiCors, origins=settings.cors_origins))
     handlers: dict[int | type[Exception], ExceptionHandler] = {
         RelayError: relay_error,
+        asyncpg.DataError: data_error,
         **dict.fromkeys(HTTP_ERRORS, http_error),  # by status: Starlette's router and static files
         **dict.fromkeys(DATABASE_DOWN, database_down),
     }

@@ -25,6 +25,9 @@ from service.web.transport import CoalescingHttpProtocol
 log = logging.getLogger("relay")
 
 SHUTDOWN_CLOSE_WAIT = 2.0
+# Subscribers have nothing large to say (their messages are ignored): a bigger inbound message
+# closes the socket with 1009 as soon as its frame header announces the size, before it is read.
+WS_MAX_MESSAGE = 4096
 WORKER_APP = "service.web.server:create_worker_app"
 
 
@@ -53,12 +56,42 @@ class RelayServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+STALLED_CLOSE_WAIT = 5.0
+
+
 class GoingAwayProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol, closing with 1001 (going away) at shutdown, not 1012.
 
     `RelayServer` closes sockets before uvicorn does; `--workers` runs uvicorn's own server in
     each worker, and there this is what a browser sees when its worker stops.
     """
+
+    def keepalive_timeout(self) -> None:
+        """uvicorn sends a close frame and `close()`s the transport when a pong is late; but a
+        peer that stopped reading has a full send buffer, which a closing transport waits to
+        flush forever, and the app never hears of it (the probe found 20 such sockets still
+        subscribed 110 s later). Such a peer is gone: drop the connection, so `connection_lost`
+        tells the app and the socket is unsubscribed."""
+        super().keepalive_timeout()
+        self.transport.abort()
+
+    async def send(self, message: Any) -> None:
+        """A close for a peer that stopped reading waits at most STALLED_CLOSE_WAIT for room in
+        the send buffer, then drops the connection; and a sent close frame that is never
+        answered ends in a drop, not in a close that waits on an unread buffer."""
+        closing = message["type"] == "websocket.close" and self.handshake_complete and not self.close_sent
+        if closing and self.initial_response is None and not self.writable.is_set():
+            try:
+                async with asyncio.timeout(STALLED_CLOSE_WAIT):
+                    await self.writable.wait()
+            except TimeoutError:
+                self.close_sent = True
+                self.transport.abort()
+                return
+        await super().send(message)
+        if closing and self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
 
     def shutdown(self) -> None:
         if not self.handshake_complete or self.close_sent:
@@ -101,6 +134,10 @@ def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> 
         access_log=settings.access_log,
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_interval,
+        ws_max_size=WS_MAX_MESSAGE,
+        # uvicorn's request-head limit (h11's); Relay's httptools protocol enforces the same
+        # value itself (transport.py), since httptools has no limit of its own.
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=10,
         **options,
     )
@@ -108,7 +145,7 @@ def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> 
 
 def serve(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
-    with database.database_dsn(settings) as dsn:
+    with database.database_dsn(settings, supervise=True) as dsn:
         asyncio.run(database.require_writable(dsn))
         asyncio.run(database.migrate(dsn))
         asyncio.run(check_keys(dsn, Vault(settings.key_encryption_keys)))

@@ -21,6 +21,7 @@ from service.db.database import Databases
 from service.db.vault import Vault
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
+from service.ops.replay_jobs import ReplayJobs
 from service.upstream.client import Upstream
 
 CONNECT_TIMEOUT = 5.0
@@ -44,6 +45,7 @@ class Relay:
     archive_policy: HostPolicy = field(init=False)
     scheduler: Scheduler | None = field(init=False, default=None)  # batches, with an upstream
     batch_link_key: bytes = field(init=False)
+    replays: ReplayJobs = field(init=False, default_factory=ReplayJobs)
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys

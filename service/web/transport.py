@@ -51,9 +51,58 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+HEAD_END = b"\r\n\r\n"
+
+
+def head_too_large(limit: int) -> bytes:
+    body = (
+        b'{"error":{"code":"HEADERS_TOO_LARGE","message":"the request line and headers exceed '
+        b'RELAY_MAX_HEADER_BYTES (%d bytes)"}}' % limit
+    )
+    return (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+
+
 class CoalescingHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol on a `CoalescingTransport`; a WebSocket upgrade hands the
-    same wrapped transport to the WebSocket protocol, so fan-out messages coalesce too."""
+    same wrapped transport to the WebSocket protocol, so fan-out messages coalesce too.
+
+    It also bounds the request head (request line and headers) at RELAY_MAX_HEADER_BYTES, carried
+    in uvicorn's `h11_max_incomplete_event_size`: httptools has no limit, and it gathers a
+    header by concatenation, so one 128 MiB header line stalled the whole server for 12 s. The
+    bytes before the blank line are counted as they arrive, before the parser sees them; past
+    the limit the client gets a 431 and the connection is closed.
+    """
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        self._head_limit = self.config.h11_max_incomplete_event_size or 65536
+        self._in_head = True
+        self._head_bytes = 0
+        self._tail = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head and self._count_head(data) > self._head_limit:
+            self.transport.write(head_too_large(self._head_limit))
+            self.transport.close()
+            self._in_head = False
+            return
+        super().data_received(data)
+
+    def _count_head(self, data: bytes) -> int:
+        """Add the head bytes in `data` (all of it until the blank line that ends the head)."""
+        joined = self._tail + data
+        end = joined.find(HEAD_END)
+        self._head_bytes += len(data) if end < 0 else max(0, end + len(HEAD_END) - len(self._tail))
+        self._tail = joined[-(len(HEAD_END) - 1) :]
+        return self._head_bytes
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes, self._tail = True, 0, b""  # the next request on this connection

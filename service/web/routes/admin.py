@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -10,15 +11,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.core.auth import require_admin, token_from
-from service.core.errors import InvalidRequest
-from service.core.filters import MAX_TEXT, SOURCES, parse_filter
+from service.core.errors import DatabaseUnavailable, InvalidRequest, NotFound
+from service.core.filters import MAX_TEXT, SOURCES, EventFilter, parse_filter
 from service.core.openapi import ADMIN, SEQ, TOKEN_QUERY, errors, json_body, operation, query_param, ref
 from service.core.params import MAX_PAGE
 from service.core.settings import WHSEC_PATTERN
 from service.db import store
-from service.ops.replay import replay, target_from_json
+from service.ops.replay import Report, Target, UrlTarget, check_target_address, replay, target_from_json
+from service.ops.replay_jobs import ReplayJob
 from service.web.responses import events_page
 from service.web.routes.reading import int_param
+from service.web.routes.webhooks import read_body
 from service.web.state import relay_of
 
 
@@ -39,18 +42,22 @@ async def list_events(request: Request) -> Response:
     return events_page(rows, relay.vault, event_filter.after)
 
 
-async def post_replay(request: Request) -> JSONResponse:
-    """`POST /admin/replay` with `{"filter", "target", "dry_run"}` → the report, once done."""
-    authorize_admin(request)
+REPLAY_MAX_BODY = 65536  # a filter and a target: a few hundred bytes in practice
+DEFAULT_REPLAY_WAIT = 10
+
+
+def replay_request(body: bytes) -> tuple[EventFilter, Target, bool]:
+    """`{"filter", "target", "dry_run"}` from the body; 400 naming what is wrong. A body nested
+    too deeply for the parser is a 400 like any other invalid JSON, never a 500."""
     try:
-        payload = json.loads(await request.body())
-    except ValueError:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
         raise InvalidRequest('the body must be JSON: {"filter": {...}, "target": {...}}') from None
     if not isinstance(payload, dict):
         raise InvalidRequest("the body must be a JSON object")
     unknown = sorted(set(payload) - {"filter", "target", "dry_run"})
     if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0]!r}; expected filter, target, dry_run")
+        raise InvalidRequest(f"unknown field {str(unknown[0])[:40]!r}; expected filter, target, dry_run")
     filter_values = payload.get("filter") or {}
     if not isinstance(filter_values, dict):
         raise InvalidRequest("filter must be an object of filters")
@@ -59,14 +66,70 @@ async def post_replay(request: Request) -> JSONResponse:
     dry_run = payload.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise InvalidRequest("dry_run must be true or false")
-    async with relay_of(request).pool.acquire() as conn:
-        report = await replay(conn, event_filter, target, relay_of(request).vault, dry_run=dry_run)
-    return JSONResponse(report.as_json())
+    return event_filter, target, dry_run
+
+
+async def post_replay(request: Request) -> JSONResponse:
+    """`POST /admin/replay[?wait=S]` with `{"filter", "target", "dry_run"}`.
+
+    The replay runs as a background job. Done within `wait` seconds (default 10, 0-60): 200 with
+    the report (DESIGN's answer). Still running: 202 with `{"job", "status", "url", "report"}`
+    (the report so far) and `Location: /admin/replay/{job}`, to poll.
+    """
+    authorize_admin(request)
+    relay = relay_of(request)
+    wait = int_param(request, "wait", DEFAULT_REPLAY_WAIT, minimum=0, maximum=60)
+    event_filter, target, dry_run = replay_request(
+        await read_body(request, REPLAY_MAX_BODY, "the replay body limit")
+    )
+    if isinstance(target, UrlTarget):
+        await check_target_address(target, relay.settings.replay_private)
+
+    async def run(report: Report) -> None:
+        async with relay.pool.acquire() as conn:
+            await replay(conn, event_filter, target, relay.vault, dry_run=dry_run, report=report)
+
+    job = relay.replays.start(run)
+    assert job.task is not None
+    await asyncio.wait({job.task}, timeout=wait)
+    if not job.task.done():
+        url = f"/admin/replay/{job.id}"
+        body = {"job": job.id, "status": job.status, "url": url, "report": job.report.as_json()}
+        return JSONResponse(body, status_code=202, headers={"Location": url})
+    if job.status == "done":
+        return JSONResponse({**job.report.as_json(), "job": job.id})
+    # The replay failed before it was done: the same answer as the synchronous call gave.
+    raise DatabaseUnavailable("the replay could not read the log; retry later")
+
+
+def replay_job(request: Request) -> ReplayJob:
+    authorize_admin(request)
+    job = relay_of(request).replays.get(request.path_params["job_id"])
+    if job is None:
+        raise NotFound("no replay job with this id here (a job lives in the Relay process that runs it)")
+    return job
+
+
+async def get_replay_job(request: Request) -> JSONResponse:
+    """`GET /admin/replay/{job}` → `{"id", "status": running|done|failed|canceled, "error",
+    "started_at", "finished_at", "report"}`."""
+    return JSONResponse(replay_job(request).as_json())
+
+
+async def cancel_replay_job(request: Request) -> JSONResponse:
+    """`POST /admin/replay/{job}/cancel`: stop a running replay (what was sent stays sent)."""
+    job = replay_job(request)
+    relay_of(request).replays.cancel(job)
+    if job.task is not None:
+        await asyncio.wait({job.task}, timeout=5)
+    return JSONResponse(job.as_json())
 
 
 routes = [
     Route("/admin/events", list_events),
     Route("/admin/replay", post_replay, methods=["POST"]),
+    Route("/admin/replay/{job_id}", get_replay_job),
+    Route("/admin/replay/{job_id}/cancel", cancel_replay_job, methods=["POST"]),
 ]
 
 MOMENT: dict[str, Any] = {"type": "string", "format": "date-time", "description": "ISO 8601 on received_at"}

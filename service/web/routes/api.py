@@ -3,6 +3,10 @@
 Every call needs the admin token or a key from RELAY_API_KEYS and counts against that key's
 hourly quota. A create always points Replicate's webhook at Relay, and each prediction comes
 back with `relay: {ws, token}` so the caller can watch it live.
+
+Each prediction belongs to the key that created it (`prediction_owners`): another key gets 404
+for it (no data, no token, no cancel, no upstream call) and never sees it in a list; the admin
+token sees every prediction.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service.cache import store as cache
-from service.cache.keys import input_sha256, scope_of
-from service.core.auth import mint_token, require_api_key, token_from
-from service.core.errors import InvalidRequest, RelayError
+from service.cache.keys import input_sha256
+from service.core.auth import matches_any, mint_token, require_api_key, token_from
+from service.core.errors import InvalidRequest, NotFound, RelayError
 from service.core.logcontext import bind
 from service.core.openapi import ADMIN, API_KEY, errors, json_body, operation, path_param, query_param
 from service.core.validation import (
@@ -27,10 +31,11 @@ from service.core.validation import (
     PREDICTION_ID_PATTERN,
     VERSION_PATTERN,
     WEBHOOK_EVENTS,
-    Target,
     bare_version,
+    check_prediction_id,
     create_request,
 )
+from service.db import owners
 from service.upstream import ratelimit, versions
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
@@ -38,14 +43,22 @@ from service.web.routes.reading import archive_list
 from service.web.routes.webhooks import read_body
 from service.web.state import relay_of
 
+CURSOR = re.compile(r"[A-Za-z0-9=+/_.:%-]{1,512}")
+
 
 class ProxyDisabled(RelayError):
     status = 503
     code = "PROXY_DISABLED"
 
 
-async def admit(request: Request) -> tuple[Upstream, Quota]:
-    """Authenticate, count the request against the key's quota, and require the upstream."""
+def caller_owner(key: str, admin_token: str | None) -> str:
+    """The owner name of a caller: `admin` for the admin token, else the key's hash."""
+    return owners.ADMIN if matches_any(key, [admin_token]) else ratelimit.key_hash(key)
+
+
+async def admit(request: Request) -> tuple[Upstream, Quota, str]:
+    """Authenticate, count the request against the key's quota, and require the upstream.
+    Returns the upstream, the quota and the caller's owner name."""
     relay = relay_of(request)
     settings = relay.settings
     key = require_api_key(
@@ -58,7 +71,18 @@ async def admit(request: Request) -> tuple[Upstream, Quota]:
             "to a Replicate API token and restart Relay",
             headers=quota.headers(),
         )
-    return relay.upstream, quota
+    return relay.upstream, quota, caller_owner(key, settings.admin_token)
+
+
+async def require_owned(request: Request, caller: str, quota: Quota) -> str:
+    """The path's prediction id, when the caller may see it; the same 404 as an unknown one
+    otherwise, so another key cannot even learn that the prediction exists."""
+    prediction_id = check_prediction_id(request.path_params["prediction_id"])
+    if caller != owners.ADMIN:
+        owner = await owners.owner_of(relay_of(request).pool, prediction_id)
+        if not owners.may_see(caller, owner):
+            raise NotFound(f"no prediction {prediction_id[:40]!r} for this API key", headers=quota.headers())
+    return prediction_id
 
 
 def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +101,7 @@ def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
 
 
 async def read_json(request: Request) -> Any:
-    body = await read_body(request, relay_of(request).settings.api_max_body)
+    body = await read_body(request, relay_of(request).settings.api_max_body, "RELAY_API_MAX_BODY")
     try:
         return json.loads(body, parse_constant=not_json)
     except (ValueError, RecursionError):
@@ -90,27 +114,29 @@ def not_json(constant: str) -> Any:
 
 
 async def create_prediction(request: Request) -> JSONResponse:
-    upstream, quota = await admit(request)
+    upstream, quota, caller = await admit(request)
     relay = relay_of(request)
     body = await read_json(request)
     learned = await versions.lookup(relay.pool, bare_version(body))
     target, payload = create_request(body, relay.settings.webhook_url, learned)
-    key = cache_key(request, target, payload["input"]) if body.get("cache") is True else None
+    # The cache is scoped like ownership: a key sees only answers it created, the admin its own.
+    key = (
+        cache.CacheKey(caller, target.cache_key, input_sha256(payload["input"]))
+        if body.get("cache") is True
+        else None
+    )
     if key is not None and (hit := await cache.find(relay.pool, relay.vault, key, relay.settings.cache_ttl)):
         bind(prediction_id=hit.prediction_id)
         return JSONResponse(await cached_answer(request, hit), headers=quota.headers())
     reply = await upstream.create(target.path, payload)
-    bind(prediction_id=reply.data.get("id"))  # the access line names the prediction made
+    prediction_id = reply.data.get("id")
+    bind(prediction_id=prediction_id)  # the access line names the prediction made
+    if isinstance(prediction_id, str):
+        await owners.record_owner(relay.pool, prediction_id, caller)
     await versions.learn(relay.pool, reply.data)
-    if key is not None and isinstance(reply.data.get("id"), str):
-        await cache.remember(relay.pool, key, reply.data["id"])
+    if key is not None and isinstance(prediction_id, str):
+        await cache.remember(relay.pool, key, prediction_id)
     return JSONResponse(with_relay(request, reply.data), status_code=201, headers=quota.headers())
-
-
-def cache_key(request: Request, target: Target, values: dict[str, Any]) -> cache.CacheKey:
-    key = token_from(request.headers, request.query_params) or ""
-    scope = scope_of(key, relay_of(request).settings.admin_token)
-    return cache.CacheKey(scope, target.cache_key, input_sha256(values))
 
 
 async def cached_answer(request: Request, hit: cache.Hit) -> dict[str, Any]:
@@ -126,8 +152,8 @@ async def cached_answer(request: Request, hit: cache.Hit) -> dict[str, Any]:
 
 
 async def get_prediction(request: Request) -> JSONResponse:
-    upstream, quota = await admit(request)
-    reply = await upstream.get(request.path_params["prediction_id"])
+    upstream, quota, caller = await admit(request)
+    reply = await upstream.get(await require_owned(request, caller, quota))
     await versions.learn(relay_of(request).pool, reply.data)
     async with relay_of(request).pool.acquire() as conn:
         archive = await archive_list(conn, request, reply.data)
@@ -135,16 +161,37 @@ async def get_prediction(request: Request) -> JSONResponse:
 
 
 async def cancel_prediction(request: Request) -> JSONResponse:
-    upstream, quota = await admit(request)
-    reply = await upstream.cancel(request.path_params["prediction_id"])
+    upstream, quota, caller = await admit(request)
+    reply = await upstream.cancel(await require_owned(request, caller, quota))
     return JSONResponse(with_relay(request, reply.data), headers=quota.headers())
 
 
 async def list_predictions(request: Request) -> JSONResponse:
-    upstream, quota = await admit(request)
-    reply = await upstream.list(request.query_params.get("cursor") or None)
+    upstream, quota, caller = await admit(request)
+    reply = await upstream.list(list_cursor(request.query_params.get("cursor")))
     page = list_page(reply.data, relay_of(request).settings.base_url)
+    if caller != owners.ADMIN:
+        page["results"] = await only_owned(request, caller, page.get("results"))
     return JSONResponse(page, headers=quota.headers())
+
+
+def list_cursor(raw: str | None) -> str | None:
+    """Replicate's opaque page cursor (URL-safe base64-like text), refused (400) when it could
+    not be one, before it reaches Replicate."""
+    if not raw:
+        return None
+    if not CURSOR.fullmatch(raw):
+        raise InvalidRequest("cursor must be the cursor of a page link (letters, digits, =+/_.-)")
+    return raw
+
+
+async def only_owned(request: Request, caller: str, results: Any) -> list[Any]:
+    """The entries of an upstream page that the caller created (pages may come back shorter
+    than Replicate's: the cursors still walk the whole upstream list)."""
+    entries = results if isinstance(results, list) else []
+    ids = [entry["id"] for entry in entries if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
+    mine = await owners.owned_among(relay_of(request).pool, caller, ids)
+    return [entry for entry in entries if isinstance(entry, dict) and entry.get("id") in mine]
 
 
 RELAY_BLOCK = {

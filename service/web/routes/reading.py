@@ -23,16 +23,23 @@ from service.core.openapi import (
     query_param,
     ref,
 )
-from service.core.params import MAX_PAGE, parse_int
+from service.core.params import MAX_PAGE, check_text, parse_int
 from service.db import store
 from service.db.connection import Connection
 from service.db.events import prediction_state
 from service.web.responses import EventsResponse, events_page
 from service.web.state import relay_of
 
+MAX_ID = 256  # as ingest allows (service.ingest.committer.MAX_LENGTHS)
+
 
 def int_param(request: Request, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     return parse_int(name, request.query_params.get(name), default, minimum, maximum)
+
+
+def path_id(request: Request, name: str = "prediction_id") -> str:
+    """A path's id, refused (400) when no stored id could match it (NUL, too long)."""
+    return check_text(name, request.path_params[name], MAX_ID)
 
 
 def authorize(request: Request, prediction_id: str | None) -> None:
@@ -42,7 +49,7 @@ def authorize(request: Request, prediction_id: str | None) -> None:
 
 
 async def get_prediction(request: Request) -> EventsResponse:
-    prediction_id = request.path_params["prediction_id"]
+    prediction_id = path_id(request)
     authorize(request, prediction_id)
     relay = relay_of(request)
     async with relay.pool.acquire() as conn:
@@ -63,7 +70,7 @@ async def archive_list(conn: Connection, request: Request, prediction: Any) -> l
 
 
 async def list_prediction_events(request: Request) -> Response:
-    prediction_id = request.path_params["prediction_id"]
+    prediction_id = path_id(request)
     authorize(request, prediction_id)
     after = int_param(request, "after", 0)
     limit = int_param(request, "limit", 100, minimum=1, maximum=MAX_PAGE)

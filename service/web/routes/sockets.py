@@ -41,6 +41,7 @@ POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 # A client that stopped reading cannot take a close frame; give up on it after this long.
 CLOSE_WAIT = 5.0
+MAX_CLOSE_REASON = 123  # bytes (RFC 6455: 125 for the payload, 2 of them the code)
 
 
 async def prediction_stream(websocket: WebSocket) -> None:
@@ -80,9 +81,9 @@ async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
     try:
         after = int_param(websocket, "after", 0)  # type: ignore[arg-type]
     except RelayError as error:
-        await websocket.close(POLICY_VIOLATION, error.message)
+        await websocket.close(POLICY_VIOLATION, close_reason(error.message))
         return
-    subscriber = Subscriber(prediction_id, relay.settings.ws_queue_size, after)
+    subscriber = Subscriber(prediction_id, relay.settings.ws_queue_size, after, relay.settings.ws_queue_bytes)
     relay.hub.subscribe(subscriber)
     try:
         code = await first_to_end(
@@ -95,6 +96,12 @@ async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
             await close(websocket, code)
     finally:
         relay.hub.unsubscribe(subscriber)
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to the 123 UTF-8 bytes a close frame can carry: a longer reason (an `after`
+    echoed back in 4-byte characters) made the close itself fail, and the client saw 1006."""
+    return text.encode()[:MAX_CLOSE_REASON].decode(errors="ignore")
 
 
 async def first_to_end(
@@ -127,6 +134,12 @@ async def deliver(websocket: WebSocket, relay: Relay, subscriber: Subscriber, af
     """
     async with relay.pool.acquire() as conn:
         horizon = await store.max_seq(conn)
+    if after > horizon:
+        # Nothing past the head exists yet, so waiting could only skip the events in between:
+        # the cursor came from elsewhere (another database, a typo). Refuse it and say why.
+        reason = f"after={after} is beyond the log's head ({horizon}); resume from caught_up.seq"
+        await websocket.close(POLICY_VIOLATION, close_reason(reason))
+        return None
     subscriber.live_from = max(subscriber.live_from, horizon)
     last, ended = await send_backlog(websocket, relay, subscriber.prediction_id, after, horizon)
     await websocket.send_text(json.dumps({"type": "caught_up", "seq": max(last, horizon)}))
@@ -150,7 +163,7 @@ async def send_backlog(
             await websocket.send_text(event_text(row, relay.vault))
             MESSAGES_SENT.inc()
             last = row["seq"]
-        if len(rows) < BACKLOG_PAGE:
+        if not store.page_may_continue(rows, BACKLOG_PAGE):
             break
     if prediction_id is None:
         return last, False
@@ -162,7 +175,7 @@ async def send_backlog(
 
 async def write_live(websocket: WebSocket, subscriber: Subscriber, close_on_terminal: bool) -> int:
     while True:
-        message = await subscriber.queue.get()
+        message = await subscriber.next()
         if not subscriber.wants(message):
             continue  # queued before the horizon was known: the backlog had it
         await websocket.send_text(message.text)

@@ -1,0 +1,137 @@
+"""POST /admin/replay: a bounded body, safe parsing, background jobs, and no private targets
+unless RELAY_REPLAY_PRIVATE is on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from service.core.errors import InvalidRequest
+from service.ops.replay import UrlTarget, check_target_address
+
+from .receiver import RECEIVER_SECRET
+from .support import RelayProcess, admin_headers, deliver_lifecycle, new_prediction_id, relay_env
+
+
+def test_a_body_past_the_replay_limit_is_413(admin):
+    response = admin.post("/admin/replay", content=b'{"filter": {}, "x": "' + b"a" * 100_000 + b'"}')
+    assert response.status_code == 413 and response.json()["error"]["code"] == "BODY_TOO_LARGE"
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(admin):
+    response = admin.post("/admin/replay", content=b"[" * 30_000 + b"]" * 30_000)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_REQUEST"
+
+
+@contextlib.contextmanager
+def hanging_target() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_a_replay_to_a_hanging_target_answers_202_with_a_job_to_poll_and_cancel(client, admin):
+    """The request returns after `wait` seconds with the job; GET shows it running; cancel stops it."""
+    prediction_id = new_prediction_id()
+    seqs = deliver_lifecycle(client, prediction_id)
+    with hanging_target() as url:
+        body = {"filter": {"prediction_id": prediction_id}, "target": {"url": url, "secret": RECEIVER_SECRET}}
+        started = admin.post("/admin/replay", params={"wait": 1}, json=body)
+        assert started.status_code == 202, started.text
+        job = started.json()
+        assert job["status"] == "running" and started.headers["location"] == job["url"]
+        assert job["report"]["matched"] == len(seqs)
+        polled = admin.get(job["url"]).json()
+        assert polled["id"] == job["job"] and polled["status"] == "running"
+        canceled = admin.post(job["url"] + "/cancel").json()
+        assert canceled["status"] == "canceled" and canceled["report"]["delivered"] == 0
+    assert admin.get(job["url"]).json()["status"] == "canceled"
+
+
+def test_a_job_that_finishes_reports_done_with_the_report(client, admin, receiver):
+    prediction_id = new_prediction_id()
+    seqs = deliver_lifecycle(client, prediction_id)
+    body = {
+        "filter": {"prediction_id": prediction_id},
+        "target": {"url": receiver.url + "/hook", "secret": RECEIVER_SECRET},
+    }
+    answer = admin.post("/admin/replay", params={"wait": 0}, json=body)
+    assert answer.status_code in (200, 202)
+    url = f"/admin/replay/{answer.json()['job']}"
+    deadline = time.monotonic() + 15
+    while (job := admin.get(url).json())["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job["status"] == "done" and job["report"]["delivered"] == len(seqs)
+
+
+def test_an_unknown_job_is_404(admin):
+    assert admin.get("/admin/replay/rpl_nosuchjob").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def guarded(postgres) -> Iterator[RelayProcess]:
+    """A server with the default: no replays to private addresses."""
+    env = relay_env(postgres.new_database(), RELAY_REPLAY_PRIVATE="")
+    with RelayProcess(env) as process:
+        yield process
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/hook",
+        "http://localhost:9/hook",
+        "http://[::1]:9/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.1.2.3/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+    ],
+)
+def test_replays_to_private_addresses_are_refused_by_default(guarded, url):
+    body = {"target": {"url": url, "secret": RECEIVER_SECRET}, "dry_run": True}
+    with httpx.Client(base_url=guarded.url, headers=admin_headers(), timeout=30) as admin:
+        response = admin.post("/admin/replay", json=body)
+    assert response.status_code == 400 and "RELAY_REPLAY_PRIVATE" in response.json()["error"]["message"]
+
+
+def check(url: str, answers: list[str], allow: bool = False) -> str:
+    async def resolve(host: str, port: int) -> list[str]:
+        return answers
+
+    try:
+        asyncio.run(check_target_address(UrlTarget(url, b"k"), allow, resolve))
+    except InvalidRequest as error:
+        return error.message
+    return "ok"
+
+
+def test_a_name_is_judged_by_every_address_it_resolves_to():
+    assert check("https://hooks.example.com/x", ["93.184.216.34"]) == "ok"
+    assert "private" in check("https://hooks.example.com/x", ["93.184.216.34", "10.0.0.7"])
+    assert "private" in check("https://rebind.example.com/x", ["fe80::1"])
+    assert check("https://hooks.example.com/x", ["10.0.0.7"], allow=True) == "ok"

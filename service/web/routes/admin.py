@@ -13,7 +13,17 @@ from starlette.routing import Route
 from service.core.auth import require_admin, token_from
 from service.core.errors import DatabaseUnavailable, InvalidRequest, NotFound
 from service.core.filters import MAX_TEXT, SOURCES, EventFilter, parse_filter
-from service.core.openapi import ADMIN, SEQ, TOKEN_QUERY, errors, json_body, operation, query_param, ref
+from service.core.openapi import (
+    ADMIN,
+    SEQ,
+    TOKEN_QUERY,
+    errors,
+    json_body,
+    operation,
+    path_param,
+    query_param,
+    ref,
+)
 from service.core.params import MAX_PAGE
 from service.core.settings import WHSEC_PATTERN
 from service.db import store
@@ -132,6 +142,7 @@ routes = [
     Route("/admin/replay/{job_id}/cancel", cancel_replay_job, methods=["POST"]),
 ]
 
+HTTP_URL_PATTERN = "^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/\\S*)?$"
 MOMENT: dict[str, Any] = {"type": "string", "format": "date-time", "description": "ISO 8601 on received_at"}
 TEXT: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT, "pattern": "^[^\\x00]*$"}
 FILTER_SCHEMAS: dict[str, dict[str, Any]] = {
@@ -157,10 +168,7 @@ REPLAY_BODY = {
                     "additionalProperties": False,
                     "required": ["url", "secret"],
                     "properties": {
-                        "url": {
-                            "type": "string",
-                            "pattern": "^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/\\S*)?$",
-                        },
+                        "url": {"type": "string", "pattern": HTTP_URL_PATTERN},
                         "secret": {"type": "string", "pattern": WHSEC_PATTERN},
                     },
                 },
@@ -187,6 +195,7 @@ REPLAY_REPORT = {
         "dry_run": {"type": "boolean"},
     },
 }
+REPLAY_JOB = {"type": "object", "properties": {"job": {"type": "string"}, "status": {"type": "string"}}}
 openapi = {
     "/admin/events": {
         "get": operation(
@@ -206,8 +215,31 @@ openapi = {
             "Replay matching events to a URL or to live subscribers",
             tag="admin",
             security=[ADMIN],
+            parameters=[query_param("wait", {"type": "integer", "minimum": 0, "maximum": 60}, "seconds")],
             body=REPLAY_BODY,
-            responses={200: json_body(REPLAY_REPORT, "The report, once done"), **errors(400, 401, 403)},
+            responses={
+                200: json_body(REPLAY_REPORT, "The report, once done"),
+                202: json_body(REPLAY_JOB, "Still running: poll Location"),
+                **errors(400, 401, 403, 413),
+            },
+        )
+    },
+    "/admin/replay/{job_id}": {
+        "get": operation(
+            "A replay job and its report so far",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[path_param("job_id"), TOKEN_QUERY],
+            responses={200: json_body(REPLAY_JOB), **errors(401, 403, 404)},
+        )
+    },
+    "/admin/replay/{job_id}/cancel": {
+        "post": operation(
+            "Cancel a replay job",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[path_param("job_id"), TOKEN_QUERY],
+            responses={200: json_body(REPLAY_JOB), **errors(401, 403, 404)},
         )
     },
 }

@@ -17,8 +17,8 @@ from .fuzzing import can_break, fuzz
 from .support import ADMIN_TOKEN, RelayProcess
 
 # Bounded so the fuzz stays well under a minute; bench/fuzz.py runs many more cases.
-FUZZ_EXAMPLES = 20
-NEGATIVE_EXAMPLES = 8
+FUZZ_EXAMPLES = 15
+NEGATIVE_EXAMPLES = 6
 
 
 def http_operations() -> set[tuple[str, str]]:

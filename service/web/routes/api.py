@@ -284,7 +284,11 @@ openapi = {
             "List predictions (Replicate's pages, with Relay URLs)",
             tag="api",
             security=KEYS,
-            parameters=[query_param("cursor", {"type": "string"}, "from a page's next or previous URL")],
+            parameters=[
+                query_param(
+                    "cursor", {"type": "string", "pattern": f"^{CURSOR.pattern}$"}, "from a page link"
+                )
+            ],
             responses={200: json_body(PAGE), **errors(*UPSTREAM_ERRORS)},
         ),
     },

@@ -69,6 +69,17 @@ class Seen:
     at: float
 
 
+def answered_model(version: str | None, model: str | None) -> tuple[str, str]:
+    """The `model` and bare `version` id Replicate's answer names, as Replicate does: the model's
+    latest (VERSION) when only a model is given; a bare id other than VERSION is another model."""
+    if model is not None or version is None:
+        return model or QWEN, VERSION
+    name, _, version_id = version.partition(":")
+    if "/" in name:
+        return name, version_id or VERSION
+    return (QWEN, version) if version == VERSION else ("someone/unknown-model", version)
+
+
 def error_body(status: int, title: str, detail: str) -> dict[str, Any]:
     return {"title": title, "detail": detail, "status": status}
 
@@ -81,6 +92,8 @@ class FakeReplicate:
         self.scripts: deque[tuple[str, re.Pattern[str], Answer]] = deque()
         self.lose: set[str] = set()  # webhook events never delivered ("logs", "completed", ...)
         self.hold = False  # keep predictions running (before completing) until cleared or canceled
+        self.outcome = "succeeded"  # how the next predictions end: succeeded, failed or canceled
+        self.output: list[str] | None = None  # output URLs of the next predictions (else Replicate-like)
         self.tasks: set[asyncio.Future] = set()
         self.webhook_results: list[int] = []
         # Batches: created predictions not yet terminal, and the most there ever were at once.
@@ -114,6 +127,8 @@ class FakeReplicate:
         self.requests.clear()
         self.lose = set()
         self.hold = False
+        self.outcome = "succeeded"
+        self.output = None
         self.unfinished = set()
         self.max_unfinished = 0
         self.created = {}
@@ -192,12 +207,15 @@ class FakeReplicate:
             detail = "- input: Invalid type. Expected: object"
             return JSONResponse(error_body(422, "Input validation failed", detail), status_code=422)
         prediction_id = "p" + uuid.uuid4().hex[:25]
-        bodies = lifecycle(prediction_id)
+        bodies = lifecycle(prediction_id, self.outcome)
         for item in bodies:
+            if self.output is not None and item.get("output"):
+                item["output"] = list(self.output)
+            named_model, version_id = answered_model(body.get("version"), model)
             item.update(
                 input=body["input"],
-                model=model or "qwen/qwen-image-edit-plus",
-                version=body.get("version", VERSION),
+                model=named_model,
+                version=version_id,
                 webhook=body.get("webhook"),
                 webhook_events_filter=body.get("webhook_events_filter"),
             )

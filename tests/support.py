@@ -13,11 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -146,7 +148,8 @@ class RelayProcess:
         self.program = program  # how to run `relay` (another install's console script, say)
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
-        self.output = ""
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -165,6 +168,10 @@ class RelayProcess:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        # Read the output as it comes: with the access log on, a busy server would otherwise fill
+        # the pipe and block on its next log line.
+        self._reader = threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -176,11 +183,19 @@ class RelayProcess:
         self.stop()
         raise RuntimeError(f"relay serve did not become ready:\n{self.read_output()}")
 
+    def _drain(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self._lines.append(line)
+        stdout.close()
+
+    @property
+    def output(self) -> str:
+        """What the process printed so far (all of it once it has exited and `read_output` ran)."""
+        return "".join(self._lines)
+
     def read_output(self) -> str:
-        stdout = self.proc.stdout if self.proc is not None else None
-        if stdout is not None and not stdout.closed and self.proc.poll() is not None:
-            self.output += stdout.read()
-            stdout.close()
+        if self.proc is not None and self.proc.poll() is not None and self._reader is not None:
+            self._reader.join(10)
         return self.output
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:

@@ -34,6 +34,7 @@ from .support import (
     deliver_lifecycle,
     new_prediction_id,
     post_webhook,
+    query,
     relay_env,
 )
 
@@ -60,7 +61,21 @@ def spend_dsn(postgres) -> str:
 
 
 @pytest.fixture(scope="module")
-def browser(relays, spend_dsn) -> Iterator[Browser]:
+def cached_dsn(postgres) -> str:
+    """A database where the prediction cache answered twice this month, written before the browser
+    starts (as spend_dsn, for the same reason)."""
+    dsn = postgres.new_database()
+    query(
+        dsn,
+        "INSERT INTO cache_answers (scope, prediction_id, model, predict_time)"
+        " VALUES ('admin', 'p1', $1, 4.0), ('admin', 'p2', $1, 2.5)",
+        MODEL,
+    )
+    return dsn
+
+
+@pytest.fixture(scope="module")
+def browser(relays, spend_dsn, cached_dsn) -> Iterator[Browser]:
     with launch_browser() as chromium:
         yield chromium
 
@@ -349,3 +364,14 @@ def test_spend_this_month_is_shown_against_the_budget(browser, spend_dsn):
         ended = deliver_priced(http, 1.0)
         expect(card(page, ended).locator(".status-text")).to_have_text("succeeded")
         expect(spend).to_be_hidden(timeout=TIMEOUT_MS)
+
+
+def test_cached_answers_this_month_are_shown_with_what_they_saved(browser, cached_dsn):
+    """The header says how often the prediction cache answered this month, and the time and cost saved."""
+    env = relay_env(cached_dsn, RELAY_PRICES=f"{MODEL}=0.5")
+    with RelayProcess(env) as relay, new_page(browser) as page:
+        open_live(page, relay)
+        expect(page.locator("#cached")).to_have_text(
+            "Cached answers this month: 2 (saved 6.5 s, $3.25)", timeout=TIMEOUT_MS
+        )
+        expect(page.locator("#spend")).to_be_hidden()  # no RELAY_BUDGET: no spend meter

@@ -104,17 +104,35 @@ BAD_INPUTS = [
         {**QWEN_INPUT, "num_inference_steps": 501},
         "input.num_inference_steps must be an integer from 1 to 500",
     ),
-    ({**QWEN_INPUT, "num_inference_steps": 10.0}, "input.num_inference_steps must be an integer"),
+    ({**QWEN_INPUT, "num_inference_steps": 10.5}, "input.num_inference_steps must be an integer"),
     ({**QWEN_INPUT, "seed": 1.5}, "input.seed must be an integer"),
     ({**QWEN_INPUT, "seed": "42"}, "input.seed must be an integer"),
     ({**QWEN_INPUT, "seed": False}, "input.seed must be an integer"),
 ]
 
 
+# Every form of a create that names qwen: `model`, and the three forms of `version`. A bare id is
+# qwen's once Relay has seen Replicate answer with it (here: the fake's VERSION for qwen).
+QWEN_FORMS = {
+    "model": {"model": QWEN},
+    "version owner/name": {"version": QWEN},
+    "version owner/name:id": {"version": f"{QWEN}:{VERSION}"},
+    "version bare id": {"version": VERSION},
+}
+
+
+def teach_qwen_version(api, fake):
+    """One create through Relay, whose answer names qwen and VERSION, so Relay learns the id."""
+    assert api.post("/api/predictions", json={"model": QWEN, "input": QWEN_INPUT}).status_code == 201
+    fake.reset()
+
+
 @pytest.mark.parametrize(("values", "rule"), BAD_INPUTS)
-@pytest.mark.parametrize("target", [{"model": QWEN}, {"version": f"{QWEN}:{VERSION}"}])
+@pytest.mark.parametrize("target", QWEN_FORMS.values(), ids=QWEN_FORMS.keys())
 def test_each_qwen_input_rule_is_enforced_before_any_upstream_call(api, fake, target, values, rule):
     """A bad input is a 400 naming the field and the rule, and Replicate is never called."""
+    if target == QWEN_FORMS["version bare id"]:
+        teach_qwen_version(api, fake)
     status, code, message = error_of(api.post("/api/predictions", json={**target, "input": values}))
     assert (status, code) == (400, "INVALID_REQUEST")
     assert rule in message
@@ -141,6 +159,36 @@ def test_inputs_at_the_edges_of_every_range_are_accepted(api, fake):
     assert api.post("/api/predictions", json={"model": QWEN, "input": values}).status_code == 201
 
 
+@pytest.mark.parametrize("target", QWEN_FORMS.values(), ids=QWEN_FORMS.keys())
+def test_the_seeds_bad_example_is_refused_in_every_form(api, fake, target):
+    """Five images, an empty prompt, 5 outputs, guidance 25 and seed 1.5: refused whatever the form."""
+    if target == QWEN_FORMS["version bare id"]:
+        teach_qwen_version(api, fake)
+    bad = {"image": ["https://e.com/a.png"] * 5, "prompt": "", "num_outputs": 5, "guidance_scale": 25}
+    for field, value in {**bad, "seed": 1.5}.items():
+        status, code, message = error_of(
+            api.post("/api/predictions", json={**target, "input": {**QWEN_INPUT, field: value}})
+        )
+        assert (status, code) == (400, "INVALID_REQUEST") and f"input.{field}" in message
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("target", QWEN_FORMS.values(), ids=QWEN_FORMS.keys())
+def test_a_valid_qwen_input_is_created_in_every_form(api, fake, target):
+    if target == QWEN_FORMS["version bare id"]:
+        teach_qwen_version(api, fake)
+    assert api.post("/api/predictions", json={**target, "input": QWEN_INPUT}).status_code == 201
+    [call] = fake.requests
+    assert call.json["input"] == QWEN_INPUT and call.json.get("version") == target.get("version")
+
+
+def test_a_bare_id_relay_has_never_seen_passes_through(api, fake):
+    """An unknown bare id is not guessed at: like any model without a schema, its input is forwarded."""
+    body = {"version": "f" * 64, "input": {"prompt": "", "num_outputs": 99}}
+    assert api.post("/api/predictions", json=body).status_code == 201
+    assert fake.calls("POST", "/predictions")[0].json["input"] == body["input"]
+
+
 def test_other_models_pass_through_unvalidated(api, fake):
     body = {"model": "someone/other-model", "input": {"prompt": "", "num_outputs": 99}}
     assert api.post("/api/predictions", json=body).status_code == 201
@@ -156,6 +204,10 @@ def test_other_models_pass_through_unvalidated(api, fake):
         ({"model": QWEN, "version": VERSION, "input": QWEN_INPUT}, "exactly one of version"),
         ({"model": "no-slash", "input": QWEN_INPUT}, "model must be owner/name"),
         ({"version": "", "input": QWEN_INPUT}, "version must be a non-empty string"),
+        ({"version": "qwen/", "input": QWEN_INPUT}, "version must be owner/name, owner/name:version_id"),
+        ({"version": f"{QWEN}:", "input": QWEN_INPUT}, "version must be owner/name, owner/name:version_id"),
+        ({"version": "has spaces", "input": QWEN_INPUT}, "version must be owner/name, owner/name:version_id"),
+        ({"model": QWEN, "input": QWEN_INPUT, "cache": "yes"}, "cache must be true or false"),
         ({"model": QWEN, "input": QWEN_INPUT, "stream": True}, "unknown field(s) ['stream']"),
         ([1, 2], "must be a JSON object"),
     ],
@@ -298,3 +350,28 @@ def test_a_body_past_the_api_limit_is_413_naming_relay_api_max_body(api, fake):
     status, code, message = error_of(api.post("/api/predictions", json=big))
     assert (status, code) == (413, "BODY_TOO_LARGE") and "RELAY_API_MAX_BODY" in message
     assert "RELAY_MAX_BODY " not in message and fake.requests == []
+
+
+# Found while fuzzing the OpenAPI description (tests/test_openapi.py): each was a 500 or a refusal
+# of what the document promises to accept.
+def test_nan_and_infinity_are_not_json_and_are_refused(api, fake):
+    """Python reads NaN; JSON (and the cache's canonical form) has none: 400, never a 500."""
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        body = f'{{"model": "someone/other", "input": {{"x": {constant}}}, "cache": true}}'
+        status, code, message = error_of(api.post("/api/predictions", content=body))
+        assert (status, code) == (400, "INVALID_REQUEST") and "NaN" in message
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("url", ["https://[::1/a.png", "https://host:8]0/a.png"])
+def test_an_image_url_with_an_unbalanced_bracket_is_a_400(api, fake, url):
+    values = {**QWEN_INPUT, "image": [url]}
+    status, code, message = error_of(api.post("/api/predictions", json={"model": QWEN, "input": values}))
+    assert (status, code) == (400, "INVALID_REQUEST") and "input.image" in message
+    assert fake.requests == []
+
+
+def test_a_whole_number_written_with_a_fraction_is_an_integer(api, fake):
+    """JSON has one number type: 4.0 is 4 (JSON Schema's "integer" agrees); 4.5 is refused above."""
+    values = {**QWEN_INPUT, "num_outputs": 4.0, "seed": 7.0}
+    assert api.post("/api/predictions", json={"model": QWEN, "input": values}).status_code == 201

@@ -81,6 +81,9 @@ SAMPLES = {
     "RELAY_RETRY_SCHEDULE": "0,1,2",
     "RELAY_DESTINATION_CONCURRENCY": "4",
     "RELAY_DESTINATIONS": "off",
+    "RELAY_CACHE_TTL": "60",
+    "RELAY_LOG_FORMAT": "json",
+    "RELAY_ACCESS_LOG": "off",
 }
 FLAGS = {flag.variable: flag.name for flag in SERVE_FLAGS}
 

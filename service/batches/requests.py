@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.core.errors import InvalidRequest
-from service.core.validation import create_request
+from service.core.validation import create_request, is_json_integer, unstorable
 
 MAX_INPUTS = 10_000
 MAX_CONCURRENCY = 50
@@ -33,9 +33,10 @@ class BatchRequest:
 def _concurrency(value: Any) -> int:
     if value is None:
         return DEFAULT_CONCURRENCY
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CONCURRENCY:
+    # JSON has one number type: 5.0 is the integer 5 (JSON Schema's "integer" agrees).
+    if not is_json_integer(value) or not 1 <= value <= MAX_CONCURRENCY:
         raise InvalidRequest(f"concurrency must be an integer from 1 to {MAX_CONCURRENCY}")
-    return value
+    return int(value)
 
 
 def _inputs(value: Any) -> list[Any]:
@@ -60,10 +61,12 @@ def batch_request(body: Any, webhook_url: str) -> BatchRequest:
     path, events_filter = "", []
     for index, values in enumerate(inputs):
         try:
-            path, payload = create_request({**common, "input": values}, webhook_url)
+            found, payload = create_request({**common, "input": values}, webhook_url)
         except InvalidRequest as error:
             if index == 0 and not error.message.startswith("input"):
                 raise  # a problem with the batch itself (model, version, filter), not an input
             raise InvalidRequest(f"inputs[{index}]: {error.message}") from None
-        events_filter = payload["webhook_events_filter"]
+        if (problem := unstorable(values)) is not None:
+            raise InvalidRequest(f"inputs[{index}]: input {problem}")  # the items are kept in jsonb
+        path, events_filter = found.path, payload["webhook_events_filter"]
     return BatchRequest(path, target, events_filter, concurrency, inputs)

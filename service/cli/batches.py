@@ -25,6 +25,7 @@ from service.core.settings import tool_settings
 from service.core.statuses import TERMINAL_STATUSES
 from service.ops.tail import ws_base
 
+SETTLE_SECONDS = 10.0
 REFRESH_EVERY = 30.0  # a GET now and then counts items that end without an event (refused creates)
 INDEX_IN_MESSAGE = re.compile(r"^inputs\[(\d+)\]")
 
@@ -110,9 +111,17 @@ class BatchClient:
                             done = ended((await self.get(batch["id"]))["counts"])
                         refreshed = time.monotonic()
                     progress.set(done, batch["total"])
-        final = await self.get(batch["id"])
+        final = await self.settled(batch["id"])
         progress.set(ended(final["counts"]), final["total"])
         return final
+
+    async def settled(self, batch_id: str) -> dict[str, Any]:
+        """The batch once its status says it ended: the socket closes when the last item's event
+        is committed, and the scheduler marks the batch a moment later, in its own transaction."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while (batch := await self.get(batch_id))["status"] == "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return batch
 
 
 async def submit(args: argparse.Namespace, base_url: str, token: str) -> int:

@@ -6,6 +6,7 @@ configured (None: settings read by a tool, or built by a test) lets nobody in.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import Iterable, Mapping
@@ -57,6 +58,11 @@ def token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | No
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return query.get("token") or None
+
+
+def key_hash(key: str) -> str:
+    """How a key is named in the database (quotas, owners, cache scopes): never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def matches_any(token: str, secrets: Iterable[str | None]) -> bool:

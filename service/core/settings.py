@@ -53,6 +53,12 @@ class Secret(str):
         return "Secret('**********')"
 
 
+# A `whsec_` secret that decode_webhook_secret accepts: non-empty base64, padding optional.
+WHSEC_PATTERN = (
+    r"^whsec_(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=?|[A-Za-z0-9+/]{2}(?:==)?)$"
+)
+
+
 def decode_webhook_secret(text: str, name: str = "REPLICATE_WEBHOOK_SECRET") -> bytes:
     """The HMAC key of a `whsec_…` secret: its base64 part, decoded (padding optional)."""
     encoded = text.removeprefix("whsec_")
@@ -148,6 +154,16 @@ def log_level(raw: str, name: str) -> str:
     if level not in LOG_LEVELS:
         raise ConfigError(f"{name} must be one of {', '.join(LOG_LEVELS)}, got {level[:20]!r}")
     return level
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def log_format(raw: str, name: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"{name} must be text or json, got {value[:20]!r}")
+    return value
 
 
 def _usd(raw: str, name: str, *, rule: str = "0 or more", positive: bool = False) -> float:
@@ -530,6 +546,19 @@ class Settings:
     replay_private: bool = setting(
         "RELAY_REPLAY_PRIVATE", "--replay-private", False, on_off,
         "on: admin replays may target loopback, private and link-local addresses",
+    )  # fmt: skip
+
+    # API surface: the prediction cache and logs
+    cache_ttl: int = setting(
+        "RELAY_CACHE_TTL", "--cache-ttl", 86400, whole(),
+        "seconds a succeeded prediction may answer an identical request",
+    )  # fmt: skip
+    log_format: str = setting(
+        "RELAY_LOG_FORMAT", "--log-format", "text", log_format, "text, or json: one object a line"
+    )
+    access_log: bool = setting(
+        "RELAY_ACCESS_LOG", "--access-log", True, on_off, "on or off: a line per HTTP request, no tokens",
+        unset="on",
     )  # fmt: skip
 
     # Not settings: what load_settings found out.

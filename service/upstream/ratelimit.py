@@ -7,13 +7,15 @@ is one upsert.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import asyncpg
 
+from service.core.auth import key_hash
 from service.core.errors import RelayError
+
+__all__ = ["OverLimit", "Quota", "key_hash", "take"]
 
 WINDOW_SECONDS = 3600
 
@@ -47,10 +49,6 @@ class Quota:
             "RateLimit-Remaining": str(self.remaining),
             "RateLimit-Reset": str(self.reset),
         }
-
-
-def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 async def take(pool: asyncpg.Pool, key: str, limit: int) -> Quota:

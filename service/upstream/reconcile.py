@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from service.core.errors import ConfigError, RelayError
+from service.core.logcontext import bound
 from service.core.metrics import RECONCILED
 from service.core.settings import Settings
 from service.core.statuses import is_terminal, rank
@@ -90,7 +91,8 @@ class Reconciler:
         self.pool, self.committer, self.upstream, self.vault = pool, committer, upstream, vault
 
     async def one(self, prediction_id: str) -> Outcome:
-        outcome = await self._check(prediction_id)
+        with bound(prediction_id=prediction_id):  # the job's log lines name the prediction
+            outcome = await self._check(prediction_id)
         RECONCILED.labels(outcome.result).inc()
         return outcome
 

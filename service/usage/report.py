@@ -45,6 +45,15 @@ WHERE {AT} >= $1 AND {AT} < $2 AND status_rank = 3 GROUP BY model
 """
 
 
+# Answers given from the prediction cache (service/cache/): each saved its source's predict time.
+CACHED_KEYS = {"model": "model", "day": "(answered_at AT TIME ZONE 'UTC')::date"}
+CACHED_SQL = """
+SELECT {key} AS key, model, count(*) AS answers, coalesce(sum(predict_time), 0) AS seconds
+FROM cache_answers WHERE answered_at >= $1 AND answered_at < $2
+GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+
 def usage_sql(group: str) -> str:
     counts = ",\n       ".join(f"count(*) FILTER (WHERE status = '{s}') AS {s}" for s in TERMINAL_COUNTS)
     return USAGE_SQL.format(counts=counts, key=KEYS[group], at=AT)
@@ -137,7 +146,29 @@ async def report(conn: Connection, when: Period, prices: dict[str, float]) -> di
         "currency": "USD",
         "groups": groups,
         "total": total,
+        "cached": await cached_report(conn, when, prices),
     }
+
+
+def _saved(answers: int, seconds: dict[str | None, float], prices: dict[str, float]) -> dict[str, Any]:
+    return {
+        "answers": answers,
+        "predict_time_saved": round(sum(seconds.values()), 3),
+        "cost_saved": _cost(seconds, prices),
+    }
+
+
+async def cached_report(conn: Connection, when: Period, prices: dict[str, float]) -> dict[str, Any]:
+    """Answers from the prediction cache in the period, and the predict time and cost they saved."""
+    rows = await conn.fetch(CACHED_SQL.format(key=CACHED_KEYS[when.group]), when.since, when.until)
+    by_key: dict[Any, tuple[int, dict[str | None, float]]] = {}
+    for row in rows:
+        count, seconds = by_key.get(row["key"], (0, {}))
+        seconds[row["model"]] = row["seconds"]
+        by_key[row["key"]] = (count + row["answers"], seconds)
+    everything = {m: s for _, seconds in by_key.values() for m, s in seconds.items()}
+    groups = [{when.group: _key(k), **_saved(n, seconds, prices)} for k, (n, seconds) in by_key.items()]
+    return {**_saved(sum(n for n, _ in by_key.values()), everything, prices), "groups": groups}
 
 
 async def month_spend(conn: Connection, prices: dict[str, float], now: datetime) -> float:
@@ -170,7 +201,16 @@ def format_table(usage: dict[str, Any]) -> str:
         lines.append((_cell(line[usage["group"]]), *(_cell(line[c]) for c in (*COLUMNS, "cost"))))
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     title = f"usage {usage['since']} .. {usage['until']}"
-    return "\n".join([title, *(_aligned(row, widths) for row in lines)])
+    return "\n".join([title, *(_aligned(row, widths) for row in lines), *_cached_line(usage)])
+
+
+def _cached_line(usage: dict[str, Any]) -> list[str]:
+    """One line under the table when the prediction cache answered in the period."""
+    cached = usage.get("cached")
+    if not cached or not cached["answers"]:
+        return []
+    seconds, cost = _cell(float(cached["predict_time_saved"])), _cell(cached["cost_saved"])
+    return [f"cached answers: {cached['answers']}, saving {seconds} s of predict time and {cost} USD"]
 
 
 def _aligned(row: tuple[str, ...], widths: list[int]) -> str:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib.metadata
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -23,7 +26,7 @@ from service.archive.stores import open_store
 from service.archive.worker import Archiver, Tuning
 from service.batches import store as batch_store
 from service.batches.scheduler import BUDGET_RECHECK, BudgetGate, Scheduler
-from service.core import metrics
+from service.core import metrics, openapi
 from service.core.errors import DatabaseUnavailable, InvalidRequest, MethodNotAllowed, NotFound, RelayError
 from service.core.settings import Settings
 from service.db import database, migrations, partitions
@@ -34,7 +37,9 @@ from service.upstream.client import Upstream
 from service.upstream.reconcile import Reconciler
 from service.usage import budget
 from service.usage.report import month_spend
-from service.web.auth import PUBLIC, route
+from service.web import auth
+from service.web.auth import route
+from service.web.logs import RequestContext
 from service.web.origins import ApiCors
 from service.web.responses import error_response
 from service.web.routes import (
@@ -50,6 +55,7 @@ from service.web.routes import (
     webhooks,
 )
 from service.web.routes import api as predictions_api
+from service.web.routes import openapi as openapi_route
 from service.web.state import CONNECT_TIMEOUT, Relay, relay_of
 
 log = logging.getLogger("relay")
@@ -246,6 +252,63 @@ async def start_archive(relay: Relay) -> None:
     relay.supervisor.spawn("relay-archive", run())
 
 
+HEALTH_ROUTES = [
+    route("/healthz", healthz, access=auth.PUBLIC),
+    route("/readyz", readyz, access=auth.PUBLIC),
+    route("/metrics", metrics_page, access=auth.PUBLIC),
+]
+HEALTH = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {"status": {"enum": ["ok", "unavailable"]}, "reason": {"type": "string"}},
+}
+HEALTH_OPENAPI = {
+    "/healthz": {
+        "get": openapi.operation(
+            "The process is up", tag="health", responses={200: openapi.json_body(HEALTH)}
+        )
+    },
+    "/readyz": {
+        "get": openapi.operation(
+            "The database is reachable and migrated",
+            tag="health",
+            responses={
+                200: openapi.json_body(HEALTH),
+                "503": openapi.json_body(HEALTH, "Not ready: see reason"),
+            },
+        )
+    },
+    "/metrics": {
+        "get": openapi.operation(
+            "Prometheus metrics",
+            tag="health",
+            responses={
+                200: {
+                    "description": "Prometheus text",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        )
+    },
+}
+# Each module brings its `routes` and, next to them, their `openapi` operations (core/openapi.py).
+# A new feature adds its route module here: its routes are served and described in one step.
+ROUTE_MODULES: tuple[Any, ...] = (
+    webhooks,
+    reading,
+    sockets,
+    admin,
+    predictions_api,
+    batches,
+    dashboard,
+    privacy,
+    usage,
+    destinations,
+    files,
+    openapi_route,
+)
+
+
 class RelayApp(Starlette):
     """Starlette, except that `POST /webhooks/replicate` goes straight to its endpoint.
 
@@ -254,10 +317,12 @@ class RelayApp(Starlette):
     webhook POSTs; the endpoint answers its own errors, and other methods reach the router (405).
     """
 
+    webhook = RequestContext(webhooks.endpoint)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == webhooks.PATH:
             scope["app"] = self
-            await webhooks.endpoint(scope, receive, send)
+            await self.webhook(scope, receive, send)
             return
         if scope["type"] in ("http", "websocket") and "\x00" in scope["path"]:
             await refuse_nul_path(scope, receive, send)
@@ -328,24 +393,11 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
             await close_pools(relay)
             metrics.forget_process(settings.metrics_dir, os.getpid())
 
-    routes = [
-        route("/healthz", healthz, access=PUBLIC),
-        route("/readyz", readyz, access=PUBLIC),
-        route("/metrics", metrics_page, access=PUBLIC),
-        *webhooks.routes,
-        *reading.routes,
-        *sockets.routes,
-        *admin.routes,
-        *predictions_api.routes,
-        *batches.routes,
-        *dashboard.routes,
-        *privacy.routes,
-        *usage.routes,
-        *destinations.routes,
-        *files.routes,
-    ]
+    routes = [*HEALTH_ROUTES, *(each for module in ROUTE_MODULES for each in module.routes)]
     # CORS is off unless RELAY_CORS_ORIGINS is set: then browsers on those origins may call /api.
-    middleware = [Middleware(ApiCors, origins=settings.cors_origins)] if settings.cors_origins else []
+    middleware = [Middleware(RequestContext)]
+    if settings.cors_origins:
+        middleware.append(Middleware(ApiCors, origins=settings.cors_origins))
     handlers: dict[int | type[Exception], ExceptionHandler] = {
         RelayError: relay_error,
         asyncpg.DataError: data_error,
@@ -354,4 +406,14 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     }
     app = RelayApp(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers=handlers)
     app.state.relay = relay
+    app.state.openapi_json = json.dumps(openapi_document()).encode()
     return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """Every route module's operations in one OpenAPI 3.1 document."""
+    try:
+        version = importlib.metadata.version("relay")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    return openapi.document([HEALTH_OPENAPI, *(module.openapi for module in ROUTE_MODULES)], version)

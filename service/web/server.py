@@ -14,22 +14,12 @@ from service.core.settings import Settings, load_settings, worker_environment
 from service.db import database
 from service.db.vault import Vault, check_keys
 from service.web.app import create_app
+from service.web.logs import configure_logging
 from service.web.uvicorn_internals import RelayServer, run_workers, uvicorn_config
 
 log = logging.getLogger("relay")
 
 WORKER_APP = "service.web.server:create_worker_app"
-
-
-class WithoutTraceback(logging.Filter):
-    """Turns a logged traceback into the exception's name: while the database is down asyncpg's
-    pool logs one for every failed reconnect, which buries the one line that matters."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__})"
-            record.exc_info = None
-        return True
 
 
 def banner(settings: Settings) -> str:
@@ -44,16 +34,8 @@ def banner(settings: Settings) -> str:
     return "\n".join(lines)
 
 
-def configure_logging(level: str) -> None:
-    """RELAY_LOG_LEVEL applies to Relay's own loggers only: libraries stay at WARNING, since at
-    DEBUG some (websockets, asyncpg) print the frames and queries that carry users' data."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("relay").setLevel(level)
-    logging.getLogger("asyncpg.pool").addFilter(WithoutTraceback())
-
-
 def serve(settings: Settings) -> None:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
     with database.database_dsn(settings, supervise=True) as dsn:
         asyncio.run(database.require_writable(dsn))
         asyncio.run(database.migrate(dsn))
@@ -86,5 +68,5 @@ def clear_metrics(metrics_dir: Path) -> None:
 def create_worker_app() -> Starlette:
     """The app of one `relay serve --workers N` worker, from what the parent put in its environment."""
     settings = load_settings(generate_missing=False)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
     return create_app(settings, str(settings.database_url))

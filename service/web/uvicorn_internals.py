@@ -151,8 +151,11 @@ def uvicorn_config(app: Starlette | str, settings: Settings, **options: Any) -> 
         # One serialised message goes to many sockets: per-socket compression would redo the
         # work for every subscriber and keep zlib state (tens of KiB) per idle connection.
         ws_per_message_deflate=False,
-        access_log=False,  # query strings can carry tokens
-        log_level="warning",
+        # Relay configures logging itself (web/logs.py): uvicorn must neither install its own
+        # handlers nor reset the levels; the access log redacts tokens from query strings.
+        log_config=None,
+        log_level=None,
+        access_log=settings.access_log,
         ws_ping_interval=settings.ws_ping_interval,
         ws_ping_timeout=settings.ws_ping_interval,
         ws_max_size=WS_MAX_MESSAGE,

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service.core.errors import DatabaseUnavailable, InvalidRequest, NotFound
-from service.core.filters import EventFilter, parse_filter
+from service.core.filters import MAX_TEXT, SOURCES, EventFilter, parse_filter
+from service.core.openapi import (
+    ADMIN,
+    SEQ,
+    TOKEN_QUERY,
+    errors,
+    json_body,
+    operation,
+    path_param,
+    query_param,
+    ref,
+)
 from service.core.params import MAX_PAGE
+from service.core.settings import WHSEC_PATTERN
 from service.db import store
 from service.ops.replay import Report, Target, UrlTarget, check_target_address, replay, target_from_json
 from service.ops.replay_jobs import ReplayJob
-from service.web.auth import ADMIN, route
+from service.web import auth
+from service.web.auth import route
 from service.web.responses import events_page
 from service.web.routes.reading import int_param
 from service.web.routes.webhooks import read_body
@@ -114,8 +128,110 @@ async def cancel_replay_job(request: Request) -> JSONResponse:
 
 
 routes = [
-    route("/admin/events", list_events, access=ADMIN),
-    route("/admin/replay", post_replay, access=ADMIN, methods=["POST"]),
-    route("/admin/replay/{job_id}", get_replay_job, access=ADMIN),
-    route("/admin/replay/{job_id}/cancel", cancel_replay_job, access=ADMIN, methods=["POST"]),
+    route("/admin/events", list_events, access=auth.ADMIN),
+    route("/admin/replay", post_replay, access=auth.ADMIN, methods=["POST"]),
+    route("/admin/replay/{job_id}", get_replay_job, access=auth.ADMIN),
+    route("/admin/replay/{job_id}/cancel", cancel_replay_job, access=auth.ADMIN, methods=["POST"]),
 ]
+
+HTTP_URL_PATTERN = "^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/\\S*)?$"
+MOMENT: dict[str, Any] = {"type": "string", "format": "date-time", "description": "ISO 8601 on received_at"}
+TEXT: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT, "pattern": "^[^\\x00]*$"}
+FILTER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "prediction_id": TEXT,
+    "status": TEXT,
+    "source": {"enum": list(SOURCES)},
+    "since": MOMENT,
+    "until": MOMENT,
+    "after": SEQ,
+    "before": SEQ,
+}
+FILTER = {"type": "object", "additionalProperties": False, "properties": FILTER_SCHEMAS}
+REPLAY_BODY = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["target"],
+    "properties": {
+        "filter": FILTER,
+        "target": {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["url", "secret"],
+                    "properties": {
+                        "url": {"type": "string", "pattern": HTTP_URL_PATTERN},
+                        "secret": {"type": "string", "pattern": WHSEC_PATTERN},
+                    },
+                },
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["fanout"],
+                    "properties": {"fanout": {"const": True}},
+                },
+            ]
+        },
+        "dry_run": {"type": "boolean"},
+    },
+}
+REPLAY_REPORT = {
+    "type": "object",
+    "required": ["matched"],
+    "properties": {
+        "matched": {"type": "integer"},
+        "delivered": {"type": "integer"},
+        "failed": {"type": "array", "items": {"type": "object"}},
+        "first_seq": {"type": ["integer", "null"]},
+        "last_seq": {"type": ["integer", "null"]},
+        "dry_run": {"type": "boolean"},
+    },
+}
+REPLAY_JOB = {"type": "object", "properties": {"job": {"type": "string"}, "status": {"type": "string"}}}
+openapi = {
+    "/admin/events": {
+        "get": operation(
+            "Search the log",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[
+                *(query_param(name, schema) for name, schema in FILTER_SCHEMAS.items()),
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
+                TOKEN_QUERY,
+            ],
+            responses={200: json_body(ref("EventsPage")), **errors(400, 401, 403)},
+        )
+    },
+    "/admin/replay": {
+        "post": operation(
+            "Replay matching events to a URL or to live subscribers",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[query_param("wait", {"type": "integer", "minimum": 0, "maximum": 60}, "seconds")],
+            body=REPLAY_BODY,
+            responses={
+                200: json_body(REPLAY_REPORT, "The report, once done"),
+                202: json_body(REPLAY_JOB, "Still running: poll Location"),
+                **errors(400, 401, 403, 413),
+            },
+        )
+    },
+    "/admin/replay/{job_id}": {
+        "get": operation(
+            "A replay job and its report so far",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[path_param("job_id"), TOKEN_QUERY],
+            responses={200: json_body(REPLAY_JOB), **errors(401, 403, 404)},
+        )
+    },
+    "/admin/replay/{job_id}/cancel": {
+        "post": operation(
+            "Cancel a replay job",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[path_param("job_id"), TOKEN_QUERY],
+            responses={200: json_body(REPLAY_JOB), **errors(401, 403, 404)},
+        )
+    },
+}

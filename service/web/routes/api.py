@@ -18,14 +18,28 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from service.cache import store as cache
+from service.cache.keys import input_sha256
 from service.core.auth import matches_any, mint_token
 from service.core.errors import InvalidRequest, NotFound, RelayError
-from service.core.validation import check_prediction_id, create_request
+from service.core.logcontext import bind
+from service.core.openapi import ADMIN, API_KEY, errors, json_body, operation, path_param, query_param
+from service.core.validation import (
+    MODEL_PATTERN,
+    MODELS,
+    PREDICTION_ID_PATTERN,
+    VERSION_PATTERN,
+    WEBHOOK_EVENTS,
+    bare_version,
+    check_prediction_id,
+    create_request,
+)
 from service.db import owners
-from service.upstream import ratelimit
+from service.upstream import ratelimit, versions
 from service.upstream.client import Upstream, list_page
 from service.upstream.ratelimit import Quota
-from service.web.auth import API_KEY, route, token_of
+from service.web import auth
+from service.web.auth import route, token_of
 from service.web.routes.reading import archive_list
 from service.web.routes.webhooks import read_body
 from service.web.state import relay_of
@@ -88,24 +102,58 @@ def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
 async def read_json(request: Request) -> Any:
     body = await read_body(request, relay_of(request).settings.api_max_body, "RELAY_API_MAX_BODY")
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=not_json)
     except (ValueError, RecursionError):
-        raise InvalidRequest("the body is not valid JSON") from None
+        raise InvalidRequest("the body is not valid JSON (RFC 8259: no NaN or Infinity)") from None
+
+
+def not_json(constant: str) -> Any:
+    """Python's json reads NaN and Infinity, which JSON has not: Replicate could not take them."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 async def create_prediction(request: Request) -> JSONResponse:
     upstream, quota, caller = await admit(request)
-    path, payload = create_request(await read_json(request), relay_of(request).settings.webhook_url)
-    reply = await upstream.create(path, payload)
+    relay = relay_of(request)
+    body = await read_json(request)
+    learned = await versions.lookup(relay.pool, bare_version(body))
+    target, payload = create_request(body, relay.settings.webhook_url, learned)
+    # The cache is scoped like ownership: a key sees only answers it created, the admin its own.
+    key = (
+        cache.CacheKey(caller, target.cache_key, input_sha256(payload["input"]))
+        if body.get("cache") is True
+        else None
+    )
+    if key is not None and (hit := await cache.find(relay.pool, relay.vault, key, relay.settings.cache_ttl)):
+        bind(prediction_id=hit.prediction_id)
+        return JSONResponse(await cached_answer(request, hit), headers=quota.headers())
+    reply = await upstream.create(target.path, payload)
     prediction_id = reply.data.get("id")
+    bind(prediction_id=prediction_id)  # the access line names the prediction made
     if isinstance(prediction_id, str):
-        await owners.record_owner(relay_of(request).pool, prediction_id, caller)
+        await owners.record_owner(relay.pool, prediction_id, caller)
+    await versions.learn(relay.pool, reply.data)
+    if key is not None and isinstance(prediction_id, str):
+        await cache.remember(relay.pool, key, prediction_id)
     return JSONResponse(with_relay(request, reply.data), status_code=201, headers=quota.headers())
+
+
+async def cached_answer(request: Request, hit: cache.Hit) -> dict[str, Any]:
+    """The source prediction as a create answer: `relay.cached` and `relay.source` say so, and
+    outputs Relay has archived point at its copies (Replicate deletes its own after an hour)."""
+    relay = relay_of(request)
+    async with relay.pool.acquire() as conn:
+        archive = await archive_list(conn, request, hit.prediction)
+    copies = {e["url"]: relay.settings.base_url + e["file"] for e in archive if e.get("status") == "stored"}
+    answer = with_relay(request, cache.pointing_at_copies(hit.prediction, copies))
+    answer["relay"] = {"cached": True, "source": hit.prediction_id, **answer.get("relay", {})}
+    return {**answer, "archive": archive}
 
 
 async def get_prediction(request: Request) -> JSONResponse:
     upstream, quota, caller = await admit(request)
     reply = await upstream.get(await require_owned(request, caller, quota))
+    await versions.learn(relay_of(request).pool, reply.data)
     async with relay_of(request).pool.acquire() as conn:
         archive = await archive_list(conn, request, reply.data)
     return JSONResponse({**with_relay(request, reply.data), "archive": archive}, headers=quota.headers())
@@ -145,9 +193,129 @@ async def only_owned(request: Request, caller: str, results: Any) -> list[Any]:
     return [entry for entry in entries if isinstance(entry, dict) and entry.get("id") in mine]
 
 
+RELAY_BLOCK = {
+    "type": "object",
+    "required": ["ws", "token"],
+    "properties": {
+        "ws": {"type": "string", "description": "WebSocket URL streaming this prediction's events"},
+        "token": {"type": "string", "description": "subscriber token for the ws URL and the reading routes"},
+        "cached": {"const": True, "description": "present when answered from the prediction cache"},
+        "source": {"type": "string", "description": "the cached prediction's id"},
+    },
+}
+PREDICTION = {
+    "type": "object",
+    "description": "Replicate's prediction object, plus `relay`",
+    "properties": {"id": {"type": "string"}, "status": {"type": "string"}, "relay": RELAY_BLOCK},
+}
+
+
+def model_rules(field: str = "input", many: bool = False) -> list[dict[str, Any]]:
+    """For each model Relay validates, its input rules whenever `model` or `version` names it
+    (for `field`, one input object, or with `many` a list of them)."""
+    rules = []
+    for schema in MODELS.values():
+        named = re.escape(schema.name)
+        by_model = {"required": ["model"], "properties": {"model": {"const": schema.name}}}
+        by_version = {"required": ["version"], "properties": {"version": {"pattern": f"^{named}(?::.*)?$"}}}
+        rules_of = schema.input_schema()
+        then = {"properties": {field: {"type": "array", "items": rules_of} if many else rules_of}}
+        rules.append({"if": {"anyOf": [by_model, by_version]}, "then": then})
+    return rules
+
+
+CREATE_BODY = {
+    "type": "object",
+    "description": "Exactly one of `version` or `model`. A `webhook` other than Relay's own is refused. "
+    "Input for a model Relay knows is validated whichever form names it, a bare version id "
+    "once Relay has seen Replicate answer with it.",
+    "required": ["input"],
+    "oneOf": [{"required": ["version"]}, {"required": ["model"]}],
+    "additionalProperties": False,
+    "properties": {
+        "version": {
+            "type": "string",
+            "pattern": VERSION_PATTERN,
+            "description": "owner/name, owner/name:version_id, or a bare version_id",
+        },
+        "model": {"type": "string", "pattern": MODEL_PATTERN, "description": "owner/name"},
+        "input": {"type": "object"},
+        "webhook_events_filter": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"enum": list(WEBHOOK_EVENTS)},
+        },
+        "cache": {
+            "type": "boolean",
+            "description": "answer from an identical succeeded prediction of this key within RELAY_CACHE_TTL",
+        },
+    },
+    "allOf": model_rules(),
+}
+PAGE = {
+    "type": "object",
+    "required": ["results"],
+    "properties": {
+        "results": {"type": "array", "items": PREDICTION},
+        "next": {"type": ["string", "null"]},
+        "previous": {"type": ["string", "null"]},
+    },
+}
+KEYS = (API_KEY, ADMIN)
+UPSTREAM_ERRORS = (400, 401, 403, 413, 429, 502, 504)
+PREDICTION_ID = path_param(
+    "prediction_id", "the Replicate prediction id", {"type": "string", "pattern": PREDICTION_ID_PATTERN}
+)
+openapi = {
+    "/api/predictions": {
+        "post": operation(
+            "Create a prediction on Replicate, its webhook pointed at Relay",
+            tag="api",
+            security=KEYS,
+            body=CREATE_BODY,
+            responses={
+                201: json_body(PREDICTION, "Created upstream"),
+                200: json_body(PREDICTION, "Answered from the prediction cache (relay.cached)"),
+                **errors(*UPSTREAM_ERRORS),
+            },
+        ),
+        "get": operation(
+            "List predictions (Replicate's pages, with Relay URLs)",
+            tag="api",
+            security=KEYS,
+            parameters=[
+                query_param(
+                    "cursor", {"type": "string", "pattern": f"^{CURSOR.pattern}$"}, "from a page link"
+                )
+            ],
+            responses={200: json_body(PAGE), **errors(*UPSTREAM_ERRORS)},
+        ),
+    },
+    "/api/predictions/{prediction_id}": {
+        "get": operation(
+            "Get a prediction from Replicate",
+            tag="api",
+            security=KEYS,
+            parameters=[PREDICTION_ID],
+            responses={200: json_body(PREDICTION), **errors(*UPSTREAM_ERRORS, 404)},
+        )
+    },
+    "/api/predictions/{prediction_id}/cancel": {
+        "post": operation(
+            "Cancel a prediction",
+            tag="api",
+            security=KEYS,
+            parameters=[PREDICTION_ID],
+            responses={200: json_body(PREDICTION), **errors(*UPSTREAM_ERRORS, 404)},
+        )
+    },
+}
+
 routes = [
-    route("/api/predictions", create_prediction, access=API_KEY, methods=["POST"]),
-    route("/api/predictions", list_predictions, access=API_KEY, methods=["GET"]),
-    route("/api/predictions/{prediction_id}", get_prediction, access=API_KEY, methods=["GET"]),
-    route("/api/predictions/{prediction_id}/cancel", cancel_prediction, access=API_KEY, methods=["POST"]),
+    route("/api/predictions", create_prediction, access=auth.API_KEY, methods=["POST"]),
+    route("/api/predictions", list_predictions, access=auth.API_KEY, methods=["GET"]),
+    route("/api/predictions/{prediction_id}", get_prediction, access=auth.API_KEY, methods=["GET"]),
+    route(
+        "/api/predictions/{prediction_id}/cancel", cancel_prediction, access=auth.API_KEY, methods=["POST"]
+    ),
 ]

@@ -18,19 +18,22 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.websockets import WebSocket
 
 from service.batches import store as batches
-from service.batches.requests import MAX_INPUTS, batch_request
+from service.batches.requests import MAX_CONCURRENCY, MAX_INPUTS, batch_request
 from service.batches.scheduler import Scheduler
 from service.core.auth import matches_any, mint_batch_token, require_batch_reader, token_from
 from service.core.errors import InvalidRequest, NotFound, RelayError
 from service.core.metrics import MESSAGES_SENT
+from service.core.openapi import ADMIN, API_KEY, errors, json_body, operation, path_param, query_param, ref
+from service.core.validation import MODEL_PATTERN, VERSION_PATTERN, WEBHOOK_EVENTS
 from service.db import store
 from service.db.connection import Connection
 from service.db.events import event_text, open_body
 from service.live.hub import Message, Subscriber
 from service.upstream import ratelimit
 from service.upstream.ratelimit import Quota
-from service.web.auth import API_KEY, POLICY_VIOLATION, PUBLIC, Access, Caller, route, socket_route, token_of
-from service.web.routes.api import ProxyDisabled
+from service.web import auth
+from service.web.auth import POLICY_VIOLATION, Access, Caller, route, socket_route, token_of
+from service.web.routes.api import ProxyDisabled, model_rules
 from service.web.routes.dashboard import NO_CACHE, PAGE_HEADERS, STATIC
 from service.web.routes.reading import int_param
 from service.web.routes.sockets import close, first_to_end, wait_for_disconnect
@@ -291,12 +294,101 @@ async def batch_page(request: Request) -> FileResponse:
     return FileResponse(STATIC / "batch.html", headers={**PAGE_HEADERS, **NO_CACHE})
 
 
+BATCH_ID_PARAM = path_param("batch_id", "the batch id", {"type": "string"})
+BATCH = {
+    "type": "object",
+    "required": ["id", "status", "total", "concurrency", "counts"],
+    "properties": {
+        "id": {"type": "string"},
+        "status": {"type": "string"},
+        "total": {"type": "integer"},
+        "concurrency": {"type": "integer"},
+        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "relay": {"type": "object"},
+        "items": {"type": "array", "items": {"type": "object"}},
+        "next_after": {"type": ["integer", "null"]},
+    },
+}
+SUBMIT = {
+    "type": "object",
+    "description": "Exactly one of `version` or `model`; every input is checked as a single create's "
+    "would be (model rules included), and one bad input refuses the batch.",
+    "required": ["inputs"],
+    "oneOf": [{"required": ["version"]}, {"required": ["model"]}],
+    "additionalProperties": False,
+    "properties": {
+        "version": {"type": "string", "pattern": VERSION_PATTERN},
+        "model": {"type": "string", "pattern": MODEL_PATTERN},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": ref("StorableObject")},
+        "concurrency": {"type": "integer", "minimum": 1, "maximum": MAX_CONCURRENCY},
+        "webhook_events_filter": {"type": "array", "minItems": 1, "items": {"enum": list(WEBHOOK_EVENTS)}},
+    },
+    "allOf": model_rules("inputs", many=True),
+}
+BATCH_ERRORS = (400, 401, 403, 404, 429)
+PAGE = {"description": "The batch page", "content": {"text/html": {"schema": {"type": "string"}}}}
+openapi = {
+    "/batches": {"get": operation("The batches page", tag="dashboard", responses={200: PAGE})},
+    "/b/{batch_id}": {
+        "get": operation(
+            "One batch's page", tag="dashboard", parameters=[path_param("batch_id")], responses={200: PAGE}
+        )
+    },
+    "/api/batches": {
+        "post": operation(
+            "Submit a batch of predictions",
+            tag="batches",
+            security=[API_KEY, ADMIN],
+            body=SUBMIT,
+            responses={201: json_body(BATCH, "Accepted"), **errors(400, 401, 403, 413, 429)},
+        ),
+        "get": operation(
+            "This key's batches",
+            tag="batches",
+            security=[API_KEY, ADMIN],
+            parameters=[query_param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST})],
+            responses={
+                200: json_body(
+                    {
+                        "type": "object",
+                        "required": ["batches"],
+                        "properties": {"batches": {"type": "array", "items": BATCH}},
+                    }
+                ),
+                **errors(400, 401, 403, 429),
+            },
+        ),
+    },
+    "/api/batches/{batch_id}": {
+        "get": operation(
+            "A batch, its counts and a page of its items",
+            tag="batches",
+            security=[API_KEY, ADMIN],
+            parameters=[
+                BATCH_ID_PARAM,
+                query_param("after", {"type": "integer", "minimum": 0, "maximum": MAX_INPUTS}, "item index"),
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_ITEMS}),
+            ],
+            responses={200: json_body(BATCH), **errors(*BATCH_ERRORS)},
+        )
+    },
+    "/api/batches/{batch_id}/cancel": {
+        "post": operation(
+            "Cancel a batch: no new items, unfinished ones canceled upstream",
+            tag="batches",
+            security=[API_KEY, ADMIN],
+            parameters=[BATCH_ID_PARAM],
+            responses={202: json_body(BATCH, "Canceling"), **errors(*BATCH_ERRORS, 409)},
+        )
+    },
+}
+
 routes = [
-    route("/batches", batch_page, access=PUBLIC),
-    route("/b/{batch_id}", batch_page, access=PUBLIC),
-    route("/api/batches", submit_batch, access=API_KEY, methods=["POST"]),
-    route("/api/batches", list_batches, access=API_KEY, methods=["GET"]),
-    route("/api/batches/{batch_id}", get_batch, access=API_KEY, methods=["GET"]),
-    route("/api/batches/{batch_id}/cancel", cancel_batch, access=API_KEY, methods=["POST"]),
+    route("/batches", batch_page, access=auth.PUBLIC),
+    route("/b/{batch_id}", batch_page, access=auth.PUBLIC),
+    route("/api/batches", submit_batch, access=auth.API_KEY, methods=["POST"]),
+    route("/api/batches", list_batches, access=auth.API_KEY, methods=["GET"]),
+    route("/api/batches/{batch_id}", get_batch, access=auth.API_KEY, methods=["GET"]),
+    route("/api/batches/{batch_id}/cancel", cancel_batch, access=auth.API_KEY, methods=["POST"]),
     socket_route("/batches/{batch_id}/ws", batch_stream, access=BATCH_READER),
 ]

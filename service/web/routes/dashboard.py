@@ -17,9 +17,11 @@ from starlette.responses import FileResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
+from service.core.openapi import ADMIN, TOKEN_QUERY, errors, json_body, operation, path_param, query_param
 from service.db import store
 from service.db.events import prediction_state
-from service.web.auth import ADMIN, PUBLIC, route
+from service.web import auth
+from service.web.auth import route
 from service.web.responses import EventsResponse
 from service.web.routes.reading import archive_list, int_param
 from service.web.state import relay_of
@@ -87,9 +89,50 @@ async def recent_predictions(request: Request) -> EventsResponse:
 
 
 routes = [
-    route("/", dashboard_page, access=PUBLIC),
-    route("/p/{prediction_id}", dashboard_page, access=PUBLIC),
-    route("/relay.js", relay_js, access=PUBLIC),
-    route("/admin/predictions", recent_predictions, access=ADMIN),
+    route("/", dashboard_page, access=auth.PUBLIC),
+    route("/p/{prediction_id}", dashboard_page, access=auth.PUBLIC),
+    route("/relay.js", relay_js, access=auth.PUBLIC),
+    route("/admin/predictions", recent_predictions, access=auth.ADMIN),
     Mount("/static", StaticFiles(directory=STATIC), name="static"),  # public: the page's assets
 ]
+
+
+def _file(media_type: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+
+
+PAGE = operation("The live dashboard", tag="dashboard", responses={200: _file("text/html", "The page")})
+RECENT = {
+    "type": "object",
+    "required": ["predictions", "seq"],
+    "properties": {"predictions": {"type": "array", "items": {"type": "object"}}, "seq": {"type": "integer"}},
+}
+openapi = {
+    "/": {"get": PAGE},
+    "/p/{prediction_id}": {"get": {**PAGE, "parameters": [path_param("prediction_id")]}},
+    "/relay.js": {
+        "get": operation(
+            "The browser client", tag="dashboard", responses={200: _file("text/javascript", "The script")}
+        )
+    },
+    "/static/{path}": {
+        "get": operation(
+            "The dashboard's static files",
+            tag="dashboard",
+            parameters=[path_param("path")],
+            responses={200: _file("application/octet-stream", "The file"), **errors(404)},
+        )
+    },
+    "/admin/predictions": {
+        "get": operation(
+            "Recent predictions with their status timelines (the dashboard's first load)",
+            tag="admin",
+            security=[ADMIN],
+            parameters=[
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_RECENT}),
+                TOKEN_QUERY,
+            ],
+            responses={200: json_body(RECENT), **errors(400, 401, 403)},
+        )
+    },
+}

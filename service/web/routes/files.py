@@ -14,6 +14,7 @@ from service.archive.files import SHA256, StoredFile, byte_span, file_chunks, fi
 from service.core import crypto
 from service.core.auth import ALL_PREDICTIONS, matches_any, token_from, token_prediction
 from service.core.errors import Forbidden, NotFound, Unauthorized
+from service.core.openapi import ADMIN, SUBSCRIBER, TOKEN_QUERY, errors, operation, path_param
 from service.db import store
 from service.db.events import open_body
 from service.web.auth import Access, Caller, caller_of, route
@@ -137,3 +138,27 @@ async def _logged(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncIter
 
 
 routes = [route("/files/{sha256}", serve_file, access=FILE_READER)]
+
+BYTES = {"schema": {"type": "string", "format": "binary"}}
+openapi = {
+    "/files/{sha256}": {
+        "get": operation(
+            "An archived output file",
+            tag="files",
+            description="To the admin token, or a subscriber token of a prediction whose output holds "
+            "the file. Single byte ranges for files stored in clear.",
+            security=[SUBSCRIBER, ADMIN],
+            parameters=[
+                path_param("sha256", "the file's SHA-256", {"type": "string", "pattern": "^[0-9a-f]{64}$"}),
+                TOKEN_QUERY,
+            ],
+            responses={
+                200: {"description": "The file, with its content type", "content": {"*/*": BYTES}},
+                206: {"description": "The requested range", "content": {"*/*": BYTES}},
+                304: {"description": "Not modified (If-None-Match)"},
+                416: {"description": "The range is outside the file"},
+                **errors(401, 403, 404),
+            },
+        )
+    }
+}

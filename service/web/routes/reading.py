@@ -9,11 +9,24 @@ from starlette.responses import Response
 
 from service.archive.files import archive_entries
 from service.core.errors import NotFound
+from service.core.openapi import (
+    ADMIN,
+    SEQ,
+    SUBSCRIBER,
+    TOKEN_QUERY,
+    errors,
+    json_body,
+    operation,
+    path_param,
+    query_param,
+    ref,
+)
 from service.core.params import MAX_PAGE, check_text, parse_int
 from service.db import store
 from service.db.connection import Connection
 from service.db.events import prediction_state
-from service.web.auth import SUBSCRIBER, route
+from service.web import auth
+from service.web.auth import route
 from service.web.responses import EventsResponse, events_page
 from service.web.state import relay_of
 
@@ -60,6 +73,34 @@ async def list_prediction_events(request: Request) -> Response:
 
 
 routes = [
-    route("/predictions/{prediction_id}", get_prediction, access=SUBSCRIBER),
-    route("/predictions/{prediction_id}/events", list_prediction_events, access=SUBSCRIBER),
+    route("/predictions/{prediction_id}", get_prediction, access=auth.SUBSCRIBER),
+    route("/predictions/{prediction_id}/events", list_prediction_events, access=auth.SUBSCRIBER),
 ]
+
+PREDICTION_ID = path_param("prediction_id", "the Replicate prediction id")
+READERS = (SUBSCRIBER, ADMIN)
+openapi = {
+    "/predictions/{prediction_id}": {
+        "get": operation(
+            "A prediction's current state",
+            tag="reading",
+            security=READERS,
+            parameters=[PREDICTION_ID, TOKEN_QUERY],
+            responses={200: json_body(ref("PredictionState")), **errors(400, 401, 403, 404)},
+        )
+    },
+    "/predictions/{prediction_id}/events": {
+        "get": operation(
+            "A prediction's stored events, in seq order",
+            tag="reading",
+            security=READERS,
+            parameters=[
+                PREDICTION_ID,
+                query_param("after", SEQ, "only events with a larger seq (a page's next_after)"),
+                query_param("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}, "page size"),
+                TOKEN_QUERY,
+            ],
+            responses={200: json_body(ref("EventsPage")), **errors(400, 401, 403)},
+        )
+    },
+}

@@ -16,16 +16,19 @@ import contextlib
 import json
 import logging
 from collections.abc import Coroutine
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service.core.errors import RelayError
+from service.core.logcontext import bind
 from service.core.metrics import MESSAGES_SENT
 from service.core.statuses import is_terminal
 from service.db import store
 from service.db.events import event_text
 from service.live.hub import Subscriber
-from service.web.auth import ADMIN, POLICY_VIOLATION, SUBSCRIBER, socket_route
+from service.web import auth
+from service.web.auth import POLICY_VIOLATION, socket_route
 from service.web.routes.reading import int_param
 from service.web.state import Relay, relay_of
 
@@ -48,6 +51,7 @@ async def all_events_stream(websocket: WebSocket) -> None:
 
 async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
     relay = relay_of(websocket)
+    bind(prediction_id=prediction_id)  # this socket's task: its log lines name its prediction
     await websocket.accept()
     try:
         after = int_param(websocket, "after", 0)  # type: ignore[arg-type]
@@ -166,7 +170,10 @@ async def close(websocket: WebSocket, code: int) -> None:
         await asyncio.wait_for(websocket.close(code), CLOSE_WAIT)
 
 
+# WebSocket routes are outside OpenAPI's HTTP model: docs/api.md describes them.
+openapi: dict[str, dict[str, dict[str, Any]]] = {}
+
 routes = [
-    socket_route("/predictions/{prediction_id}/ws", prediction_stream, access=SUBSCRIBER),
-    socket_route("/events/ws", all_events_stream, access=ADMIN),
+    socket_route("/predictions/{prediction_id}/ws", prediction_stream, access=auth.SUBSCRIBER),
+    socket_route("/events/ws", all_events_stream, access=auth.ADMIN),
 ]

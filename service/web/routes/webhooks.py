@@ -7,6 +7,7 @@ request/response wrapping and `JSONResponse` cost about a fifth of its CPU (benc
 
 from __future__ import annotations
 
+import logging
 import time
 from urllib.parse import parse_qs
 
@@ -16,14 +17,19 @@ from starlette.types import Receive, Scope, Send
 from service.batches import store as batch_store
 from service.batches.links import QUERY_NAME, parse_ref
 from service.core.errors import BodyIncomplete, BodyTooLarge, RelayError
+from service.core.logcontext import bind, printable_id
 from service.core.metrics import DELIVERIES, DUPLICATES, INGEST_SECONDS, REJECTS
+from service.core.openapi import errors, header_param, json_body, operation
 from service.core.signatures import verify
 from service.core.statuses import is_terminal
 from service.db.store import Delivery
 from service.ingest.committer import webhook_delivery
-from service.web.auth import SIGNED, route
+from service.web import auth
+from service.web.auth import route
 from service.web.responses import error_response
 from service.web.state import Relay, relay_of
+
+log = logging.getLogger("relay.webhooks")
 
 # Bound once: `labels()` takes a lock and a dict lookup on every call.
 STORED, DUPLICATE, REJECTED = (DELIVERIES.labels(outcome) for outcome in ("stored", "duplicate", "rejected"))
@@ -86,12 +92,15 @@ class WebhookEndpoint:
         request = Request(scope, receive)
         relay = relay_of(request)
         started = time.perf_counter()
+        claimed_id = printable_id(request.headers.get("webhook-id"))
+        bind(webhook_id=claimed_id)
         try:
             body = await read_body(request, relay.settings.max_body)
             webhook_id, timestamp = verify(
                 request.headers, body, relay.webhook_keys, relay.settings.webhook_tolerance
             )
             delivery = webhook_delivery(body, webhook_id, timestamp)
+            bind(prediction_id=delivery.prediction_id)
             item = scope["query_string"] and await bind_batch_item(relay, scope["query_string"], delivery)
             appended = await relay.committer.submit(delivery)
             if item and relay.scheduler is not None and is_terminal(delivery.status):
@@ -99,8 +108,11 @@ class WebhookEndpoint:
         except RelayError as error:
             REJECTS.labels(error.code).inc()
             REJECTED.inc()
+            # Once per refused delivery: its code and claimed id, never its body or headers' secrets.
+            log.warning("webhook refused (%s): %s", error.code, error.message, extra={"code": error.code})
             await error_response(error)(scope, receive, send)
             return
+        bind(seq=appended.seq)
         INGEST_SECONDS.observe(time.perf_counter() - started)
         if appended.duplicate:
             DUPLICATES.inc()
@@ -110,4 +122,36 @@ class WebhookEndpoint:
 
 PATH = "/webhooks/replicate"
 endpoint = WebhookEndpoint()
-routes = [route(PATH, endpoint, access=SIGNED, methods=["POST"])]
+routes = [route(PATH, endpoint, access=auth.SIGNED, methods=["POST"])]
+
+ACKNOWLEDGEMENT = {
+    "type": "object",
+    "required": ["seq", "duplicate"],
+    "properties": {"seq": {"type": "integer"}, "duplicate": {"type": "boolean"}},
+}
+openapi = {
+    PATH: {
+        "post": operation(
+            "Receive a signed Replicate webhook",
+            tag="webhooks",
+            description="Standard Webhooks signature over `{webhook-id}.{webhook-timestamp}.{body}` with "
+            "REPLICATE_WEBHOOK_SECRET. A 200 is sent only once the delivery is committed; a repeated "
+            "webhook-id answers the first delivery's seq with `duplicate: true`.",
+            parameters=[
+                header_param("webhook-id", "unique per delivery; Replicate reuses it when it retries"),
+                header_param("webhook-timestamp", "Unix seconds, within RELAY_WEBHOOK_TOLERANCE"),
+                header_param("webhook-signature", "space-separated `v1,<base64 HMAC-SHA256>` entries"),
+            ],
+            body={
+                "type": "object",
+                "description": "Replicate's prediction object",
+                "required": ["id", "status"],
+                "properties": {"id": {"type": "string"}, "status": {"type": "string"}},
+            },
+            responses={
+                200: json_body(ACKNOWLEDGEMENT, "Stored (or already stored)"),
+                **errors(400, 401, 413),
+            },
+        )
+    }
+}

@@ -87,6 +87,15 @@
     $("spend-meter").textContent = percent;
   }
 
+  /** Answers the prediction cache gave this month, and the predict time and cost they saved. */
+  function showCached(cached) {
+    $("cached").hidden = !cached || cached.answers === 0;
+    if ($("cached").hidden) return;
+    const cost = cached.cost_saved == null ? "" : ", " + USD.format(cached.cost_saved);
+    $("cached").textContent =
+      "Cached answers this month: " + cached.answers + " (saved " + cached.predict_time_saved.toFixed(1) + " s" + cost + ")";
+  }
+
   async function loadSpend() {
     spend.timer = null;
     spend.last = Date.now();
@@ -95,8 +104,11 @@
       const response = await fetch("/admin/usage", { headers: { Authorization: "Bearer " + spend.token }, cache: "no-store" });
       // A refused token is reported by the page's main load; other failures keep what is shown.
       if (response.ok) {
-        const month = (await response.json()).this_month;
-        if (asked === spend.asked) showSpend(month);
+        const usage = await response.json();
+        if (asked === spend.asked) {
+          showSpend(usage.this_month);
+          showCached(usage.cached);
+        }
       }
     } catch (error) {
       // Relay is unreachable: the next refresh tries again.

@@ -1,0 +1,1 @@
+"""The opt-in prediction cache: `POST /api/predictions` with `"cache": true` (DESIGN "Prediction cache")."""

@@ -6,10 +6,10 @@ returning, the supervisor logs it once with its traceback and records it under i
 sending it requests that would wait forever for a task that is gone. A failed loop is not
 restarted: a bug that kills it once would kill it again, and the operator must see it.
 
-Register a loop with `supervisor.spawn("relay-name", coroutine)`. `stop()` ends the loops in the
-reverse order of their registration (so a loop that feeds the writer stops before the writer),
-each by its own `stop` hook when it gave one (the writer first commits what is queued), else by
-cancelling it. Pure asyncio, no I/O, so any layer may use it.
+Register a loop with `supervisor.spawn("relay-name", coroutine)`. `stop()` first cancels, all
+together, the loops that gave no `stop` hook (those that feed the writer stop before it), then
+ends the ones with a hook one by one, last registered first (the writer commits what is queued).
+Pure asyncio, no I/O, so any layer may use it.
 """
 
 from __future__ import annotations
@@ -82,11 +82,19 @@ class Supervisor:
         log.error("background task %s crashed", name, exc_info=error)
 
     async def stop(self) -> None:
-        """End every task, last registered first (an ending caused by this is not a failure)."""
+        """End every task (an ending caused by this is not a failure): the loops without a stop
+        hook are cancelled together first (they only feed others, such as the writer); then
+        those with a hook end one by one, last registered first."""
         self._stopping = True
+        plain = [task for name, task in self._tasks.items() if name not in self._stoppers]
+        for task in plain:
+            task.cancel()
+        await asyncio.gather(*plain, return_exceptions=True)
         for name, task in reversed(list(self._tasks.items())):
             stopper = self._stoppers.get(name)
-            if stopper is not None and not task.done():
+            if stopper is None:
+                continue
+            if not task.done():
                 await stopper()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

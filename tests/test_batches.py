@@ -234,7 +234,9 @@ def test_kill_9_between_the_upstream_call_and_its_record_then_restart_creates_ea
             fake.answer_delay = 3.0
             seen = len(fake.created)
             wait_for(lambda: len(fake.created) > seen, what="a create whose answer is held")
-            threading.Event().wait(0.3)  # every claimed item's create has reached Replicate
+            # Every claimed item's create has reached Replicate (none is still on its way: a
+            # create cut off before it was sent is a lost outcome, which waits 10 minutes).
+            wait_for(lambda: len(fake.created) - seen >= claimed(dsn), what="every claim sent")
             first.stop(signal.SIGKILL)
     finally:
         first.stop()
@@ -244,6 +246,11 @@ def test_kill_9_between_the_upstream_call_and_its_record_then_restart_creates_ea
     assert ended["counts"] == {"succeeded": 40}
     assert len(fake.calls("POST", CREATES)) == 40 and len(fake.created) == 40
     assert fake.max_unfinished <= 4
+
+
+def claimed(dsn: str) -> int:
+    """Items whose create is in flight: claimed, their answer not recorded yet."""
+    return int(query(dsn, "SELECT count(*) FROM batch_items WHERE status = 'creating'")[0][0])
 
 
 def test_two_instances_share_one_batch_within_its_concurrency(postgres, fake):

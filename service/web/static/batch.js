@@ -8,31 +8,11 @@
 (function () {
   "use strict";
 
-  const TOKEN_KEY = "relay.adminToken";
+  const { $, el, takeToken, outputUrls, looksLikeImage } = window.RelayPage;
   const REFRESH_MS = 500;
   const PAGE = 1000;
   const TERMINAL = new Set(["succeeded", "failed", "canceled", "aborted"]);
   const SYMBOLS = { pending: "·", creating: "…", starting: "○", processing: "◔", succeeded: "✓", failed: "✗", canceled: "⊘", aborted: "⊘" };
-  const IMAGE = /\.(png|jpe?g|webp|gif|avif|svg)([?#]|$)/i;
-
-  const $ = (id) => document.getElementById(id);
-
-  function el(tag, attributes, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attributes || {})) node.setAttribute(name, value);
-    node.append(...children);
-    return node;
-  }
-
-  function takeToken() {
-    const given = new URLSearchParams(location.hash.slice(1)).get("token");
-    if (given) {
-      sessionStorage.setItem(TOKEN_KEY, given);
-      history.replaceState(null, "", location.pathname + location.search);
-    }
-    return sessionStorage.getItem(TOKEN_KEY);
-  }
-
   function problem(text) {
     $("problem").textContent = text;
     $("problem").hidden = false;
@@ -77,16 +57,6 @@
   const items = new Map(); // index -> {item, node}
   const byPrediction = new Map(); // prediction id -> index
 
-  function outputUrls(output) {
-    const urls = [];
-    (function walk(value) {
-      if (typeof value === "string" && /^(https?:|data:image\/)/.test(value)) urls.push(value);
-      else if (Array.isArray(value)) value.forEach(walk);
-      else if (value && typeof value === "object") Object.values(value).forEach(walk);
-    })(output);
-    return urls;
-  }
-
   function renderItem(item) {
     let entry = items.get(item.index);
     if (entry === undefined) {
@@ -102,7 +72,7 @@
     const [first] = outputUrls(item.output);
     if (first && TERMINAL.has(item.status)) {
       const label = "Output of item " + item.index;
-      const isImage = first.startsWith("data:image/") || IMAGE.test(new URL(first).pathname);
+      const isImage = looksLikeImage(first);
       parts.push(el("a", { href: first, rel: "noreferrer" }, isImage ? el("img", { src: first, alt: label, decoding: "async" }) : label));
     }
     entry.node.replaceChildren(...parts);

@@ -9,27 +9,18 @@
 (function () {
   "use strict";
 
-  const TOKEN_KEY = "relay.adminToken";
+  const { TOKEN_KEY, $, el, takeToken, looksLikeImage } = window.RelayPage;
   const RECENT = 50;
   const MAX_CARDS = 200;
   const RELOAD_DELAY = 3000;
   const SYMBOLS = { starting: "○", processing: "◔", succeeded: "✓", failed: "✗", canceled: "⊘", aborted: "⊘" };
-  const IMAGE = /\.(png|jpe?g|webp|gif|avif|svg)([?#]|$)/i;
   const MAX_OUTPUTS = 8;
   const SPEND_EVERY = 60000;
   const SPEND_AT_MOST_EVERY = 3000; // the usage query scans the month: not once per event
   const USD = new Intl.NumberFormat("en-US", { style: "currency", currency: "USD" });
 
-  const $ = (id) => document.getElementById(id);
   const views = new Map();
   let nextElementId = 0;
-
-  function el(tag, attributes, ...children) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attributes || {})) node.setAttribute(name, value);
-    node.append(...children);
-    return node;
-  }
 
   function setConnection(text) {
     $("connection").textContent = text;
@@ -40,15 +31,6 @@
   }
 
   // --- the admin token -------------------------------------------------------------------
-
-  function takeToken() {
-    const given = new URLSearchParams(location.hash.slice(1)).get("token");
-    if (given) {
-      sessionStorage.setItem(TOKEN_KEY, given);
-      history.replaceState(null, "", location.pathname + location.search);
-    }
-    return sessionStorage.getItem(TOKEN_KEY);
-  }
 
   function tokenProblem(message) {
     sessionStorage.removeItem(TOKEN_KEY);
@@ -164,13 +146,7 @@
   }
 
   function outputUrls(output) {
-    const urls = [];
-    (function walk(value) {
-      if (typeof value === "string" && /^(https?:|data:image\/)/.test(value)) urls.push(value);
-      else if (Array.isArray(value)) value.forEach(walk);
-      else if (value && typeof value === "object") Object.values(value).forEach(walk);
-    })(output);
-    return urls.slice(0, MAX_OUTPUTS);
+    return window.RelayPage.outputUrls(output).slice(0, MAX_OUTPUTS);
   }
 
   // --- rendering ---------------------------------------------------------------------------
@@ -258,7 +234,7 @@
         const shown = stored || url;
         const label = "Output " + (index + 1) + " of " + view.id + (stored ? " (archived copy)" : "");
         const typed = item && item.content_type ? item.content_type.startsWith("image/") : null;
-        const isImage = typed ?? (url.startsWith("data:image/") || IMAGE.test(new URL(url).pathname));
+        const isImage = typed ?? looksLikeImage(url);
         const content = isImage ? el("img", { src: shown, alt: label, decoding: "async" }) : label;
         const link = el("a", { href: shown, rel: "noreferrer" }, content);
         const note = archiveNote(item);

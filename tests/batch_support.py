@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from typing import Any
 
 import httpx
 
 from .fake_replicate import QWEN, FakeReplicate
-from .support import ROOT
+from .support import relay_cli
+
+__all__ = ["relay_cli"]  # the batch tests take it from here with the batch helpers
 
 CREATES = r"/models/.*/predictions"
 
@@ -52,14 +52,3 @@ def wait_for(condition: Any, timeout: float = 20, what: str = "condition") -> No
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
-
-
-def relay_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )

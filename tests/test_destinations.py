@@ -26,21 +26,11 @@ from .support import (
     new_prediction_id,
     post_webhook,
     query,
+    relay_cli,
     relay_env,
 )
 
 SCHEDULE = "0,0.3,0.5,1,1,1,1,1,1,1,1,1,1,1,1"  # about 12 s of retries before exhausted
-
-
-def relay_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def wait_for(check: Callable[[], object], timeout: float = 30, what: str = "condition") -> None:

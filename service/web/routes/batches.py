@@ -36,7 +36,7 @@ from service.web.auth import POLICY_VIOLATION, Access, Caller, route, socket_rou
 from service.web.routes.api import ProxyDisabled, model_rules
 from service.web.routes.dashboard import NO_CACHE, PAGE_HEADERS, STATIC
 from service.web.routes.reading import int_param
-from service.web.routes.sockets import close, first_to_end, wait_for_disconnect
+from service.web.routes.sockets import serve_subscriber
 from service.web.routes.webhooks import read_body
 from service.web.state import Relay, relay_of
 
@@ -215,18 +215,9 @@ async def batch_stream(websocket: WebSocket) -> None:
     # Every event, filtered here by membership: a batch's predictions are bound to their items
     # before their first event commits (links.py), so a lookup after seeing one is final.
     subscriber = Subscriber(None, settings.ws_queue_size, after)
-    relay.hub.subscribe(subscriber)
-    try:
-        code = await first_to_end(
-            BatchStream(websocket, relay, subscriber, batch_id).run(after),
-            wait_for_disconnect(websocket),
-            subscriber.stopped.wait(),
-        )
-        code = subscriber.stop_code or code
-        if code is not None:
-            await close(websocket, code)
-    finally:
-        relay.hub.unsubscribe(subscriber)
+    await serve_subscriber(
+        websocket, relay, subscriber, BatchStream(websocket, relay, subscriber, batch_id).run(after)
+    )
 
 
 class BatchStream:

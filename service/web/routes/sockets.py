@@ -59,13 +59,17 @@ async def stream(websocket: WebSocket, prediction_id: str | None) -> None:
         await websocket.close(POLICY_VIOLATION, close_reason(error.message))
         return
     subscriber = Subscriber(prediction_id, relay.settings.ws_queue_size, after, relay.settings.ws_queue_bytes)
+    await serve_subscriber(websocket, relay, subscriber, deliver(websocket, relay, subscriber, after))
+
+
+async def serve_subscriber(
+    websocket: WebSocket, relay: Relay, subscriber: Subscriber, deliveries: Coroutine[None, None, int | None]
+) -> None:
+    """Subscribe, run `deliveries` until it, the client or the hub ends the stream, close with
+    the code that says why (the hub's first), and unsubscribe whatever happened."""
     relay.hub.subscribe(subscriber)
     try:
-        code = await first_to_end(
-            deliver(websocket, relay, subscriber, after),
-            wait_for_disconnect(websocket),
-            subscriber.stopped.wait(),
-        )
+        code = await first_to_end(deliveries, wait_for_disconnect(websocket), subscriber.stopped.wait())
         code = subscriber.stop_code or code
         if code is not None:
             await close(websocket, code)

@@ -148,28 +148,20 @@ def errors(*statuses: int) -> dict[str | int, Any]:
     return {s: json_body(ref("Error"), STATUS_TEXT[s]) for s in (*statuses, *COMMON_ERRORS)}
 
 
+def _param(where: str, name: str, schema: Schema, description: str, required: bool) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required, "description": description, "schema": schema}
+
+
 def path_param(name: str, description: str = "", schema: Schema | None = None) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "description": description,
-        "schema": schema or {"type": "string"},
-    }
+    return _param("path", name, schema or {"type": "string"}, description, True)
 
 
 def query_param(name: str, schema: Schema, description: str = "", required: bool = False) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": required, "description": description, "schema": schema}
+    return _param("query", name, schema, description, required)
 
 
 def header_param(name: str, description: str, schema: Schema | None = None) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "header",
-        "required": True,
-        "description": description,
-        "schema": schema or {"type": "string"},
-    }
+    return _param("header", name, schema or {"type": "string"}, description, True)
 
 
 TOKEN_QUERY = query_param("token", {"type": "string"}, "the token, when a header cannot be sent (browsers)")

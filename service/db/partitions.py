@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from service.core.months import next_month
 from service.db.connection import Connection
 
 log = logging.getLogger("relay.partitions")
@@ -38,17 +39,13 @@ class Partition:
     end: datetime
 
 
-def month_after(moment: datetime) -> datetime:
-    return moment.replace(year=moment.year + moment.month // 12, month=moment.month % 12 + 1)
-
-
 def partition_named(name: str) -> Partition | None:
     """The month a partition covers, from its name; None for `events_default`."""
     found = NAME.fullmatch(name)
     if found is None:
         return None
     start = datetime(int(found[1]), int(found[2]), 1, tzinfo=UTC)
-    return Partition(name, start, month_after(start))
+    return Partition(name, start, next_month(start))
 
 
 async def monthly_partitions(conn: Connection) -> list[Partition]:

@@ -14,9 +14,10 @@ from datetime import UTC, datetime
 import asyncpg
 
 from service.core.metrics import BUDGET_USD, SPEND_USD
+from service.core.months import month_start
 from service.core.settings import Settings
 from service.db.connection import Connection
-from service.usage.report import month_spend, month_start
+from service.usage.report import month_spend
 
 log = logging.getLogger("relay.budget")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from service.core.months import month_start, next_month
 from service.core.params import utc_moment
 from service.db.connection import Connection
 from service.db.store import iso
@@ -68,15 +69,6 @@ class Period:
     since: datetime
     until: datetime
     group: str
-
-
-def month_start(moment: datetime) -> datetime:
-    return datetime(moment.year, moment.month, 1, tzinfo=UTC)
-
-
-def next_month(moment: datetime) -> datetime:
-    year, month = divmod(moment.year * 12 + moment.month, 12)  # month is 0-based here
-    return datetime(year, month + 1, 1, tzinfo=UTC)
 
 
 def parse_moment(text: str, name: str) -> datetime:

@@ -7,23 +7,18 @@ run as a script (`python docs/hooks/openapi_reference.py`) it prints the same ma
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from generated_section import fill_marker, from_repo
+
 PAGE = "api.md"
 MARKER = "<!-- openapi-reference -->"
 SCHEME_NAMES = {"AdminToken": "admin token", "ApiKey": "API key", "SubscriberToken": "subscriber token"}
 
 
 def load_document() -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT))  # the repo's own copy of the package
-    try:
-        from service.web.app import openapi_document
-    finally:
-        sys.path.remove(str(ROOT))
-    return openapi_document()
+    document: dict[str, Any] = from_repo("service.web.app", "openapi_document")()
+    return document
 
 
 def _cell(text: str) -> str:
@@ -92,13 +87,7 @@ def render(document: dict[str, Any] | None = None) -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    if page.file.src_uri != PAGE:
-        return markdown
-    if MARKER not in markdown:
-        from mkdocs.exceptions import PluginError
-
-        raise PluginError(f"{PAGE} lost its {MARKER} line: the API reference has nowhere to go")
-    return markdown.replace(MARKER, render())
+    return fill_marker(markdown, page, PAGE, MARKER, "the API reference", render)
 
 
 if __name__ == "__main__":

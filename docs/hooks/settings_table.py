@@ -8,13 +8,11 @@ ingestion`) heads the fields below it, up to the next such comment.
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 from typing import Any
 
+from generated_section import ROOT, fill_marker, from_repo
 from mkdocs.exceptions import PluginError
 
-ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "service" / "core" / "settings.py"
 PAGE = "configuration.md"
 MARKER = "<!-- settings-table -->"
@@ -46,13 +44,9 @@ def groups() -> dict[str, list[str]]:
 
 def settings_tables() -> str:
     """A heading and a table per group, one row per setting."""
-    sys.path.insert(0, str(ROOT))  # the repo's own copy; service.core is pure, nothing else is needed
-    try:
-        from service.core.settings import SETTINGS
-    finally:
-        sys.path.remove(str(ROOT))
+    settings = from_repo("service.core.settings", "SETTINGS")  # service.core is pure: nothing else loads
     placed = {attr for attrs in groups().values() for attr in attrs}
-    if missing := set(SETTINGS) - placed:
+    if missing := set(settings) - placed:
         raise PluginError(f"settings not found in the Settings class body: {sorted(missing)}")
     sections = []
     for heading, attrs in groups().items():
@@ -62,8 +56,8 @@ def settings_tables() -> str:
             "| variable | `relay serve` flag | meaning | default |",
             "| --- | --- | --- | --- |",
         ]
-        for attr in (a for a in attrs if a in SETTINGS):
-            row = SETTINGS[attr]
+        for attr in (a for a in attrs if a in settings):
+            row = settings[attr]
             names = " or ".join(f"`{name}`" for name in (row.variable, *row.aliases))
             meaning = _cell(row.help) + (" (secret: give it in the environment)" if row.secret else "")
             if row.unset:
@@ -79,8 +73,4 @@ def settings_tables() -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    if page.file.src_uri != PAGE:
-        return markdown
-    if MARKER not in markdown:
-        raise PluginError(f"{PAGE} lost its {MARKER} line: the settings table has nowhere to go")
-    return markdown.replace(MARKER, settings_tables())
+    return fill_marker(markdown, page, PAGE, MARKER, "the settings table", settings_tables)

@@ -17,6 +17,7 @@ from service.core.logcontext import ContextFilter, bound, request_id_from
 from service.ops.simulate import lifecycle
 from service.web.logs import RelayJsonFormatter, redact_tokens
 
+from .batch_support import submit, wait_for, wait_until_ended
 from .fake_replicate import QWEN, api_client, relay_for
 from .support import (
     SUBSCRIBE_KEY,
@@ -24,6 +25,7 @@ from .support import (
     RelayProcess,
     admin_headers,
     assert_no_secret,
+    free_port,
     new_prediction_id,
     new_webhook_id,
     post_webhook,
@@ -171,3 +173,29 @@ def test_redact_tokens(path, redacted):
 def test_request_ids_are_plain_tokens():
     assert request_id_from("abc-123") == "abc-123"
     assert request_id_from("x" * 129) != "x" * 129 and request_id_from('a"b') != 'a"b'
+
+
+def test_a_batch_and_a_destination_bind_their_ids_in_a_real_serve(postgres, fake):
+    """The batch scheduler's and a destination sender's own lines carry batch_id / destination_id."""
+    env = {"RELAY_LOG_FORMAT": "json", "RELAY_RETRY_SCHEDULE": "0"}
+    with relay_for(postgres.new_database(), fake, **env) as relay, api_client(relay) as api:
+        fake.reset()
+        batch = submit(api, 2, 2)
+        wait_until_ended(api, batch["id"])
+        with httpx.Client(base_url=relay.url, headers=admin_headers()) as admin:
+            closed = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: every attempt fails
+            added = admin.post("/admin/destinations", json={"url": closed, "from": "start"})
+            assert added.status_code == 201, added.text
+            destination_id = added.json()["id"]
+            post_webhook(admin, lifecycle(new_prediction_id())[0])
+
+            def exhausted() -> bool:
+                listed = admin.get("/admin/destinations").json()["destinations"]
+                return any(d["id"] == destination_id and d["exhausted"] for d in listed)
+
+            wait_for(exhausted, what="the destination's event to be exhausted")
+    lines = json_lines(relay.read_output())
+    assert any(line.get("batch_id") == batch["id"] and "ended" in line["message"] for line in lines)
+    assert any(
+        line.get("destination_id") == destination_id and "exhausted" in line["message"] for line in lines
+    )

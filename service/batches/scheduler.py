@@ -33,6 +33,7 @@ import asyncpg
 from service.batches.links import ItemRef, item_webhook_url
 from service.batches.store import UNKNOWN_OUTCOME
 from service.core.errors import RelayError
+from service.core.logcontext import bind, bound
 from service.core.retry import retry_after_seconds
 from service.db.connection import Connection
 
@@ -218,6 +219,10 @@ class Scheduler:
 
     async def advance(self, batch_id: str) -> Plan:
         """One step of one batch, under its row lock; the upstream calls it decided on."""
+        with bound(batch_id=batch_id):
+            return await self._advance(batch_id)
+
+    async def _advance(self, batch_id: str) -> Plan:
         plan = Plan([], [])
         async with self.pool.acquire() as conn, conn.transaction():
             batch = await conn.fetchrow(
@@ -279,6 +284,7 @@ class Scheduler:
 
     async def _create(self, claim: Claim) -> None:
         ref = claim.ref
+        bind(batch_id=ref.batch_id)  # this create runs in a task of its own: its log lines say so
         payload = {**claim.payload, "webhook": item_webhook_url(self.webhook_url, self.link_key, ref)}
         try:
             try:

@@ -31,6 +31,7 @@ import asyncpg
 
 from service.core.crypto import Unreadable
 from service.core.filters import EventFilter
+from service.core.logcontext import bind
 from service.core.metrics import DESTINATION_EVENTS, DESTINATION_LAG_EVENTS, DESTINATION_LAG_SECONDS
 from service.core.retry import scheduled_delay
 from service.core.settings import decode_webhook_secret
@@ -133,6 +134,7 @@ class Courier:
 
     async def run(self) -> None:
         """Send until cancelled or the destination is removed."""
+        bind(destination_id=self.id)  # the courier is a task of its own: every line it logs says which
         self.http = new_client(REQUEST_TIMEOUT, connections=self.concurrency)
         try:
             await self.load()

@@ -135,3 +135,12 @@ def test_a_name_is_judged_by_every_address_it_resolves_to():
     assert "private" in check("https://hooks.example.com/x", ["93.184.216.34", "10.0.0.7"])
     assert "private" in check("https://rebind.example.com/x", ["fe80::1"])
     assert check("https://hooks.example.com/x", ["10.0.0.7"], allow=True) == "ok"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://[::1]:9/hook", "http://10.1.2.3/hook"])
+def test_destinations_to_private_addresses_are_refused_by_default(guarded, url):
+    """The admin API cannot register a destination that would make Relay POST to its neighbours."""
+    with httpx.Client(base_url=guarded.url, headers=admin_headers(), timeout=30) as admin:
+        response = admin.post("/admin/destinations", json={"url": url})
+        assert response.status_code == 400 and "RELAY_REPLAY_PRIVATE" in response.json()["error"]["message"]
+        assert admin.get("/admin/destinations").json()["destinations"] == []

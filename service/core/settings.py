@@ -545,7 +545,7 @@ class Settings:
     )  # fmt: skip
     replay_private: bool = setting(
         "RELAY_REPLAY_PRIVATE", "--replay-private", False, on_off,
-        "on: admin replays may target loopback, private and link-local addresses",
+        "on: admin replays and destinations may target loopback, private and link-local addresses",
     )  # fmt: skip
 
     # API surface: the prediction cache and logs

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from service.core.errors import InvalidRequest
 from service.core.hosts import HostPolicy, Target
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -42,6 +43,32 @@ class TooLarge(Exception):
 async def system_resolve(host: str, port: int) -> list[str]:
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def require_public(url: str, label: str, resolve: Resolver = system_resolve) -> None:
+    """InvalidRequest (400) unless every address `url`'s host resolves to is public: what the
+    admin API may make Relay send to (replays, destinations) must not reach the services next to
+    it. RELAY_REPLAY_PRIVATE=on lifts it (the caller checks that setting)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").strip("[]")
+    try:
+        found = [host] if _is_literal(host) else await resolve(host, parts.port or 443)
+        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
+    except (OSError, ValueError):
+        raise InvalidRequest(f"{label}'s host name does not resolve") from None
+    if not addresses or not all(is_public(a) for a in addresses):
+        raise InvalidRequest(
+            f"{label} resolves to a private, loopback or link-local address; "
+            "set RELAY_REPLAY_PRIVATE=on to allow such addresses"
+        )
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def is_public(address: IpAddress) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,7 +34,7 @@ from service.db import store
 from service.db.connection import Connection
 from service.db.events import body_bytes
 from service.db.vault import Vault
-from service.net.guard import is_public, system_resolve
+from service.net.guard import require_public, system_resolve
 from service.net.http1 import Pool
 from service.net.sender import deliver, new_client
 
@@ -106,31 +105,10 @@ def target_from_json(target: Any) -> Target:
 async def check_target_address(
     target: UrlTarget, allow_private: bool, resolve: Resolver = system_resolve
 ) -> None:
-    """Refuse (400) a target whose host resolves to a loopback, private, link-local or other
-    non-global address, unless RELAY_REPLAY_PRIVATE is on: the admin API must not become a way
-    to reach the services next to Relay. Checked once, before anything is sent."""
-    if allow_private:
-        return
-    parts = urlsplit(target.url)
-    host = parts.hostname or ""
-    try:
-        found = [host] if _is_literal(host) else await resolve(host, parts.port or 443)
-        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
-    except (OSError, ValueError):
-        raise InvalidRequest("the replay target's host name does not resolve") from None
-    if not addresses or not all(is_public(a) for a in addresses):
-        raise InvalidRequest(
-            "the replay target resolves to a private, loopback or link-local address; "
-            "set RELAY_REPLAY_PRIVATE=on to allow replays to such addresses"
-        )
-
-
-def _is_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    """Refuse (400) a target whose host resolves to a non-global address, unless
+    RELAY_REPLAY_PRIVATE is on. Checked once, before anything is sent."""
+    if not allow_private:
+        await require_public(target.url, "the replay target", resolve)
 
 
 async def plan(conn: Connection, event_filter: EventFilter) -> Report:

@@ -12,6 +12,7 @@ from service.core.errors import InvalidRequest
 from service.core.openapi import ADMIN, SEQ, TOKEN_QUERY, errors, json_body, operation, path_param
 from service.core.settings import WHSEC_PATTERN
 from service.destinations import model
+from service.net.guard import require_public
 from service.web import auth
 from service.web.auth import route
 from service.web.routes.admin import FILTER_SCHEMAS, HTTP_URL_PATTERN
@@ -30,6 +31,8 @@ async def add_destination(request: Request) -> JSONResponse:
     """`POST /admin/destinations` → 201 with the secret, shown only here."""
     new = model.parse_new(await _json_body(request))
     relay = relay_of(request)
+    if not relay.settings.replay_private:
+        await require_public(new.url, "the destination")
     async with relay.pool.acquire() as conn:
         created = await model.create(conn, new, relay.vault)
     return JSONResponse(created, status_code=201)

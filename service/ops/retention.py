@@ -22,11 +22,11 @@ from pathlib import Path
 import asyncpg
 
 from service.core.errors import ConfigError
-from service.db import store
+from service.core.filters import EventFilter
 from service.db.connection import Connection
 from service.db.partitions import Partition, monthly_partitions
 from service.db.vault import Vault
-from service.ops.export import export_line
+from service.ops.export import export
 
 DURATION = re.compile(r"(\d+)([smhdw])")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -34,7 +34,6 @@ OWNER_NEEDED = (
     "relay retention detaches and drops partitions of the log: run it with DATABASE_URL naming "
     "the role that owns Relay's tables (the one that runs relay migrate)"
 )
-PREFETCH = 1000
 
 
 def parse_duration(text: str) -> timedelta:
@@ -58,15 +57,10 @@ def due(partitions: list[Partition], now: datetime, keep: timedelta) -> list[Par
 
 
 async def export_partition(conn: Connection, partition: Partition, path: Path, vault: Vault) -> int:
-    """Write one month in the export format; durable on disk before this returns."""
+    """Write one month with `relay export`'s own writer; durable on disk before this returns."""
     temporary = path.with_name(path.name + ".partial")
-    count = 0
     with temporary.open("w", encoding="utf-8") as out:
-        async with conn.transaction(readonly=True):
-            query = store.select_where("received_at >= $1 AND received_at < $2")
-            async for row in conn.cursor(query, partition.start, partition.end, prefetch=PREFETCH):
-                out.write(export_line(row, vault))
-                count += 1
+        count = await export(conn, EventFilter(since=partition.start, until=partition.end), out, vault)
         out.flush()
         os.fsync(out.fileno())
     temporary.replace(path)
@@ -105,9 +99,7 @@ async def retire(
     retired = []
     for partition in due(await monthly_partitions(conn), now, keep):
         file = archive_to / f"{partition.name}.jsonl" if archive_to is not None else None
-        if dry_run:
-            events = await count_rows(conn, partition)
-        elif file is not None:
+        if file is not None and not dry_run:
             events = await export_partition(conn, partition, file, vault)
         else:
             events = await count_rows(conn, partition)

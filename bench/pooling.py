@@ -49,6 +49,7 @@ from tests.support import (  # noqa: E402
     WEBHOOK_KEY,
     Postgres,
     RelayProcess,
+    query,
     relay_env,
     with_database,
 )
@@ -110,8 +111,6 @@ async def fanout_latency(relay: RelayProcess, seconds: float) -> tuple[float, fl
 
 
 def server_connections(admin_dsn: str, database: str) -> int:
-    from tests.support import query
-
     return query(admin_dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", database)[0][0]
 
 

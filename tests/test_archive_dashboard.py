@@ -60,7 +60,13 @@ def test_cards_show_the_stored_copy_and_archive_failures(
         "(images) => images.map((image) => image.getAttribute('src'))"
     )
     assert all(src.startswith("/files/") for src in sources), sources
-    assert stored_card.locator("img").evaluate_all("(images) => images.every((i) => i.naturalWidth === 96)")
+    # The src switches to /files/… before the browser has fetched it: wait for the decoded images.
+    page.wait_for_function(
+        "(selector) => [...document.querySelectorAll(selector)]"
+        ".every((image) => image.complete && image.naturalWidth === 96)",
+        arg=f'li.prediction[data-prediction-id="{kept}"] img',
+        timeout=20_000,
+    )
     failed_card = page.locator(f'li.prediction[data-prediction-id="{gone}"]')
     expect(failed_card.locator(".archive-failed")).to_have_text(
         "archive failed: HTTP 404: the file is gone", timeout=20_000

@@ -31,10 +31,10 @@ def test_the_batch_view_fills_in_live_and_the_admin_can_cancel(postgres, fake):
             expect(page.locator("#batch-status")).to_contain_text("Status: succeeded")
             expect(page.locator("#counts li")).to_have_text(["✓ succeeded: 6"])
             expect(page.locator("#cancel")).to_be_hidden()
-            loaded = page.locator("#items img").evaluate_all(
-                "images => images.every(i => i.naturalWidth > 0)"
+            page.wait_for_function(  # every thumbnail decoded, not only present
+                "() => [...document.querySelectorAll('#items img')]"
+                ".every((image) => image.complete && image.naturalWidth > 0)"
             )
-            assert loaded, "the thumbnails did not load"
             save_screenshot(page, "batch.png")
 
             fake.hold = True

@@ -18,9 +18,11 @@ from service.archive.stores import ArchiveStore, open_store
 from service.archive.urls import output_urls
 from service.archive.worker import Archiver, Tuning
 from service.core.hosts import HostPolicy
+from service.core.pace import Pace, RateMeter
 from service.db import store
 from service.db.store import Delivery
 from service.db.vault import Vault
+from service.ingest.committer import GroupCommitter
 from service.net.guard import GuardedClient, Refused
 from service.privacy.erasure import plan_erasure
 
@@ -395,3 +397,62 @@ def test_a_store_that_fails_is_retried_not_a_hot_loop(harness_for, files: FileSe
             assert row["reason"].startswith("the store failed (") and row["next_at"] > row["created_at"]
 
     run(scenario())
+
+
+def test_downloads_yield_to_a_burst_of_webhooks_unless_the_url_is_about_to_expire(
+    harness_for, files: FileServer
+) -> None:
+    """While the committer commits 250+ deliveries a second, downloads start at most 20 a second
+    (spaced, every file still stored); a job 15 minutes from its URL's expiry, or any job once
+    ingest is quiet, goes at once."""
+    urls = [files.add(f"/burst/{n}.png", png(40 + n)) for n in range(5)]
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    async def burst(pool: asyncpg.Pool) -> RateMeter:
+        committer = GroupCommitter(pool)
+        committer.committed = RateMeter(clock=lambda: 0.0)  # one second, however slow the machine
+        committer.start()
+        starting = [output_event(new_prediction_id(), None, "starting") for _ in range(300)]
+        await asyncio.gather(*(committer.submit(delivery) for delivery in starting))
+        await committer.stop()
+        return committer.committed
+
+    async def scenario() -> None:
+        async with harness_for(files.origin) as h:
+            h.archiver.ingest_rate = (await burst(h.pool)).rate
+            h.archiver.pace = Pace(20, clock=lambda: 0.0, sleep=record)
+            await h.append(*(output_event(new_prediction_id(), url) for url in urls[:3]))
+            await h.settle()
+            assert waits == pytest.approx([0.05, 0.10])  # the first at once, then 1/20 s apart
+
+            await h.append(output_event(new_prediction_id(), urls[3]))
+            await h.archiver.discover_pass()
+            async with h.pool.acquire() as conn:
+                await conn.execute("UPDATE archive_jobs SET give_up_at = now() + interval '10 minutes'"
+                                   " WHERE status = 'pending'")  # fmt: skip
+            await h.settle()
+            h.archiver.ingest_rate = lambda: 0
+            await h.append(output_event(new_prediction_id(), urls[4]))
+            await h.settle()
+            assert len(waits) == 2, "an urgent job or a quiet ingest was held back"
+            assert [row["status"] for row in await h.rows()] == ["stored"] * 5
+
+    run(scenario())
+
+
+def test_the_rate_meter_counts_the_last_whole_second() -> None:
+    """A burst counts at once; a second later it is the last second's count; after a gap, zero."""
+    now = [10.2]
+    meter = RateMeter(clock=lambda: now[0])
+    meter.add(300)
+    assert meter.rate() == 300
+    now[0] = 11.5
+    meter.add(20)
+    assert meter.rate() == 300  # the whole second before still counts
+    now[0] = 12.1
+    assert meter.rate() == 20
+    now[0] = 14.0
+    assert meter.rate() == 0

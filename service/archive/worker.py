@@ -38,6 +38,7 @@ from service.core.metrics import (
     ARCHIVE_QUEUE,
     ARCHIVE_RETRIES,
 )
+from service.core.pace import Pace
 from service.core.retry import exponential
 from service.db.connection import Connection
 from service.db.vault import Vault
@@ -50,6 +51,7 @@ STATS_SECONDS = 5.0
 TOTAL_TIMEOUT = 600.0  # one download, start to end: a server dripping bytes cannot hold a slot
 RETRY_CAP = 300.0
 STALE_SPOOL = timedelta(days=1)
+URGENT = timedelta(minutes=15)  # a job this close to its URL's expiry is never held back
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 WRITE_CHUNK = 1024 * 1024
 
@@ -79,6 +81,10 @@ class Tuning:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     poll: float = POLL_SECONDS
+    # While this process commits more than `busy_ingest` deliveries a second, downloads start
+    # at most `busy_files_per_second` a second: ingest has milliseconds, a file has an hour.
+    busy_ingest: int = 250
+    busy_files_per_second: float = 20.0
 
 
 def object_key(sha256: str, job: Job) -> str:
@@ -139,10 +145,13 @@ class Archiver:
         spool: Path,
         max_bytes: int,
         tuning: Tuning | None = None,
+        ingest_rate: Callable[[], int] = lambda: 0,
     ):
         self.pool, self.store, self.vault, self.policy = pool, store, vault, policy
         self.spool, self.max_bytes = spool, max_bytes
         self.tuning = tuning or Tuning()
+        self.ingest_rate = ingest_rate  # deliveries a second committed by this process
+        self.pace = Pace(self.tuning.busy_files_per_second)
         self.client = GuardedClient(
             policy,
             connect_timeout=self.tuning.connect_timeout,
@@ -213,8 +222,17 @@ class Archiver:
             job = await jobs.claim(conn, self.vault)
             if job is None:
                 return self.tuning.poll
+            await self.yield_to_ingest(job)
             await self.attempt(conn, job)
         return 0.0
+
+    async def yield_to_ingest(self, job: Job) -> None:
+        """While webhooks pour in, space the downloads out: they take the CPU a webhook's
+        answer waits for. A job near its URL's expiry goes at once."""
+        if self.ingest_rate() < self.tuning.busy_ingest:
+            return
+        if job.give_up_at - datetime.now(UTC) > URGENT:
+            await self.pace.wait()
 
     async def attempt(self, conn: Connection, job: Job) -> None:
         if job.encrypted and job.data_key is None:  # forgotten since it was queued

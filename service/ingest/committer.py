@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 
 from service.core.errors import DatabaseUnavailable, InvalidPayload
+from service.core.pace import RateMeter
 from service.core.statuses import is_terminal
 from service.core.supervisor import Supervisor
 from service.db import store
@@ -190,6 +191,7 @@ class GroupCommitter:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
+        self.committed = RateMeter()  # deliveries a second: background work yields while it is high
 
     def start(self, supervisor: Supervisor | None = None) -> None:
         """Start the writer task, under `supervisor` when given (the server's), so that its death
@@ -258,6 +260,7 @@ class GroupCommitter:
             self._fail(batch, DatabaseUnavailable())
             return
         self.batches += 1
+        self.committed.add(len(batch))
         # The rows are durable: their callers are answered before the hook runs, so a failing
         # hook (a bug) cannot turn a committed delivery into a 503 or leave its caller waiting.
         # The hook's exception then ends the writer, under the supervisor (logged, /readyz 503).

@@ -240,6 +240,7 @@ async def start_archive(relay: Relay) -> None:
         spool,
         settings.archive_max_bytes,
         tuning,
+        ingest_rate=relay.committer.committed.rate,
     )
 
     async def run() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -14,10 +15,20 @@ import httpx
 import pytest
 
 from service.core.errors import InvalidRequest
+from service.net.guard import public_only
+from service.net.http1 import Pool
+from service.net.sender import post_signed
 from service.ops.replay import UrlTarget, check_target_address
 
-from .receiver import RECEIVER_SECRET
-from .support import RelayProcess, admin_headers, deliver_lifecycle, new_prediction_id, relay_env
+from .receiver import RECEIVER_SECRET, Receiver
+from .support import (
+    RelayProcess,
+    admin_headers,
+    deliver_lifecycle,
+    new_prediction_id,
+    relay_cli,
+    relay_env,
+)
 
 
 def test_a_body_past_the_replay_limit_is_413(admin):
@@ -144,3 +155,50 @@ def test_destinations_to_private_addresses_are_refused_by_default(guarded, url):
         response = admin.post("/admin/destinations", json={"url": url})
         assert response.status_code == 400 and "RELAY_REPLAY_PRIVATE" in response.json()["error"]["message"]
         assert admin.get("/admin/destinations").json()["destinations"] == []
+
+
+def test_the_sender_connects_only_to_a_checked_public_address(receiver: Receiver):
+    """A name that resolves to loopback at send time (DNS changed since the check, or rebinding)
+    gets nothing: each new connection resolves, checks and connects to the checked address."""
+
+    async def loopback(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    async def attempt(connect_to: object) -> object:
+        port = receiver.server_address[1]
+        async with Pool(5, 2, connect_to) as http:  # type: ignore[arg-type]
+            return await post_signed(http, f"http://hooks.example.com:{port}/hook", b"k", "msg_1", b"{}")
+
+    refused = asyncio.run(attempt(public_only(loopback)))
+    assert not refused.ok and refused.reason.startswith("the host resolves to a private")  # type: ignore[attr-defined]
+    assert "RELAY_REPLAY_PRIVATE=on" in refused.reason  # type: ignore[attr-defined]
+    assert receiver.attempts == []
+
+    async def same(host: str, port: int) -> str:
+        return "127.0.0.1"  # what public_only would answer for a public name: the checked address
+
+    assert asyncio.run(attempt(same)).status == 401  # type: ignore[attr-defined]
+    assert [path for path, _ in receiver.attempts] == ["/hook"]  # reached through the given address
+
+
+def test_a_destination_that_now_resolves_to_loopback_gets_nothing(postgres, receiver: Receiver):
+    """Added while allowed (here: by a CLI with RELAY_REPLAY_PRIVATE=on), then sent by a server
+    with the default: nothing reaches the receiver, and the destination shows why."""
+    env = relay_env(postgres.new_database(), RELAY_REPLAY_PRIVATE="")
+    with RelayProcess(env) as relay:
+        url = receiver.url.replace("127.0.0.1", "localhost") + "/hook"
+        refused = relay_cli("destinations", "add", url, env=env)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+        assert "RELAY_REPLAY_PRIVATE" in refused.stderr
+        added = relay_cli("destinations", "add", url, "--json", env={**env, "RELAY_REPLAY_PRIVATE": "on"})
+        assert added.returncode == 0, added.stderr
+        destination_id = json.loads(added.stdout)["id"]
+        with httpx.Client(base_url=relay.url, timeout=30) as client:
+            deliver_lifecycle(client, new_prediction_id())
+        with httpx.Client(base_url=relay.url, headers=admin_headers(), timeout=30) as admin:
+            deadline = time.monotonic() + 30
+            while not (found := admin.get(f"/admin/destinations/{destination_id}").json())["last_error"]:
+                assert time.monotonic() < deadline, "no attempt was recorded"
+                time.sleep(0.1)
+    assert "private, loopback or link-local" in found["last_error"]
+    assert receiver.attempts == []

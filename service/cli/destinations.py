@@ -24,6 +24,7 @@ from service.db import database
 from service.db.vault import check_keys
 from service.destinations import model
 from service.destinations.manager import run_standalone
+from service.net.guard import require_public
 
 FILTER_FLAGS = {"prediction_id": "--prediction", "status": "--status", "source": "--source",
                 "since": "--since", "until": "--until"}  # fmt: skip
@@ -46,6 +47,11 @@ def cmd_add(args: argparse.Namespace) -> int:
         for name, flag in FILTER_FLAGS.items():
             message = message.replace(f"{name} must", f"{flag} must", 1)
         raise ConfigError(message) from None
+    if not tool_settings().replay_private:  # the servers would refuse to connect there
+        try:
+            asyncio.run(require_public(new.url, "the destination"))
+        except RelayError as error:
+            raise ConfigError(error.message) from None
     created = run(lambda conn: model.create(conn, new, cli_vault()))
     if args.json:
         print(json.dumps(created))

@@ -101,9 +101,11 @@ class Courier:
         vault: Vault,
         schedule: tuple[float, ...],
         concurrency: int,
+        *,
+        public: bool = False,
     ):
         self.pool, self.id, self.vault = pool, destination_id, vault
-        self.schedule, self.concurrency = schedule, concurrency
+        self.schedule, self.concurrency, self.public = schedule, concurrency, public
         self.wake = asyncio.Event()
         self.config: Config | None = None
         self.scanned_to = 0
@@ -135,7 +137,7 @@ class Courier:
     async def run(self) -> None:
         """Send until cancelled or the destination is removed."""
         bind(destination_id=self.id)  # the courier is a task of its own: every line it logs says which
-        self.http = new_client(REQUEST_TIMEOUT, connections=self.concurrency)
+        self.http = new_client(REQUEST_TIMEOUT, connections=self.concurrency, public=self.public)
         try:
             await self.load()
             last_flush = 0.0

@@ -49,6 +49,7 @@ class Destinations:
         self.pool, self.connect, self.vault = pool, connect, vault
         self.schedule = settings.retry_schedule
         self.concurrency = settings.destination_concurrency
+        self.public = not settings.replay_private  # connect to global addresses only
         self.couriers: dict[str, tuple[Courier, asyncio.Task[None]]] = {}
         self.look = asyncio.Event()
 
@@ -109,7 +110,9 @@ class Destinations:
                     await _first(self.look.wait(), lost.wait())
 
     def _start(self, destination_id: str) -> None:
-        courier = Courier(self.pool, destination_id, self.vault, self.schedule, self.concurrency)
+        courier = Courier(
+            self.pool, destination_id, self.vault, self.schedule, self.concurrency, public=self.public
+        )
         task = asyncio.create_task(self._run_courier(courier), name=f"relay-destination-{destination_id}")
         self.couriers[destination_id] = (courier, task)
 

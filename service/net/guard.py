@@ -97,6 +97,17 @@ async def checked_address(target: Target, resolve: Resolver) -> str:
     return str(addresses[0])
 
 
+def public_only(resolve: Resolver = system_resolve) -> Callable[[str, int], Awaitable[str]]:
+    """For a client that posts where the admin API pointed it (replays, destinations): each new
+    connection resolves the host, refuses a non-global address and connects to the checked
+    one, so a later DNS answer cannot turn a public receiver into a neighbour of Relay's."""
+
+    async def address(host: str, port: int) -> str:
+        return await checked_address(Target("", host.strip("[]"), port, explicit=False), resolve)
+
+    return address
+
+
 def _pinned(url: str, address: str) -> str:
     """`url` with its host replaced by the checked address (the path and query unchanged)."""
     parts = urlsplit(url)

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import ssl
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -109,11 +109,20 @@ class Connection:
 
 
 class Pool:
-    """Keep-alive connections per origin, at most `connections` of them busy at once."""
+    """Keep-alive connections per origin, at most `connections` of them busy at once.
 
-    def __init__(self, timeout: float, connections: int):
+    `connect_to(host, port)`, when given, names the address each new connection opens (a guard
+    that checks it, net/guard.py `public_only`); TLS still verifies the host's own name."""
+
+    def __init__(
+        self,
+        timeout: float,
+        connections: int,
+        connect_to: Callable[[str, int], Awaitable[str]] | None = None,
+    ):
         self.timeout = timeout
         self.connections = connections
+        self._connect_to = connect_to
         self._idle: dict[Origin, list[Connection]] = defaultdict(list)
         self._slots: dict[Origin, asyncio.Semaphore] = {}
         self._tls: ssl.SSLContext | None = None
@@ -154,8 +163,11 @@ class Pool:
                 return connection
             connection.close()
         tls = self._tls_context() if origin.scheme == "https" else None
+        address = (
+            origin.host if self._connect_to is None else await self._connect_to(origin.host, origin.port)
+        )
         reader, writer = await asyncio.open_connection(
-            origin.host, origin.port, ssl=tls, server_hostname=origin.host if tls else None
+            address, origin.port, ssl=tls, server_hostname=origin.host if tls else None
         )
         return Connection(reader, writer)
 

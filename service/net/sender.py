@@ -15,15 +15,17 @@ import httptools
 
 from service.core.retry import Backoff, retry_after_seconds, retryable_status
 from service.core.signatures import signed_headers
+from service.net.guard import Refused, public_only
 from service.net.http1 import Pool
 
 TIMEOUT = 15.0
 DEFAULT_CONNECTIONS = 16
 
 
-def new_client(timeout: float = TIMEOUT, connections: int | None = None) -> Pool:
-    """Connections to receivers: keep-alive, no redirects followed, `timeout` seconds a request."""
-    return Pool(timeout, connections or DEFAULT_CONNECTIONS)
+def new_client(timeout: float = TIMEOUT, connections: int | None = None, *, public: bool = False) -> Pool:
+    """Connections to receivers: keep-alive, no redirects followed, `timeout` seconds a request;
+    with `public`, only to global addresses, checked at each connection (RELAY_REPLAY_PRIVATE)."""
+    return Pool(timeout, connections or DEFAULT_CONNECTIONS, public_only() if public else None)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ async def post_signed(
         response = await http.post(url, body, signed)
     except TimeoutError:
         return Attempt(False, reason=f"timed out ({http.timeout:g} s)")
+    except Refused as refused:
+        return Attempt(False, reason=f"{refused.reason} (RELAY_REPLAY_PRIVATE=on allows it)")
     except (OSError, ValueError, httptools.HttpParserError) as exc:
         return Attempt(False, reason=f"network error ({type(exc).__name__})")
     status = response.status

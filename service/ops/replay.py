@@ -146,8 +146,10 @@ async def replay(
     retries: int = DEFAULT_RETRIES,
     report: Report | None = None,
     progress: Callable[[int], None] = lambda n: None,
+    public: bool = False,
 ) -> Report:
-    """Run (or, with `dry_run`, only plan) a replay; `report` is filled in as it goes."""
+    """Run (or, with `dry_run`, only plan) a replay; `report` is filled in as it goes. With
+    `public`, every connection goes to a checked global address (net/guard.py `public_only`)."""
     found = await plan(conn, event_filter)
     report = report if report is not None else Report()
     report.__dict__.update(found.__dict__, dry_run=dry_run, resume_after=event_filter.after)
@@ -158,7 +160,8 @@ async def replay(
     if isinstance(target, FanoutTarget):
         await _announce(conn, event_filter, report, progress)
     else:
-        await _deliver_all(conn, event_filter, target, vault, report, concurrency, retries, progress)
+        async with new_client(REQUEST_TIMEOUT, connections=concurrency, public=public) as http:
+            await _deliver_all(conn, event_filter, target, vault, report, http, retries, progress)
     return report
 
 
@@ -216,41 +219,41 @@ async def _deliver_all(
     target: UrlTarget,
     vault: Vault,
     report: Report,
-    concurrency: int,
+    http: Pool,
     retries: int,
     progress: Callable[[int], None],
 ) -> None:
+    """One lane per connection; a prediction's events share a lane, so they go in order."""
     watermark = Watermark(event_filter.after, report)
     lanes: list[asyncio.Queue[asyncpg.Record | None]] = [
-        asyncio.Queue(maxsize=LANE_DEPTH) for _ in range(concurrency)
+        asyncio.Queue(maxsize=LANE_DEPTH) for _ in range(http.connections)
     ]
-    async with new_client(REQUEST_TIMEOUT) as http:
 
-        async def lane(queue: asyncio.Queue[asyncpg.Record | None]) -> None:
-            while (row := await queue.get()) is not None:
-                if watermark.blocked:
-                    continue  # drain without sending: the run is stopping
-                reason = await send(http, target, row, retries, vault)
-                watermark.finished(row["seq"], reason is None)
-                if reason is None:
-                    report.delivered += 1
-                    progress(1)
-                else:
-                    report.failed.append({"seq": row["seq"], "reason": reason})
+    async def lane(queue: asyncio.Queue[asyncpg.Record | None]) -> None:
+        while (row := await queue.get()) is not None:
+            if watermark.blocked:
+                continue  # drain without sending: the run is stopping
+            reason = await send(http, target, row, retries, vault)
+            watermark.finished(row["seq"], reason is None)
+            if reason is None:
+                report.delivered += 1
+                progress(1)
+            else:
+                report.failed.append({"seq": row["seq"], "reason": reason})
 
-        workers = [asyncio.create_task(lane(queue)) for queue in lanes]
-        try:
-            async for row in matching_rows(conn, event_filter):
-                if watermark.blocked:
-                    break
-                watermark.started(row["seq"])
-                await lanes[zlib.crc32(row["prediction_id"].encode()) % concurrency].put(row)
-            for queue in lanes:
-                await queue.put(None)
-            await asyncio.gather(*workers)
-        finally:
-            for worker in workers:
-                worker.cancel()
+    workers = [asyncio.create_task(lane(queue)) for queue in lanes]
+    try:
+        async for row in matching_rows(conn, event_filter):
+            if watermark.blocked:
+                break
+            watermark.started(row["seq"])
+            await lanes[zlib.crc32(row["prediction_id"].encode()) % len(lanes)].put(row)
+        for queue in lanes:
+            await queue.put(None)
+        await asyncio.gather(*workers)
+    finally:
+        for worker in workers:
+            worker.cancel()
 
 
 async def send(http: Pool, target: UrlTarget, row: asyncpg.Record, retries: int, vault: Vault) -> str | None:

@@ -90,7 +90,10 @@ async def post_replay(request: Request) -> JSONResponse:
 
     async def run(report: Report) -> None:
         async with relay.pool.acquire() as conn:
-            await replay(conn, event_filter, target, relay.vault, dry_run=dry_run, report=report)
+            await replay(
+                conn, event_filter, target, relay.vault,
+                dry_run=dry_run, report=report, public=not relay.settings.replay_private,
+            )  # fmt: skip
 
     job = relay.replays.start(run)
     assert job.task is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import asyncpg
@@ -12,6 +13,7 @@ from service.batches.links import ItemRef, link_key
 from service.batches.requests import batch_request
 from service.batches.scheduler import Scheduler
 from service.core.errors import RelayError, error_class
+from service.db.vault import Vault
 
 from .batch_support import qwen_inputs
 from .fake_replicate import QWEN
@@ -43,10 +45,10 @@ class Upstream:
         return Reply({"id": prediction_id, "status": "canceled"})
 
 
-async def new_batch(pool: asyncpg.Pool, items: int) -> str:
+async def new_batch(pool: asyncpg.Pool, items: int, vault: Vault | None = None) -> str:
     request = batch_request({"model": QWEN, "inputs": qwen_inputs(items), "concurrency": 5}, WEBHOOK_URL)
     async with pool.acquire() as conn:
-        return (await batches.insert_batch(conn, "admin", request))["id"]
+        return (await batches.insert_batch(conn, "admin", request, vault or Vault()))["id"]
 
 
 async def statuses(pool: asyncpg.Pool, batch_id: str) -> list[tuple[str, str | None]]:
@@ -96,5 +98,45 @@ def test_a_create_that_never_connected_goes_back_to_pending_and_is_sent_once(dsn
             await step(scheduler)
             assert await statuses(pool, batch_id) == [("submitted", None)]
             assert [c["input"] for c in upstream.creates] == qwen_inputs(1) * 2
+
+    asyncio.run(run())
+
+
+def test_with_encryption_waiting_inputs_are_sealed_until_their_create(dsn):
+    """RELAY_ENCRYPTION_KEY: no waiting input is stored in clear (no prompt, no image URL), each
+    create still sends the exact input, rotation re-seals what waits so the old key can go, and
+    an input whose key is gone fails its item with the reason, never the batch."""
+    old, new = os.urandom(32), os.urandom(32)
+
+    async def stored(pool: asyncpg.Pool, batch_id: str) -> list[asyncpg.Record]:
+        async with pool.acquire() as conn:
+            return await conn.fetch(
+                "SELECT input, input_sealed, kek_id FROM batch_items WHERE batch_id = $1 ORDER BY index",
+                batch_id,
+            )
+
+    async def run() -> None:
+        async with asyncpg.create_pool(dsn, min_size=1, max_size=4) as pool:
+            batch_id = await new_batch(pool, 3, Vault([old]))
+            waiting = await stored(pool, batch_id)
+            assert all(row["input"] is None and row["kek_id"] == Vault([old]).current_id for row in waiting)
+            assert not any(b"blue" in row["input_sealed"] or b"example.com" in row["input_sealed"]
+                           for row in waiting)  # fmt: skip
+            async with pool.acquire() as conn:
+                assert await batches.reseal_inputs(conn, Vault([new, old])) == 3
+            orphan = await new_batch(pool, 1, Vault([old]))  # submitted by an instance not yet told
+            assert {row["kek_id"] for row in await stored(pool, batch_id)} == {Vault([new]).current_id}
+
+            upstream = Upstream()
+            await step(Scheduler(pool, upstream, link_key("k"), WEBHOOK_URL, vault=Vault([new])))
+            sent = sorted((c["input"] for c in upstream.creates), key=lambda values: values["prompt"])
+            assert sent == qwen_inputs(3)
+            assert all(
+                row["input_sealed"] is None and row["kek_id"] is None for row in await stored(pool, batch_id)
+            )
+            assert await statuses(pool, orphan) == [("failed", "INPUT_UNREADABLE")]
+            async with pool.acquire() as conn:
+                error = await conn.fetchval("SELECT error FROM batch_items WHERE batch_id = $1", orphan)
+            assert "RELAY_ENCRYPTION_KEY" in error
 
     asyncio.run(run())

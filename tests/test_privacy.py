@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -12,12 +13,15 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
+from service.batches.requests import batch_request
+from service.batches.store import insert_batch
 from service.core import crypto
 from service.db import store
 from service.db.events import body_bytes
 from service.db.vault import Vault
 from service.ops.simulate import lifecycle
 
+from .batch_support import qwen_inputs
 from .fake_replicate import QWEN, api_client, reconcile_cli, relay_for
 from .receiver import RECEIVER_SECRET, Receiver
 from .support import (
@@ -351,6 +355,17 @@ def test_cli_readers_refuse_a_missing_or_wrong_key(sealed, receiver, tmp_path, k
     assert not target.exists() and receiver.attempts == []
 
 
+async def waiting_batch(dsn: str, items: int) -> None:
+    request = batch_request(
+        {"model": QWEN, "inputs": qwen_inputs(items)}, "http://127.0.0.1:9/webhooks/replicate"
+    )
+    conn = await asyncpg.connect(dsn)
+    try:
+        await insert_batch(conn, "admin", request, Vault([KEK_A]))
+    finally:
+        await conn.close()
+
+
 def test_rotation_then_restart_with_only_the_new_key_reads_everything(postgres):
     dsn = postgres.new_database()
     predictions = [new_prediction_id() for _ in range(3)]
@@ -364,9 +379,12 @@ def test_rotation_then_restart_with_only_the_new_key_reads_everything(postgres):
     wrong = one_line_refusal(dsn, RELAY_ENCRYPTION_KEY=KEY_B)
     assert f"lacks key-encryption key {crypto.key_id(KEK_A)}" in wrong and KEY_B not in wrong
 
+    asyncio.run(waiting_batch(dsn, 2))  # its inputs wait sealed under the old key
+
     rotated = relay_cli("rotate-keys", env=relay_env(dsn, RELAY_ENCRYPTION_KEY=f"{KEY_B} {KEY_A}"))
     assert rotated.returncode == 0, rotated.stderr
     assert "re-wrapped 3/3 data keys" in rotated.stdout and f"by key {crypto.key_id(KEK_B)}" in rotated.stdout
+    assert f"2 waiting batch input(s) sealed again under key {crypto.key_id(KEK_B)}" in rotated.stdout
 
     with (
         RelayProcess(relay_env(dsn, RELAY_ENCRYPTION_KEY=KEY_B)) as new,

@@ -31,11 +31,12 @@ from typing import Any, Protocol
 import asyncpg
 
 from service.batches.links import ItemRef, item_webhook_url
-from service.batches.store import UNKNOWN_OUTCOME
+from service.batches.store import DROP_INPUT, UNKNOWN_OUTCOME, InputUnreadable, open_input
 from service.core.errors import RelayError
 from service.core.logcontext import bind, bound
 from service.core.retry import retry_after_seconds
 from service.db.connection import Connection
+from service.db.vault import Vault
 
 log = logging.getLogger("relay.batches")
 
@@ -50,6 +51,7 @@ ITEM_FAILURES = frozenset({"INVALID_REQUEST", "NOT_FOUND", "FILE_TOO_LARGE"})
 NOT_CREATED = frozenset({"RATE_LIMIT_ERROR", "AUTHENTICATION_ERROR"})
 # The upstream client names the transport error; these fail before a request can leave.
 NEVER_CONNECTED = ("(ConnectError)",)
+INPUT_UNREADABLE = "INPUT_UNREADABLE"  # sealed under a key-encryption key no longer configured
 
 
 class Created(Protocol):
@@ -85,8 +87,8 @@ class Plan:
     cancels: list[str]
 
 
-SYNC_ENDED = """
-UPDATE batch_items i SET status = p.status, ended_at = now(), input = NULL
+SYNC_ENDED = f"""
+UPDATE batch_items i SET status = p.status, ended_at = now(), {DROP_INPUT}
 FROM predictions p
 WHERE i.batch_id = $1 AND i.status IN ('creating', 'submitted')
   AND p.prediction_id = i.prediction_id AND p.status_rank = 3
@@ -117,10 +119,10 @@ CLAIM = """
 UPDATE batch_items SET status = 'creating', claimed_at = now()
 WHERE batch_id = $1 AND index IN (
     SELECT index FROM batch_items WHERE batch_id = $1 AND status = 'pending' ORDER BY index LIMIT $2)
-RETURNING index, input
+RETURNING index, input, input_sealed, kek_id
 """
-RECORD_ANSWER = """
-UPDATE batch_items SET prediction_id = coalesce(prediction_id, $3), input = NULL,
+RECORD_ANSWER = f"""
+UPDATE batch_items SET prediction_id = coalesce(prediction_id, $3), {DROP_INPUT},
     status = CASE WHEN status = 'creating' THEN 'submitted' ELSE status END
 WHERE batch_id = $1 AND index = $2
 """
@@ -129,8 +131,8 @@ UPDATE batch_items SET claimed_at = NULL,
     status = CASE WHEN (SELECT cancel_requested FROM batches WHERE id = $1) THEN 'canceled' ELSE 'pending' END
 WHERE batch_id = $1 AND index = $2 AND status = 'creating' AND prediction_id IS NULL
 """
-ITEM_FAILED = """
-UPDATE batch_items SET status = 'failed', error_code = $3, error = $4, ended_at = now(), input = NULL
+ITEM_FAILED = f"""
+UPDATE batch_items SET status = 'failed', error_code = $3, error = $4, ended_at = now(), {DROP_INPUT}
 WHERE batch_id = $1 AND index = $2 AND status = 'creating' AND prediction_id IS NULL
 """
 HOLD = """
@@ -148,6 +150,7 @@ class Scheduler:
         link_key: bytes,
         webhook_url: str,
         *,
+        vault: Vault | None = None,
         budget: BudgetGate | None = None,
         owners: OwnerHook | None = None,
         tick: float = TICK,
@@ -157,6 +160,7 @@ class Scheduler:
         self.pool, self.api = pool, api
         self.link_key, self.webhook_url = link_key, webhook_url
         self.budget, self.owners = budget, owners
+        self.vault = vault or Vault()  # opens inputs sealed at submit (RELAY_ENCRYPTION_KEY)
         self.tick, self.unknown_after, self.budget_recheck = tick, unknown_after, budget_recheck
         self._nudge = asyncio.Event()
         self._calls: set[asyncio.Task[None]] = set()
@@ -247,8 +251,13 @@ class Scheduler:
                 return plan
             if not await self._may_start(conn, batch):
                 return plan
-            rows = await conn.fetch(CLAIM, batch_id, slots)
-        plan.claims = [self._claim(batch, row) for row in rows]
+            for row in await conn.fetch(CLAIM, batch_id, slots):
+                try:
+                    plan.claims.append(self._claim(batch, row))
+                except InputUnreadable as error:
+                    reason = f"its input cannot be opened: {error}"
+                    await conn.execute(ITEM_FAILED, batch_id, row["index"], INPUT_UNREADABLE, reason)
+                    log.warning("batch %s item %d: %s", batch_id, row["index"], reason)
         return plan
 
     async def _may_start(self, conn: Connection, batch: asyncpg.Record) -> bool:
@@ -272,11 +281,10 @@ class Scheduler:
             self._budget_checked = time.monotonic()
         return self._budget_reason
 
-    @staticmethod
-    def _claim(batch: asyncpg.Record, row: asyncpg.Record) -> Claim:
+    def _claim(self, batch: asyncpg.Record, row: asyncpg.Record) -> Claim:
         payload = {
             **json.loads(batch["target"]),
-            "input": json.loads(row["input"]),
+            "input": open_input(self.vault, batch["id"], row),
             "webhook_events_filter": list(batch["events_filter"]),
         }
         payload.pop("model", None)  # the model is in the path; a version goes in the body

@@ -13,8 +13,10 @@ import asyncpg
 
 from service.batches.links import ItemRef
 from service.batches.requests import BatchRequest
+from service.core import crypto
 from service.db.connection import Connection
 from service.db.store import DATA_KEY_COLUMN, select_where
+from service.db.vault import Vault
 
 OPEN_STATUSES = ("pending", "creating", "submitted")
 TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
@@ -33,21 +35,86 @@ VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)
 RETURNING *
 """
 INSERT_ITEMS = """
-INSERT INTO batch_items (batch_id, index, input)
-SELECT $1, n.i - 1, n.input::jsonb FROM unnest($2::text[]) WITH ORDINALITY AS n(input, i)
+INSERT INTO batch_items (batch_id, index, input, input_sealed, kek_id)
+SELECT $1, n.i - 1, n.input::jsonb, n.sealed, $4
+FROM unnest($2::text[], $3::bytea[]) WITH ORDINALITY AS n(input, sealed, i)
 """
+# Every `input = NULL` of an item goes with this: the input is dropped in either form.
+DROP_INPUT = "input = NULL, input_sealed = NULL, kek_id = NULL"
+
+
+class InputUnreadable(Exception):
+    """A sealed input whose key-encryption key is no longer configured."""
 
 
 def new_batch_id() -> str:
     return "b_" + uuid.uuid4().hex
 
 
-async def insert_batch(conn: Connection, owner: str, request: BatchRequest) -> asyncpg.Record:
+def input_owner(batch_id: str, index: int) -> str:
+    """What a sealed input is bound to: it opens for its own item only."""
+    return f"{batch_id}#{index}"
+
+
+def stored_inputs(vault: Vault, batch_id: str, inputs: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """The items' inputs as stored: JSON text in clear, or sealed when encryption is on."""
+    texts = [json.dumps(values) for values in inputs]
+    if not vault.enabled:
+        return texts, [None] * len(texts)
+    sealed = [vault.seal_secret(text, input_owner(batch_id, n))[0] for n, text in enumerate(texts)]
+    return [None] * len(texts), sealed
+
+
+def open_input(vault: Vault, batch_id: str, row: asyncpg.Record) -> Any:
+    """A claimed item's input, opened if sealed; InputUnreadable when its key is gone."""
+    if row["input_sealed"] is None:
+        return json.loads(row["input"])
+    return json.loads(_opened(vault, batch_id, row))
+
+
+def _opened(vault: Vault, batch_id: str, row: asyncpg.Record) -> str:
+    try:
+        return vault.open_secret(row["input_sealed"], row["kek_id"], input_owner(batch_id, row["index"]))
+    except crypto.Unreadable as error:
+        raise InputUnreadable(str(error)) from None
+
+
+WAITING_SEALED = """
+SELECT batch_id, index, input_sealed, kek_id FROM batch_items
+WHERE input_sealed IS NOT NULL AND kek_id <> $1
+LIMIT $2
+"""
+RESEAL = """
+UPDATE batch_items i SET input_sealed = n.sealed, kek_id = $5
+FROM unnest($1::text[], $2::int[], $3::text[], $4::bytea[]) AS n(batch_id, index, kek_id, sealed)
+WHERE i.batch_id = n.batch_id AND i.index = n.index AND i.kek_id = n.kek_id AND i.input_sealed IS NOT NULL
+"""
+RESEAL_PAGE = 1000
+
+
+async def reseal_inputs(conn: Connection, vault: Vault) -> int:
+    """Seal every waiting input again under the current key (`relay rotate-keys`), so that the
+    old key can leave RELAY_ENCRYPTION_KEY while batches still run. Returns the count."""
+    done = 0
+    while rows := await conn.fetch(WAITING_SEALED, vault.current_id, RESEAL_PAGE):
+        sealed = [
+            vault.seal_secret(_opened(vault, r["batch_id"], r), input_owner(r["batch_id"], r["index"]))[0]
+            for r in rows
+        ]
+        columns = ([r["batch_id"] for r in rows], [r["index"] for r in rows], [r["kek_id"] for r in rows])
+        await conn.execute(RESEAL, *columns, sealed, vault.current_id)
+        done += len(rows)
+    return done
+
+
+async def insert_batch(conn: Connection, owner: str, request: BatchRequest, vault: Vault) -> asyncpg.Record:
     """The batch and all its items, in one transaction: either all is stored or nothing."""
+    batch_id = new_batch_id()
+    clear, sealed = stored_inputs(vault, batch_id, request.inputs)
     async with conn.transaction():
         row = await conn.fetchrow(
             INSERT_BATCH,
-            new_batch_id(),
+            batch_id,
             owner,
             request.path,
             json.dumps(request.target),
@@ -56,7 +123,7 @@ async def insert_batch(conn: Connection, owner: str, request: BatchRequest) -> a
             len(request.inputs),
         )
         assert row is not None  # INSERT … RETURNING returns the row
-        await conn.execute(INSERT_ITEMS, row["id"], [json.dumps(values) for values in request.inputs])
+        await conn.execute(INSERT_ITEMS, batch_id, clear, sealed, vault.current_id)
     return row
 
 
@@ -110,8 +177,8 @@ async def items_page(conn: Connection, batch_id: str, after: int, limit: int) ->
 
 # A delivery names its item: the prediction is bound to it if nothing was yet (the create's
 # answer was lost, or has not arrived). An item given up as of unknown outcome takes it back.
-BIND = """
-UPDATE batch_items SET prediction_id = $3, input = NULL,
+BIND = f"""
+UPDATE batch_items SET prediction_id = $3, {DROP_INPUT},
     status = CASE WHEN status IN ('creating', 'failed') THEN 'submitted' ELSE status END,
     error = CASE WHEN status = 'failed' THEN NULL ELSE error END,
     error_code = CASE WHEN status = 'failed' THEN NULL ELSE error_code END
@@ -160,7 +227,7 @@ async def request_cancel(conn: Connection, batch_id: str) -> str:
             return "ended"
         await conn.execute("UPDATE batches SET cancel_requested = true WHERE id = $1", batch_id)
         await conn.execute(
-            "UPDATE batch_items SET status = 'canceled', input = NULL, ended_at = now()"
+            f"UPDATE batch_items SET status = 'canceled', {DROP_INPUT}, ended_at = now()"
             " WHERE batch_id = $1 AND status = 'pending'",
             batch_id,
         )

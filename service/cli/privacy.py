@@ -7,6 +7,7 @@ import asyncio
 
 from service.archive import console as archive_console
 from service.archive.stores import open_store
+from service.batches import store as batch_store
 from service.core.errors import ConfigError
 from service.core.settings import tool_settings
 from service.db import database
@@ -44,8 +45,21 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     with database.database_dsn(settings) as dsn:
         asyncio.run(database.require_writable(dsn))
         count = asyncio.run(rotate(dsn, vault))
+        inputs = asyncio.run(reseal_batch_inputs(dsn, vault))
     print(f"done: {count} data key(s) re-wrapped; every data key is now wrapped by key {vault.current_id}")
+    if inputs:
+        print(f"{inputs} waiting batch input(s) sealed again under key {vault.current_id}")
     return 0
+
+
+async def reseal_batch_inputs(dsn: str, vault: Vault) -> int:
+    conn = await ready_connection(dsn, vault)
+    try:
+        return await batch_store.reseal_inputs(conn, vault)
+    except batch_store.InputUnreadable as error:
+        raise ConfigError(f"a waiting batch input cannot be opened ({error}); keep its key listed") from None
+    finally:
+        await conn.close()
 
 
 def add_forget_arguments(parser: argparse.ArgumentParser) -> None:

@@ -196,6 +196,7 @@ async def start_batches(relay: Relay) -> None:
         relay.upstream,
         relay.batch_link_key,
         relay.settings.webhook_url,
+        vault=relay.vault,
         budget=budget_gate(relay),
         owners=owners,
         budget_recheck=min(relay.settings.budget_interval, BUDGET_RECHECK),

@@ -99,7 +99,7 @@ async def submit_batch(request: Request) -> JSONResponse:
     scheduler = scheduler_of(relay, quota)
     checked = batch_request(await read_batch_json(request), relay.settings.webhook_url)
     async with relay.pool.acquire() as conn:
-        row = await batches.insert_batch(conn, owner or ADMIN_OWNER, checked)
+        row = await batches.insert_batch(conn, owner or ADMIN_OWNER, checked, relay.vault)
     scheduler.nudge()
     body = {
         **batches.batch_fields(row, {"pending": row["total"]}),

@@ -10,9 +10,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from service.archive.stores import open_store
 from service.db import migrations, store
 from service.db.store import Delivery
 
+from .s3 import S3
 from .support import Postgres, new_prediction_id, new_webhook_id, query, relay_cli, relay_env
 
 CONVERSION = "100_partitioned_log"
@@ -133,6 +135,38 @@ def test_retention_exports_then_drops_the_months_before_the_window(converted, tm
     # Nothing is due any more; a second run changes nothing.
     again = relay_cli("retention", "--keep", KEEP, env=env)
     assert again.returncode == 0 and "nothing to retire" in again.stdout
+
+
+async def objects(url: str) -> dict[str, bytes]:
+    bucket = open_store(url)
+    assert bucket is not None
+    return {key: b"".join([chunk async for chunk in bucket.chunks(key)]) for key in await bucket.keys()}
+
+
+def test_retention_archives_to_s3_and_a_failed_upload_drops_nothing(converted, tmp_path: Path):
+    """`--archive-to s3://…` (a real S3-protocol server): each month is uploaded, confirmed, then
+    dropped; a bucket that does not exist stops the run with one line and drops nothing."""
+    dsn, before = converted
+    env = relay_env(dsn)
+    assert relay_cli("export", "-o", str(tmp_path / "all.jsonl"), env=env).returncode == 0
+    exported_lines = (tmp_path / "all.jsonl").read_text().splitlines()
+    with S3() as s3:
+        env = {**env, **s3.env}
+        missing = relay_cli(
+            "retention", "--keep", KEEP, "--archive-to", "s3://relay-no-such-bucket/log", env=env
+        )
+        assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+        assert "was not dropped" in missing.stderr and "Traceback" not in missing.stderr
+        assert query(dsn, "SELECT count(*) FROM events")[0][0] == 12
+
+        url = s3.new_bucket()
+        done = relay_cli("retention", "--keep", KEEP, "--archive-to", url, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count(f"exported to {url}/events_") == 2
+        kept = asyncio.run(objects(url))
+    assert sorted(kept) == sorted(f"{name}.jsonl" for name in retired_names(before))
+    assert [line for key in sorted(kept) for line in kept[key].decode().splitlines()] == exported_lines[:8]
+    assert query(dsn, "SELECT count(*) FROM events")[0][0] == 4
 
 
 def retired_names(rows: list[tuple]) -> set[str]:

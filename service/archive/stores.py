@@ -101,8 +101,8 @@ class DirectoryStore(ArchiveStore):
             staging.unlink(missing_ok=True)
 
 
-def open_store(url: str) -> ArchiveStore | None:
-    """The store RELAY_ARCHIVE names; None when it is `off`."""
+def open_store(url: str, name: str = "RELAY_ARCHIVE") -> ArchiveStore | None:
+    """The store RELAY_ARCHIVE (or the option `name`) names; None when it is `off`."""
     if url == "off":
         return None
     parts = urlsplit(url)
@@ -111,11 +111,11 @@ def open_store(url: str) -> ArchiveStore | None:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ConfigError(f"RELAY_ARCHIVE directory {root} cannot be created: {error.strerror}") from None
+            raise ConfigError(f"{name} directory {root} cannot be created: {error.strerror}") from None
         return DirectoryStore(url, root)
     if parts.scheme == "s3":
         try:
             return ArchiveStore(url, from_url(url))
         except Exception as error:  # noqa: BLE001 - obstore raises its own classes for bad config
-            raise ConfigError(f"RELAY_ARCHIVE {url[:80]!r} is not usable: {type(error).__name__}") from None
-    raise ConfigError(f"RELAY_ARCHIVE must be file:///path, s3://bucket/prefix or off, got {url[:80]!r}")
+            raise ConfigError(f"{name} {url[:80]!r} is not usable: {type(error).__name__}") from None
+    raise ConfigError(f"{name} must be file:///path, s3://bucket/prefix or off, got {url[:80]!r}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -48,7 +48,16 @@ def parse_duration(text: str) -> timedelta:
 class Retired:
     partition: Partition
     events: int
-    file: Path | None
+    kept_at: str | None  # where its export is kept (a path, or an s3:// URL)
+
+
+# Takes a month's export, durable on local disk, to where it is kept and says where; raising
+# stops the run before that month is dropped.
+Keeper = Callable[[Path], Awaitable[str]]
+
+
+async def keep_in_place(file: Path) -> str:
+    return str(file)
 
 
 def due(partitions: list[Partition], now: datetime, keep: timedelta) -> list[Partition]:
@@ -92,15 +101,19 @@ async def retire(
     now: datetime,
     vault: Vault,
     archive_to: Path | None,
+    keeper: Keeper = keep_in_place,
     dry_run: bool = False,
     report: Callable[[Retired], None] = lambda r: None,
 ) -> list[Retired]:
-    """Export (when asked) then drop every partition that ended before `now - keep`."""
+    """Export (when asked: into `archive_to`, then handed to `keeper`) and drop every partition
+    that ended before `now - keep`."""
     retired = []
     for partition in due(await monthly_partitions(conn), now, keep):
-        file = archive_to / f"{partition.name}.jsonl" if archive_to is not None else None
-        if file is not None and not dry_run:
+        kept_at = None
+        if archive_to is not None and not dry_run:
+            file = archive_to / f"{partition.name}.jsonl"
             events = await export_partition(conn, partition, file, vault)
+            kept_at = await keeper(file)
         else:
             events = await count_rows(conn, partition)
         if not dry_run:
@@ -108,7 +121,7 @@ async def retire(
                 await drop(conn, partition)
             except asyncpg.InsufficientPrivilegeError:
                 raise ConfigError(OWNER_NEEDED) from None
-        done = Retired(partition, events, file)
+        done = Retired(partition, events, kept_at)
         report(done)
         retired.append(done)
     return retired

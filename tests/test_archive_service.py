@@ -18,6 +18,7 @@ from service.core.auth import mint_token
 
 from .fake_replicate import FakeReplicate, api_client, relay_for
 from .fileserver import DRIP, FileServer, png
+from .s3 import RefusingS3
 from .support import (
     ADMIN_TOKEN,
     ROOT,
@@ -109,6 +110,33 @@ def test_files_are_served_to_the_admin_and_the_right_subscriber_only(
         missing = client.get(path, params={"token": ADMIN_TOKEN})
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "NOT_FOUND"
     assert files.counts()["/out/11.png"] == 1
+
+
+STORED_ROW = """
+INSERT INTO archive_jobs (url_hash, prediction_id, seq, url, encrypted, give_up_at, status, sha256, size,
+                          content_type, object_key)
+VALUES ($1, $2, 1, $3, false, now(), 'stored', $4, 100, 'image/png', $5)
+"""
+
+
+def test_a_store_that_refuses_a_read_answers_503_not_a_500(postgres: Postgres, tmp_path: Path) -> None:
+    """An S3 store refusing to read a stored file (403) is a 503 STORE_UNAVAILABLE in the error
+    shape with Retry-After, logged in one line without the store's URL: never a 500 and a traceback."""
+    sha = hashlib.sha256(b"refused").hexdigest()
+    with RefusingS3() as s3:
+        dsn = postgres.new_database()
+        url = "https://replicate.delivery/x/out.png"
+        query(dsn, STORED_ROW, hashlib.sha256(url.encode()).digest(), new_prediction_id(), url.encode(), sha,
+              f"{sha[:2]}/{sha}")  # fmt: skip
+        env = relay_env(dsn, RELAY_ARCHIVE="s3://relay-test/outputs", RELAY_DATA_DIR=str(tmp_path), **s3.env)
+        with RelayProcess(env) as relay:
+            answer = httpx.get(f"{relay.url}/files/{sha}", params={"token": ADMIN_TOKEN}, timeout=30)
+            head = httpx.head(f"{relay.url}/files/{sha}", params={"token": ADMIN_TOKEN}, timeout=30)
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "STORE_UNAVAILABLE"
+    assert answer.headers["retry-after"] and head.status_code == 503
+    logged = relay.read_output()
+    assert "Traceback" not in logged and s3.endpoint not in logged
+    assert "the archive store cannot be read" in logged
 
 
 def test_kill_9_mid_download_resumes_after_restart_with_one_object(

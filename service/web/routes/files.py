@@ -11,9 +11,8 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
 
 from service.archive.files import SHA256, StoredFile, byte_span, file_chunks, find_copy
-from service.core import crypto
 from service.core.auth import ALL_PREDICTIONS, matches_any, token_from, token_prediction
-from service.core.errors import Forbidden, NotFound, Unauthorized
+from service.core.errors import Forbidden, NotFound, Unauthorized, error_class
 from service.core.openapi import ADMIN, SUBSCRIBER, TOKEN_QUERY, errors, operation, path_param
 from service.db import store
 from service.db.events import open_body
@@ -21,6 +20,8 @@ from service.web.auth import Access, Caller, caller_of, route
 from service.web.state import relay_of
 
 log = logging.getLogger("relay.files")
+
+StoreUnavailable = error_class("StoreUnavailable", 503, "STORE_UNAVAILABLE")
 
 # The file never changes (its name is its hash), but only token holders may read it: browsers
 # may keep it for a year, shared caches may not keep it at all. The sandbox CSP and nosniff
@@ -115,6 +116,13 @@ async def primed(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncItera
         log.error("stored file %s is missing from the store; RELAY_ARCHIVE must be shared by every instance",
                   stored.sha256)  # fmt: skip
         raise NotFound("the stored file is missing from this instance's archive store") from None
+    except Exception as error:  # noqa: BLE001 - obstore's own classes: S3 unreachable, refusing (403)
+        # One line, the class only: the store's error text carries its endpoint and bucket.
+        log.error("the archive store cannot be read (%s) for stored file %s", type(error).__name__,
+                  stored.sha256)  # fmt: skip
+        raise StoreUnavailable(
+            "the archive store cannot be read right now; retry later", headers={"Retry-After": "30"}
+        ) from None
 
     async def rest() -> AsyncIterator[bytes]:
         yield first
@@ -130,7 +138,7 @@ async def _logged(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncIter
     try:
         async for chunk in chunks:
             yield chunk
-    except (crypto.Unreadable, OSError) as error:
+    except Exception as error:  # a damaged seal, a read error, the store failing mid-stream
         log.error(
             "stored file %s cannot be read (%s); response cut short", stored.sha256, type(error).__name__
         )

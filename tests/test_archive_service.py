@@ -233,6 +233,27 @@ def test_archive_status_lists_failures_and_retry_fetches_again(
     assert missing.returncode == 2 and "no failed archive job" in missing.stderr
 
 
+def test_archive_retry_of_an_empty_or_wildcard_id_re_queues_nothing(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """`relay archive retry` matches a prediction id or a job id's hex prefix only: "" or "%" (an
+    unset shell variable, a LIKE wildcard) is an error line and exit 2, not every failed job again."""
+    dsn = postgres.new_database()
+    for n in range(2):
+        url = f"https://replicate.delivery/x/{n}.png"
+        query(dsn, STORED_ROW.replace("'stored'", "'failed'"), hashlib.sha256(url.encode()).digest(),
+              new_prediction_id(), url.encode(), None, None)  # fmt: skip
+    env = relay_env(dsn, RELAY_DATA_DIR=str(tmp_path))
+    for target in ("", "%", "_%"):
+        again = relay_command("archive", "retry", target, env=env)
+        assert again.returncode == 2 and "no failed archive job" in again.stderr, (target, again.stdout)
+        assert len(again.stderr.strip().splitlines()) == 1
+    assert [row["status"] for row in query(dsn, "SELECT status FROM archive_jobs")] == ["failed", "failed"]
+    [job] = query(dsn, "SELECT encode(url_hash, 'hex') AS id FROM archive_jobs LIMIT 1")
+    again = relay_command("archive", "retry", job["id"][:16], env=env)
+    assert again.returncode == 0 and "re-queued 1 failed" in again.stdout, again.stderr
+
+
 def test_relay_forget_deletes_the_archived_files(
     postgres: Postgres, files: FileServer, tmp_path: Path
 ) -> None:

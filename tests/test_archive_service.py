@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 
 from service.core.auth import mint_token
+from service.db import store
+from service.db.vault import Vault
 
 from .fake_replicate import FakeReplicate, api_client, relay_for
 from .fileserver import DRIP, FileServer, png
@@ -273,6 +279,38 @@ def test_relay_forget_deletes_the_archived_files(
     assert "deleted 1 archived file(s)" in forget.stdout
     assert stored_objects(store) == []
     assert query(env["DATABASE_URL"], "SELECT count(*) FROM archive_jobs")[0][0] == 0
+
+
+def test_relay_forget_with_the_store_refusing_says_so_in_one_line(postgres: Postgres, tmp_path: Path) -> None:
+    """`relay forget` while S3 refuses to delete: the prediction is forgotten, the files' deletion
+    is left to the erasure event (its job kept for it), reported in one line: no traceback."""
+    key = os.urandom(32)
+    dsn, prediction = postgres.new_database(), new_prediction_id()
+    url = "https://replicate.delivery/x/mine.png"
+    sha = hashlib.sha256(b"mine").hexdigest()
+
+    async def seed() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            body = json.dumps({"id": prediction, "status": "succeeded", "output": [url]}).encode()
+            delivery = store.Delivery(webhook_id=f"msg_{prediction}", prediction_id=prediction,
+                                      status="succeeded", source="webhook", body=body,
+                                      received_at=datetime.now(UTC))  # fmt: skip
+            await store.append(conn, [delivery], Vault([key]).prepare)
+            await conn.execute(STORED_ROW.replace("false", "true"), hashlib.sha256(url.encode()).digest(),
+                               prediction, b"sealed", sha, f"{sha[:2]}/{sha}.0123456789abcdef")  # fmt: skip
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    with RefusingS3() as s3:
+        env = relay_env(dsn, RELAY_ARCHIVE="s3://relay-test/outputs", RELAY_DATA_DIR=str(tmp_path),
+                        RELAY_ENCRYPTION_KEY=base64.b64encode(key).decode(), **s3.env)  # fmt: skip
+        forget = relay_command("forget", prediction, env=env)
+    assert f"{prediction}: forgotten" in forget.stdout, forget.stderr
+    assert forget.returncode == 2 and "Traceback" not in forget.stderr and s3.endpoint not in forget.stderr
+    assert len(forget.stderr.strip().splitlines()) == 1 and "archived files" in forget.stderr
+    assert query(dsn, "SELECT count(*) FROM archive_jobs")[0][0] == 1  # for the erasure event to delete
 
 
 def test_relay_simulate_serve_outputs_is_archived(postgres: Postgres, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@
  *   const watch = Relay.watchArchive("PREDICTION_ID", { token: "…", onArchive(items) {} });
  *   Relay.fileUrl(item, token, base)    // the stored copy's URL (with ?token=) once "stored", else null
  *   Relay.outputUrl(url, items, token, base)  // the stored copy of an output URL if any, else the URL
- *   // (`base`: Relay's origin, as for watchArchive; default: the page's own origin)
+ *   // (`base`: Relay's origin, for a page served from another one; default: the page's own)
  *
  * The socket reconnects by itself with capped exponential backoff and jitter, resuming with
  * `after=` the last seq it delivered, so a dropped connection loses nothing and repeats nothing.

@@ -54,12 +54,18 @@ class S3:
 
 class RefusingS3:
     """An S3 endpoint that refuses every request with 403 AccessDenied (credentials rotated, a
-    bucket policy changed): a real HTTP server on port 0. `env` holds the AWS variables for it."""
+    bucket policy changed): a real HTTP server on port 0. `env` holds the AWS variables for it.
+    With `head_size`, a HEAD of any object answers that it exists with that size (a store that
+    lists but refuses reads); `methods` records every request's method."""
 
     BODY = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
 
+    def __init__(self, head_size: int | None = None) -> None:
+        self.head_size = head_size
+        self.methods: list[str] = []
+
     def __enter__(self) -> RefusingS3:
-        body = self.BODY
+        body, outer = self.BODY, self
 
         class Refuse(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -68,6 +74,14 @@ class RefusingS3:
                 pass
 
             def refuse(self) -> None:
+                outer.methods.append(self.command)
+                if self.command == "HEAD" and outer.head_size is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(outer.head_size))
+                    self.send_header("Last-Modified", "Thu, 03 Dec 2026 10:00:00 GMT")
+                    self.send_header("ETag", '"relay-test"')
+                    self.end_headers()
+                    return
                 self.send_response(403)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))

@@ -145,6 +145,30 @@ def test_a_store_that_refuses_a_read_answers_503_not_a_500(postgres: Postgres, t
     assert "the archive store cannot be read" in logged
 
 
+def test_a_head_asks_the_store_whether_the_file_is_there_and_never_reads_it(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """HEAD /files/… answers a GET's headers (Content-Length, type, ETag, 206 for a range) from a
+    HEAD of the object: the bytes are never read (a HEAD of a video must not download it)."""
+    sha = hashlib.sha256(b"head").hexdigest()
+    with RefusingS3(head_size=100) as s3:  # reads are refused: a GET of the object would fail
+        dsn = postgres.new_database()
+        url = "https://replicate.delivery/x/head.png"
+        query(dsn, STORED_ROW, hashlib.sha256(url.encode()).digest(), new_prediction_id(), url.encode(), sha,
+              f"{sha[:2]}/{sha}")  # fmt: skip
+        env = relay_env(dsn, RELAY_ARCHIVE="s3://relay-test/outputs", RELAY_DATA_DIR=str(tmp_path), **s3.env)
+        with RelayProcess(env) as relay, httpx.Client(base_url=relay.url, timeout=30) as client:
+            whole = client.head(f"/files/{sha}", params={"token": ADMIN_TOKEN})
+            part = client.head(
+                f"/files/{sha}", params={"token": ADMIN_TOKEN}, headers={"Range": "bytes=10-19"}
+            )
+    assert whole.status_code == 200 and whole.headers["content-length"] == "100"
+    assert whole.headers["content-type"] == "image/png" and whole.headers["etag"] == f'"{sha}"'
+    assert part.status_code == 206 and part.headers["content-range"] == "bytes 10-19/100"
+    assert part.headers["content-length"] == "10"
+    assert "GET" not in s3.methods and "HEAD" in s3.methods
+
+
 def test_kill_9_mid_download_resumes_after_restart_with_one_object(
     postgres: Postgres, files: FileServer, tmp_path: Path
 ) -> None:

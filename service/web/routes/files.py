@@ -11,8 +11,9 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
 
 from service.archive.files import SHA256, StoredFile, byte_span, file_chunks, find_copy
+from service.archive.stores import ArchiveStore
 from service.core.auth import ALL_PREDICTIONS, matches_any, token_from, token_prediction
-from service.core.errors import Forbidden, NotFound, Unauthorized, error_class
+from service.core.errors import Forbidden, NotFound, RelayError, Unauthorized, error_class
 from service.core.openapi import ADMIN, SUBSCRIBER, TOKEN_QUERY, errors, operation, path_param
 from service.db import store
 from service.db.events import open_body
@@ -91,17 +92,51 @@ async def serve_file(request: Request) -> Response:
     if stored.sealed or requested is None or "," in requested or not requested.startswith("bytes="):
         headers["Accept-Ranges"] = "none" if stored.sealed else "bytes"
         headers["Content-Length"] = str(stored.size)
-        chunks = await primed(file_chunks(relay.archive_store, stored), stored)
-        return StreamingResponse(_logged(chunks, stored), media_type=stored.content_type, headers=headers)
+        return await content(request, relay.archive_store, stored, headers)
     span = byte_span(requested, stored.size)
     if span is None:
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{stored.size}"})
     start, end = span
     headers.update({"Accept-Ranges": "bytes", "Content-Length": str(end - start)})
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{stored.size}"
-    chunks = await primed(file_chunks(relay.archive_store, stored, span), stored)
+    return await content(request, relay.archive_store, stored, headers, span, status=206)
+
+
+async def content(
+    request: Request,
+    archive: ArchiveStore,
+    stored: StoredFile,
+    headers: dict[str, str],
+    span: tuple[int, int] | None = None,
+    status: int = 200,
+) -> Response:
+    """The file (or its span), streamed. A HEAD only asks the store whether the object is there:
+    answering it must not read (and, sealed, decrypt) a whole video that nobody receives."""
+    if request.method == "HEAD":
+        try:
+            present = await archive.exists(stored.object_key)
+        except Exception as error:  # noqa: BLE001 - obstore's own classes: S3 unreachable, refusing
+            raise unavailable(stored, error) from None
+        if not present:
+            raise missing(stored)
+        return Response(status_code=status, media_type=stored.content_type, headers=headers)
+    chunks = await primed(file_chunks(archive, stored, span), stored)
     return StreamingResponse(
-        _logged(chunks, stored), status_code=206, media_type=stored.content_type, headers=headers
+        _logged(chunks, stored), status_code=status, media_type=stored.content_type, headers=headers
+    )
+
+
+def missing(stored: StoredFile) -> RelayError:
+    log.error("stored file %s is missing from the store; RELAY_ARCHIVE must be shared by every instance",
+              stored.sha256)  # fmt: skip
+    return NotFound("the stored file is missing from this instance's archive store")
+
+
+def unavailable(stored: StoredFile, error: Exception) -> RelayError:
+    # One line, the class only: the store's error text carries its endpoint and bucket.
+    log.error("the archive store cannot be read (%s) for stored file %s", type(error).__name__, stored.sha256)
+    return StoreUnavailable(
+        "the archive store cannot be read right now; retry later", headers={"Retry-After": "30"}
     )
 
 
@@ -113,16 +148,9 @@ async def primed(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncItera
     except StopAsyncIteration:
         first = b""
     except FileNotFoundError:
-        log.error("stored file %s is missing from the store; RELAY_ARCHIVE must be shared by every instance",
-                  stored.sha256)  # fmt: skip
-        raise NotFound("the stored file is missing from this instance's archive store") from None
+        raise missing(stored) from None
     except Exception as error:  # noqa: BLE001 - obstore's own classes: S3 unreachable, refusing (403)
-        # One line, the class only: the store's error text carries its endpoint and bucket.
-        log.error("the archive store cannot be read (%s) for stored file %s", type(error).__name__,
-                  stored.sha256)  # fmt: skip
-        raise StoreUnavailable(
-            "the archive store cannot be read right now; retry later", headers={"Retry-After": "30"}
-        ) from None
+        raise unavailable(stored, error) from None
 
     async def rest() -> AsyncIterator[bytes]:
         yield first

@@ -86,7 +86,8 @@ async def serve_file(request: Request) -> Response:
     stored = await locate(request, sha256)
     etag = f'"{stored.sha256}"'
     headers = {**FILE_HEADERS, "ETag": etag}
-    if etag in request.headers.get("if-none-match", ""):
+    validators = request.headers.get("if-none-match", "")
+    if etag in validators or validators.strip() == "*":  # "*": any current representation matches
         return Response(status_code=304, headers=headers)
     requested = request.headers.get("range")
     if stored.sealed or requested is None or "," in requested or not requested.startswith("bytes="):

@@ -107,6 +107,8 @@ def test_files_are_served_to_the_admin_and_the_right_subscriber_only(
         assert part.headers["content-range"] == f"bytes 8-23/{len(body)}"
         beyond = client.get(path, params={"token": ADMIN_TOKEN}, headers={"Range": f"bytes={len(body)}-"})
         assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(body)}"
+        assert beyond.json()["error"]["code"] == "RANGE_NOT_SATISFIABLE"  # the error shape, not cached
+        assert "immutable" not in beyond.headers.get("cache-control", "")
         assert client.get("/files/" + "0" * 64, params={"token": ADMIN_TOKEN}).status_code == 404
         assert (
             client.get(

@@ -23,6 +23,7 @@ from service.web.state import relay_of
 log = logging.getLogger("relay.files")
 
 StoreUnavailable = error_class("StoreUnavailable", 503, "STORE_UNAVAILABLE")
+RangeNotSatisfiable = error_class("RangeNotSatisfiable", 416, "RANGE_NOT_SATISFIABLE")
 
 # The file never changes (its name is its hash), but only token holders may read it: browsers
 # may keep it for a year, shared caches may not keep it at all. The sandbox CSP and nosniff
@@ -95,8 +96,11 @@ async def serve_file(request: Request) -> Response:
         headers["Content-Length"] = str(stored.size)
         return await content(request, relay.archive_store, stored, headers)
     span = byte_span(requested, stored.size)
-    if span is None:
-        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{stored.size}"})
+    if span is None:  # an error like any other: without the file's year-long cache header
+        raise RangeNotSatisfiable(
+            f"the range {requested[:60]!r} is outside the file's {stored.size} bytes",
+            headers={"Content-Range": f"bytes */{stored.size}"},
+        )
     start, end = span
     headers.update({"Accept-Ranges": "bytes", "Content-Length": str(end - start)})
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{stored.size}"
@@ -193,8 +197,7 @@ openapi = {
                 200: {"description": "The file, with its content type", "content": {"*/*": BYTES}},
                 206: {"description": "The requested range", "content": {"*/*": BYTES}},
                 304: {"description": "Not modified (If-None-Match)"},
-                416: {"description": "The range is outside the file"},
-                **errors(401, 403, 404),
+                **errors(401, 403, 404, 416),
             },
         )
     }

@@ -12,6 +12,7 @@ every id, so a very late retry of a retired delivery is still answered as a dupl
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -28,8 +29,10 @@ from service.db.partitions import Partition, monthly_partitions
 from service.db.vault import Vault
 from service.ops.export import export
 
-DURATION = re.compile(r"(\d+)([smhdw])")
+DURATION = re.compile(r"([0-9]+)([smhdw])")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# Longer than any log, and short enough that `now - keep` stays a date Python can represent.
+MAX_KEEP_DAYS = 365_000
 OWNER_NEEDED = (
     "relay retention detaches and drops partitions of the log: run it with DATABASE_URL naming "
     "the role that owns Relay's tables (the one that runs relay migrate)"
@@ -39,9 +42,13 @@ OWNER_NEEDED = (
 def parse_duration(text: str) -> timedelta:
     """`90d`, `12w`, `36h`…: how much of the log to keep."""
     found = DURATION.fullmatch(text.strip())
-    if found is None or int(found[1]) == 0:
+    if found is None or not found[1].strip("0"):
         raise ConfigError(f"--keep must be a positive duration like 90d, 12w or 48h, got {text[:40]!r}")
-    return timedelta(seconds=int(found[1]) * UNITS[found[2]])
+    # Digits counted first: int() refuses a string of thousands of digits with a traceback.
+    seconds = int(found[1]) * UNITS[found[2]] if len(found[1]) <= 15 else math.inf
+    if seconds > MAX_KEEP_DAYS * UNITS["d"]:
+        raise ConfigError(f"--keep must be at most {MAX_KEEP_DAYS}d (1,000 years), got {text[:40]!r}")
+    return timedelta(seconds=int(seconds))
 
 
 @dataclass(frozen=True)

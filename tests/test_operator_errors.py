@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import pytest
 
 from service.ops.simulate import lifecycle
 
-from .support import ROOT, new_prediction_id, post_webhook, relay_cli, relay_env
+from .support import ROOT, new_prediction_id, new_webhook_id, post_webhook, query, relay_cli, relay_env
 
 
 def one_line_error(result, *mentions: str) -> str:
@@ -44,3 +46,35 @@ def test_export_into_a_closed_pipe_stops_quietly(relay, client):
         code = process.wait(timeout=60)
     assert stderr == "", stderr
     assert code == 141
+
+
+def test_ctrl_c_mid_export_says_where_to_resume_and_the_rest_follows_without_a_gap(relay):
+    """Ctrl-C during `relay export` leaves whole lines up to seq S and says so in one line;
+    `--after S` writes exactly the rest: together they are the uninterrupted export."""
+    dsn = relay.env["DATABASE_URL"]
+    start = query(dsn, "SELECT coalesce(max(seq), 0) AS s FROM events")[0]["s"]
+    query(
+        dsn,
+        "INSERT INTO events (webhook_id, prediction_id, status, source, body, received_at)"
+        " SELECT 'ctrlc_' || n || '_' || $1, 'ctrlc' || (n % 5), 'processing', 'webhook',"
+        " convert_to('{\"n\":' || n || ',\"pad\":\"' || repeat('x', 300) || '\"}', 'UTF8'), now()"
+        " FROM generate_series(1, 6000) AS n",
+        new_webhook_id(),
+    )
+    whole = relay_cli("export", "--quiet", "--after", str(start), env=relay.env).stdout
+    command = [sys.executable, "-m", "service", "export", "--quiet", "--after", str(start)]
+    with subprocess.Popen(
+        command, env=relay.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        first = process.stdout.readline()  # exporting; blocked on the full pipe soon after
+        process.send_signal(signal.SIGINT)
+        part = first + process.stdout.read()
+        stderr = process.stderr.read()
+        assert process.wait(timeout=60) == 130
+    assert "Traceback" not in stderr and stderr.count("\n") == 1, stderr
+    last_seq = json.loads(part.splitlines()[-1])["seq"]
+    assert f"up to seq {last_seq}: " in stderr and f"--after {last_seq} " in stderr, stderr
+    assert part.endswith("\n") and len(part) < len(whole)
+    rest = relay_cli("export", "--quiet", "--after", str(last_seq), env=relay.env).stdout
+    assert part + rest == whole

@@ -25,7 +25,7 @@ from service.core.settings import tool_settings
 from service.db import database, store
 from service.db.events import page_text
 from service.db.vault import Vault
-from service.ops.export import export
+from service.ops.export import Written, export
 from service.ops.replay import (
     DEFAULT_CONCURRENCY,
     DEFAULT_RETRIES,
@@ -123,16 +123,33 @@ def output_file(path: str | None) -> Iterator[TextIO]:
 def cmd_export(args: argparse.Namespace) -> int:
     event_filter = filter_from_args(args)
     progress = Progress("exported", args.quiet)
+    written = Written()
 
     async def run(conn: asyncpg.Connection) -> int:
         with output_file(args.output) as out:  # opened once the key is checked: no file of garbage
-            return await export(conn, event_filter, out, cli_vault(), progress)
+            return await export(conn, event_filter, out, cli_vault(), progress, written)
 
-    count = with_connection(run)
+    try:
+        count = with_connection(run)
+    except KeyboardInterrupt:
+        progress.close()
+        print(interrupted_export(written, args.output), file=sys.stderr)
+        return 130
     progress.close()
     if not args.quiet:
         print(f"exported {count} event(s) to {args.output or 'stdout'}", file=sys.stderr)
     return 0
+
+
+def interrupted_export(written: Written, output: str | None) -> str:
+    """What Ctrl-C leaves: whole lines up to a seq, and the command that writes the rest."""
+    if written.last_seq is None:
+        return "relay export: interrupted before any event was written"
+    rest = "to another file" if output not in (None, "-") else "appended with >>"
+    return (
+        f"relay export: interrupted; {written.count} event(s) written, up to seq {written.last_seq}: "
+        f"for the rest, run the same command with --after {written.last_seq} ({rest})"
+    )
 
 
 def replay_target(args: argparse.Namespace) -> Target:

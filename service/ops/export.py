@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import asyncpg
@@ -22,6 +23,15 @@ from service.db.store import iso
 from service.db.vault import Vault
 
 PREFETCH = 1000
+
+
+@dataclass
+class Written:
+    """How far an export got: its lines are whole and in seq order, so a run stopped part way
+    carries on with `--after last_seq`."""
+
+    count: int = 0
+    last_seq: int | None = None
 
 
 def export_record(row: asyncpg.Record, vault: Vault) -> dict[str, Any]:
@@ -52,13 +62,16 @@ async def export(
     out: TextIO,
     vault: Vault,
     progress: Callable[[int], None] = lambda n: None,
+    written: Written | None = None,
 ) -> int:
-    """Write every matching event to `out` in seq order; memory stays flat whatever the count."""
+    """Write every matching event to `out` in seq order; memory stays flat whatever the count.
+    `written` follows each line, for a run that is interrupted."""
     where, args = event_filter.where()
-    count = 0
+    done = Written() if written is None else written
     async with conn.transaction(readonly=True):
         async for row in conn.cursor(store.select_where(where), *args, prefetch=PREFETCH):
             out.write(export_line(row, vault))
-            count += 1
+            done.count += 1
+            done.last_seq = row["seq"]
             progress(1)
-    return count
+    return done.count

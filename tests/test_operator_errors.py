@@ -78,3 +78,9 @@ def test_ctrl_c_mid_export_says_where_to_resume_and_the_rest_follows_without_a_g
     assert part.endswith("\n") and len(part) < len(whole)
     rest = relay_cli("export", "--quiet", "--after", str(last_seq), env=relay.env).stdout
     assert part + rest == whole
+
+
+def test_tail_after_beyond_the_head_is_one_line_not_endless_retries(relay):
+    """Relay refuses an `--after` past the log's head (1008): `relay tail` says so once, exit 2."""
+    result = relay_cli("tail", "--after", str(2**62), "--url", relay.url, env=relay.env, timeout=30)
+    one_line_error(result, "beyond the log's head", "--after")

@@ -20,6 +20,7 @@ from websockets.asyncio.client import connect
 from service.core.errors import ConfigError
 
 RECONNECT_DELAY = 1.0
+POLICY_VIOLATION = 1008
 SUMMARY_WIDTH = 60
 
 
@@ -82,7 +83,16 @@ async def tail(
                 message = f"Relay refused the admin token (HTTP {status}); check RELAY_ADMIN_TOKEN"
                 raise ConfigError(message) from None
             print(f"relay tail: handshake failed (HTTP {status}); retrying", file=sys.stderr)
-        except (OSError, TimeoutError, websockets.ConnectionClosed, websockets.InvalidHandshake) as error:
+        except websockets.ConnectionClosed as error:
+            if error.rcvd is not None and error.rcvd.code == POLICY_VIOLATION:
+                # Relay refuses the request itself (an `after=` beyond the log's head): asking
+                # again gets the same answer, so say why once and stop.
+                raise ConfigError(f"Relay refused the stream: {error.rcvd.reason} (check --after)") from None
+            print(
+                f"relay tail: disconnected ({type(error).__name__}); resuming after seq {cursor}",
+                file=sys.stderr,
+            )
+        except (OSError, TimeoutError, websockets.InvalidHandshake) as error:
             reason = type(error).__name__
             print(f"relay tail: disconnected ({reason}); resuming after seq {cursor}", file=sys.stderr)
         await asyncio.sleep(RECONNECT_DELAY)

@@ -13,6 +13,8 @@ from service.ops.simulate import lifecycle
 
 from .support import ROOT, new_prediction_id, new_webhook_id, post_webhook, query, relay_cli, relay_env
 
+PASSWORD = "hunter2-not-for-output"
+
 
 def one_line_error(result, *mentions: str) -> str:
     """The command exited 2 with a single `relay…: error:` line naming each of `mentions`."""
@@ -84,3 +86,16 @@ def test_tail_after_beyond_the_head_is_one_line_not_endless_retries(relay):
     """Relay refuses an `--after` past the log's head (1008): `relay tail` says so once, exit 2."""
     result = relay_cli("tail", "--after", str(2**62), "--url", relay.url, env=relay.env, timeout=30)
     one_line_error(result, "beyond the log's head", "--after")
+
+
+def test_usage_on_an_unmigrated_database_is_one_line(postgres):
+    """`relay usage` before `relay migrate`: one line saying so, not an UndefinedTableError."""
+    result = relay_cli("usage", env=relay_env(postgres.new_database(migrate=False)))
+    one_line_error(result, "not migrated", "relay migrate")
+
+
+def test_usage_reads_from_the_read_database_url(dsn):
+    """`relay usage` reads RELAY_READ_DATABASE_URL when set (the runbook's list of reads there)."""
+    env = relay_env(dsn, RELAY_READ_DATABASE_URL=f"postgresql://relay:{PASSWORD}@127.0.0.1:1/relay")
+    line = one_line_error(relay_cli("usage", env=env), "RELAY_READ_DATABASE_URL")
+    assert PASSWORD not in line

@@ -19,7 +19,7 @@ from service.cli.privacy import add_forget_arguments, cmd_forget, cmd_rotate_key
 from service.core.auth import DEFAULT_TTL, mint_token
 from service.core.errors import ConfigError
 from service.core.settings import SERVE_FLAGS, load_settings, tool_settings
-from service.db import database
+from service.db import database, migrations
 from service.usage import report as usage
 
 
@@ -60,8 +60,14 @@ def cmd_usage(args: argparse.Namespace) -> int:
         raise ConfigError(f"--{error}") from None
 
     async def fetch(dsn: str) -> dict[str, Any]:
-        conn = await database.connect(dsn)
+        # A report is a read that may lag: RELAY_READ_DATABASE_URL (a replica) when it is set.
+        if settings.read_database_url is not None:
+            conn = await database.connect(str(settings.read_database_url), name="RELAY_READ_DATABASE_URL")
+        else:
+            conn = await database.connect(dsn)
         try:
+            if await migrations.pending(conn):
+                raise ConfigError("the database is not migrated yet; run relay migrate")
             return await usage.report(conn, when, settings.prices)
         finally:
             await conn.close()

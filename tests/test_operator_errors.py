@@ -94,8 +94,10 @@ def test_usage_on_an_unmigrated_database_is_one_line(postgres):
     one_line_error(result, "not migrated", "relay migrate")
 
 
-def test_usage_reads_from_the_read_database_url(dsn):
-    """`relay usage` reads RELAY_READ_DATABASE_URL when set (the runbook's list of reads there)."""
+@pytest.mark.parametrize("command", ["usage", "events", "export"])
+def test_reads_go_to_the_read_database_url_and_its_failure_names_it(dsn, command):
+    """`relay usage`, `events` and `export` read RELAY_READ_DATABASE_URL when set (the runbook's
+    list); when it is down, the line names that variable, not DATABASE_URL, and no password."""
     env = relay_env(dsn, RELAY_READ_DATABASE_URL=f"postgresql://relay:{PASSWORD}@127.0.0.1:1/relay")
-    line = one_line_error(relay_cli("usage", env=env), "RELAY_READ_DATABASE_URL")
+    line = one_line_error(relay_cli(command, env=env), "RELAY_READ_DATABASE_URL")
     assert PASSWORD not in line

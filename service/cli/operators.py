@@ -51,11 +51,12 @@ def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]], *, write
     settings = tool_settings()
 
     async def run(dsn: str) -> T:
+        name = "DATABASE_URL"
         if writes:
             await database.require_writable(dsn)
         elif settings.read_database_url is not None:
-            dsn = str(settings.read_database_url)
-        conn = await ready_connection(dsn, cli_vault())
+            dsn, name = str(settings.read_database_url), "RELAY_READ_DATABASE_URL"
+        conn = await ready_connection(dsn, cli_vault(), name=name)
         try:
             return await work(conn)
         finally:

@@ -65,9 +65,10 @@ def forgotten(prediction_id: str, appended: Appended) -> dict[str, object]:
     return {"id": prediction_id, "erased": True, "seq": appended.seq, "already_erased": appended.duplicate}
 
 
-async def ready_connection(dsn: str, vault: Vault) -> asyncpg.Connection:
-    """A connection to a migrated database whose data keys this vault can open."""
-    conn = await database.connect(dsn)
+async def ready_connection(dsn: str, vault: Vault, *, name: str = "DATABASE_URL") -> asyncpg.Connection:
+    """A connection to a migrated database whose data keys this vault can open; `name` is the
+    variable its DSN came from, for the error line."""
+    conn = await database.connect(dsn, name=name)
     try:
         if await migrations.pending(conn):
             raise ConfigError("the database is not migrated yet; run relay migrate")

@@ -101,3 +101,13 @@ def test_reads_go_to_the_read_database_url_and_its_failure_names_it(dsn, command
     env = relay_env(dsn, RELAY_READ_DATABASE_URL=f"postgresql://relay:{PASSWORD}@127.0.0.1:1/relay")
     line = one_line_error(relay_cli(command, env=env), "RELAY_READ_DATABASE_URL")
     assert PASSWORD not in line
+
+
+@pytest.mark.parametrize("how", ["flag", "variable"])
+def test_a_port_past_65535_is_one_line(dsn, how):
+    """`--port 70000` (or RELAY_PORT=70000) is refused in one line; it used to hang `relay serve`
+    after printing a banner for a port no socket can have."""
+    args, extra = (("--port", "70000"), {}) if how == "flag" else ((), {"RELAY_PORT": "70000"})
+    result = relay_cli("serve", *args, env=relay_env(dsn, **extra), timeout=30)
+    one_line_error(result, "RELAY_PORT must be at most 65535")
+    assert result.stdout == ""

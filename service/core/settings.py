@@ -105,16 +105,18 @@ def path(raw: str, name: str) -> Path:
     return Path(raw)
 
 
-def whole(minimum: int = 1) -> Parser:
-    """A whole number, at least `minimum`."""
+def whole(minimum: int = 1, maximum: int | None = None) -> Parser:
+    """A whole number, at least `minimum` (and at most `maximum`)."""
 
     def parse(raw: str, name: str) -> int:
         try:
             value = int(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+            raise ConfigError(f"{name} must be a whole number, got {raw[:40]!r}") from None
         if value < minimum:
             raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name} must be at most {maximum}, got {value}")
         return value
 
     return parse
@@ -372,7 +374,7 @@ class Settings:
 
     # Server
     host: str = setting("RELAY_HOST", "--host", "127.0.0.1", text, "interface to listen on")
-    port: int = setting("RELAY_PORT", "--port", 8000, whole(minimum=0), "port to listen on")
+    port: int = setting("RELAY_PORT", "--port", 8000, whole(minimum=0, maximum=65535), "port to listen on")
     workers: int = setting("RELAY_WORKERS", "--workers", 1, whole(), "worker processes sharing the database")
     database_url: Secret | None = setting(
         "DATABASE_URL", "--database-url", None, secret, "Postgres DSN",

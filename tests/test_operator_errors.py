@@ -11,7 +11,16 @@ import pytest
 
 from service.ops.simulate import lifecycle
 
-from .support import ROOT, new_prediction_id, new_webhook_id, post_webhook, query, relay_cli, relay_env
+from .support import (
+    ROOT,
+    dev_env,
+    new_prediction_id,
+    new_webhook_id,
+    post_webhook,
+    query,
+    relay_cli,
+    relay_env,
+)
 
 PASSWORD = "hunter2-not-for-output"
 
@@ -111,3 +120,30 @@ def test_a_port_past_65535_is_one_line(dsn, how):
     result = relay_cli("serve", *args, env=relay_env(dsn, **extra), timeout=30)
     one_line_error(result, "RELAY_PORT must be at most 65535")
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("content", ['{"admin_token": "trunc', "[]", ""])
+def test_dev_mode_with_an_unreadable_secrets_file_is_one_line(tmp_path, content):
+    """A damaged RELAY_DATA_DIR/secrets.json (a disk that filled mid-write) is one line naming
+    it and what to do, for the server and the operator commands alike."""
+    (tmp_path / "secrets.json").write_text(content)
+    for args in (("token", "p1"), ("events",), ("serve", "--port", "0")):
+        result = relay_cli(*args, env=dev_env(tmp_path), timeout=30)
+        one_line_error(result, "secrets.json", "move it away")
+
+
+@pytest.mark.parametrize("args", [("token", "p1"), ("events",)])
+def test_dev_mode_with_a_data_dir_that_is_a_file_is_one_line(tmp_path, args):
+    """RELAY_DATA_DIR naming a file: one line asking for a writable directory, not a traceback."""
+    data_dir = tmp_path / "not-a-dir"
+    data_dir.write_text("")
+    one_line_error(relay_cli(*args, env=dev_env(data_dir), timeout=30), "writable directory")
+
+
+def test_dev_secrets_are_written_whole_and_private(tmp_path):
+    """The generated secrets file is complete JSON, mode 0600, with no temporary file left."""
+    assert relay_cli("token", "p1", env=dev_env(tmp_path)).returncode == 0
+    stored = json.loads((tmp_path / "secrets.json").read_text())
+    assert set(stored) == {"webhook_secrets", "admin_token", "subscribe_key"}
+    assert (tmp_path / "secrets.json").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["secrets.json"]

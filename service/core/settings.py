@@ -670,20 +670,48 @@ def _new_secret(attr: str) -> Secret:
     return Secret(secrets.token_urlsafe(32))
 
 
+def _stored_secrets(path: Path) -> dict[str, str]:
+    """The dev secrets kept in RELAY_DATA_DIR, or one line saying why they cannot be read."""
+    try:
+        stored = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as error:
+        stored = error
+    if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
+        raise ConfigError(
+            f"{path} cannot be read as Relay's dev secrets; restore it, or move it away and "
+            "Relay generates new ones (give the new webhook secret to Replicate)"
+        )
+    return stored
+
+
+def _store_secrets(path: Path, stored: dict[str, str]) -> None:
+    """Written whole (a temporary file renamed over the old one), readable by this user only."""
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.unlink(missing_ok=True)
+        partial.touch(mode=0o600)
+        partial.write_text(json.dumps(stored, indent=2))
+        partial.replace(path)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write the dev secrets to {path} ({error.strerror}); "
+            "point RELAY_DATA_DIR at a writable directory"
+        ) from None
+
+
 def _dev_secrets(values: dict[str, object], data_dir: Path, generate: bool) -> dict[str, object]:
     """Missing secrets from `data_dir/secrets.json`, generated and stored there when allowed."""
     path = data_dir / GENERATED_SECRETS_FILE
-    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
     missing = [attr for attr in _REQUIRED if not values[attr]]
     if not missing:
         return {}
+    stored = _stored_secrets(path)
     fresh = [attr for attr in missing if attr not in stored]
     if fresh and generate:
         for attr in fresh:
             stored[attr] = _new_secret(attr)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(json.dumps(stored, indent=2))
+        _store_secrets(path, stored)
     found: dict[str, object] = {attr: Secret(stored[attr]) for attr in missing if attr in stored}
     if "webhook_secrets" in found:
         found["webhook_secrets"] = (found["webhook_secrets"],)

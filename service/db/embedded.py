@@ -21,7 +21,13 @@ with warnings.catch_warnings():
 
 def start(data_dir: Path, *, delete_on_exit: bool = False) -> PostgresServer:
     pgdata = (data_dir / "pg").resolve()
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"RELAY_DATA_DIR {str(data_dir)[:200]!r} cannot be used ({exc.strerror}); "
+            "point RELAY_DATA_DIR at a writable directory, or set DATABASE_URL"
+        ) from None
     try:
         return get_server(pgdata, cleanup_mode="delete" if delete_on_exit else "stop")
     except (subprocess.SubprocessError, OSError, AssertionError) as exc:

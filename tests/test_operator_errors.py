@@ -85,7 +85,7 @@ def test_ctrl_c_mid_export_says_where_to_resume_and_the_rest_follows_without_a_g
         assert process.wait(timeout=60) == 130
     assert "Traceback" not in stderr and stderr.count("\n") == 1, stderr
     last_seq = json.loads(part.splitlines()[-1])["seq"]
-    assert f"up to seq {last_seq}: " in stderr and f"--after {last_seq} " in stderr, stderr
+    assert stderr.endswith(f"up to seq {last_seq}\n") and f"--after {last_seq} " in stderr, stderr
     assert part.endswith("\n") and len(part) < len(whole)
     rest = relay_cli("export", "--quiet", "--after", str(last_seq), env=relay.env).stdout
     assert part + rest == whole
@@ -147,3 +147,39 @@ def test_dev_secrets_are_written_whole_and_private(tmp_path):
     assert set(stored) == {"webhook_secrets", "admin_token", "subscribe_key"}
     assert (tmp_path / "secrets.json").stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["secrets.json"]
+
+
+def test_database_lost_mid_export_is_one_line_with_where_to_resume(relay):
+    """The server going away mid-export (a restart, a failover) is one line, exit 2, saying which
+    `--after` writes the rest; with it, the two outputs are the whole export."""
+    dsn = relay.env["DATABASE_URL"]
+    start = query(dsn, "SELECT coalesce(max(seq), 0) AS s FROM events")[0]["s"]
+    query(
+        dsn,
+        "INSERT INTO events (webhook_id, prediction_id, status, source, body, received_at)"
+        " SELECT 'lost_' || n || '_' || $1, 'lost' || (n % 5), 'processing', 'webhook',"
+        " convert_to('{\"n\":' || n || ',\"pad\":\"' || repeat('x', 300) || '\"}', 'UTF8'), now()"
+        " FROM generate_series(1, 6000) AS n",
+        new_webhook_id(),
+    )
+    whole = relay_cli("export", "--quiet", "--after", str(start), env=relay.env).stdout
+    command = [sys.executable, "-m", "service", "export", "--quiet", "--after", str(start)]
+    with subprocess.Popen(
+        command, env=relay.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        first = process.stdout.readline()  # the export's transaction is open, its pipe filling
+        ended = query(
+            dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND state = 'idle in transaction'",
+        )
+        assert len(ended) == 1
+        part = first + process.stdout.read()
+        stderr = process.stderr.read()
+        assert process.wait(timeout=60) == 2
+    line = one_line_error(subprocess.CompletedProcess(command, 2, part, stderr), "lost the connection")
+    last_seq = json.loads(part.splitlines()[-1])["seq"]
+    assert line.endswith(f"up to seq {last_seq}") and f"--after {last_seq} " in line
+    rest = relay_cli("export", "--quiet", "--after", str(last_seq), env=relay.env).stdout
+    assert part + rest == whole

@@ -41,6 +41,24 @@ from service.privacy.erasure import ready_connection
 T = TypeVar("T")
 
 
+# What asyncpg raises when the server goes away under a running command (a restart, a failover,
+# pg_terminate_backend): the command says so in one line instead of a traceback.
+CONNECTION_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    OSError,
+)
+
+
+class DatabaseLost(ConfigError):
+    """The database went away while a command ran; `what` says so without the advice."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}; run the command again once it is back")
+        self.what = what
+
+
 def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]], *, writes: bool = False) -> T:
     """Run `work` on a connection to the configured database, once the configured key is known
     to open its payloads: a wrong or missing key is a one-line error, never unreadable output.
@@ -59,6 +77,11 @@ def with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]], *, write
         conn = await ready_connection(dsn, cli_vault(), name=name)
         try:
             return await work(conn)
+        except CONNECTION_LOST as error:
+            raise DatabaseLost(
+                f"lost the connection to the database in {name} ({type(error).__name__}): "
+                "it stopped, restarted or failed over"
+            ) from None
         finally:
             await conn.close()
 
@@ -132,6 +155,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         count = with_connection(run)
+    except DatabaseLost as error:
+        progress.close()
+        if written.last_seq is None:
+            raise
+        raise ConfigError(f"{error.what}; once it is back, {resume_export(written, args.output)}") from None
     except KeyboardInterrupt:
         progress.close()
         print(interrupted_export(written, args.output), file=sys.stderr)
@@ -146,10 +174,14 @@ def interrupted_export(written: Written, output: str | None) -> str:
     """What Ctrl-C leaves: whole lines up to a seq, and the command that writes the rest."""
     if written.last_seq is None:
         return "relay export: interrupted before any event was written"
+    return f"relay export: interrupted; for the rest, {resume_export(written, output)}"
+
+
+def resume_export(written: Written, output: str | None) -> str:
     rest = "to another file" if output not in (None, "-") else "appended with >>"
     return (
-        f"relay export: interrupted; {written.count} event(s) written, up to seq {written.last_seq}: "
-        f"for the rest, run the same command with --after {written.last_seq} ({rest})"
+        f"run the same command with --after {written.last_seq} ({rest}): "
+        f"{written.count} event(s) were written, up to seq {written.last_seq}"
     )
 
 

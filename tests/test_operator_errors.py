@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 
@@ -183,3 +184,22 @@ def test_database_lost_mid_export_is_one_line_with_where_to_resume(relay):
     assert line.endswith(f"up to seq {last_seq}") and f"--after {last_seq} " in line
     rest = relay_cli("export", "--quiet", "--after", str(last_seq), env=relay.env).stdout
     assert part + rest == whole
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_no_banner(dsn):
+    """`relay serve` where another process listens: one line, exit 2, and no "listening" banner
+    (it printed the banner, then uvicorn's error, and exited 3)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = relay_cli("serve", "--port", str(port), env=relay_env(dsn), timeout=30)
+    one_line_error(result, f"127.0.0.1:{port}", "in use", "--port")
+    assert result.stdout == ""
+
+
+def test_serve_on_a_host_that_is_not_this_machine_is_one_line(dsn):
+    """A RELAY_HOST that does not resolve is one line naming it, exit 2."""
+    result = relay_cli("serve", env=relay_env(dsn, RELAY_HOST="no-such-host.invalid"), timeout=30)
+    one_line_error(result, "RELAY_HOST 'no-such-host.invalid'")
+    assert result.stdout == ""

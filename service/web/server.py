@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 from pathlib import Path
 
 from starlette.applications import Starlette
 
 from service.archive.stores import open_store
+from service.core.errors import ConfigError
 from service.core.settings import Settings, load_settings, worker_environment
 from service.db import database
 from service.db.vault import Vault, check_keys
@@ -41,11 +44,37 @@ def serve(settings: Settings) -> None:
         asyncio.run(database.migrate(dsn))
         asyncio.run(check_keys(dsn, Vault(settings.key_encryption_keys)))
         open_store(settings.archive)  # a clear ConfigError now, not a failed start-up later
+        check_address(settings.host, settings.port)  # before the banner says "listening"
         print(banner(settings), flush=True)
         if settings.workers > 1:
             serve_workers(settings, dsn)
         else:
             RelayServer(uvicorn_config(create_app(settings, dsn), settings)).run()
+
+
+def check_address(host: str, port: int) -> None:
+    """One line, exit 2, when Relay cannot listen where it is told to (a port in use, a host that
+    is not this machine's), instead of a banner announcing it followed by uvicorn's exit 3."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError as error:  # socket.gaierror: a name that does not resolve
+        raise ConfigError(
+            f"cannot listen on RELAY_HOST {host[:100]!r} ({error.strerror}); "
+            "give an address of this machine, such as 127.0.0.1 or 0.0.0.0"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            fix = (
+                "stop what holds that port, or choose another RELAY_PORT (--port)"
+                if error.errno == errno.EADDRINUSE
+                else "give RELAY_HOST (--host) an address of this machine, and a port it may use"
+            )
+            raise ConfigError(f"cannot listen on {host[:100]}:{port} ({error.strerror}); {fix}") from None
 
 
 def serve_workers(settings: Settings, dsn: str) -> None:

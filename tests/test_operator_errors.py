@@ -203,3 +203,24 @@ def test_serve_on_a_host_that_is_not_this_machine_is_one_line(dsn):
     result = relay_cli("serve", env=relay_env(dsn, RELAY_HOST="no-such-host.invalid"), timeout=30)
     one_line_error(result, "RELAY_HOST 'no-such-host.invalid'")
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args, to_stdout",
+    [(("export", "-o", "/dev/full"), False), (("export",), True), (("events",), True)],
+)
+def test_an_output_that_cannot_take_more_is_one_line(relay, client, args, to_stdout):
+    """A full disk under `-o FILE` or stdout is one line saying so, exit 2 (not a traceback, and
+    not mistaken for a lost database)."""
+    post_webhook(client, lifecycle(new_prediction_id())[-1])
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "service", *args],
+            env=relay.env,
+            cwd=ROOT,
+            stdout=full if to_stdout else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    one_line_error(result, "cannot write the output", "No space left on device")

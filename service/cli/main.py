@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -198,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # here, where a failure is reported, not at the interpreter's exit
         return code
     except ConfigError as error:
         print(f"relay: error: {error}", file=sys.stderr)
@@ -209,6 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # would flush stdout again at exit and print the same error, so point it at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except OSError as error:
+        if error.errno not in OUTPUT_FULL:
+            raise
+        # The output cannot take more (a full disk or quota, an I/O error): one line, and no
+        # second attempt to flush stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(
+            f"relay: error: cannot write the output ({error.strerror}); free space and run it again",
+            file=sys.stderr,
+        )
+        return 2
+
+
+OUTPUT_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
 if __name__ == "__main__":

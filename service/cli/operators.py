@@ -43,11 +43,12 @@ T = TypeVar("T")
 
 # What asyncpg raises when the server goes away under a running command (a restart, a failover,
 # pg_terminate_backend): the command says so in one line instead of a traceback.
+# Not any OSError: writing the output fails with those too (a full disk, a closed pipe).
 CONNECTION_LOST = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
-    OSError,
+    ConnectionResetError,
 )
 
 

@@ -224,3 +224,15 @@ def test_an_output_that_cannot_take_more_is_one_line(relay, client, args, to_std
             timeout=60,
         )
     one_line_error(result, "cannot write the output", "No space left on device")
+
+
+@pytest.mark.parametrize("variable", ["RELAY_PUBLIC_URL", "REPLICATE_API_BASE"])
+@pytest.mark.parametrize("args", [("serve",), ("tail",)])
+def test_a_base_url_without_its_scheme_is_one_line_naming_it(dsn, variable, args):
+    """`RELAY_PUBLIC_URL=relay.example.com` made the webhook URL `relay.example.com/webhooks/…`
+    (which Replicate cannot call) and `relay tail` blame a --url never given: now one line naming
+    the variable, exit 2."""
+    env = relay_env(dsn, **{variable: "relay.example.com"})
+    result = relay_cli(*args, env=env, timeout=30)
+    one_line_error(result, variable, "http:// or https://")
+    assert result.stdout == ""

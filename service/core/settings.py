@@ -35,6 +35,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from service.core.errors import ConfigError
 from service.core.hosts import DEFAULT_ARCHIVE_HOSTS, HostPolicy
@@ -97,8 +98,20 @@ def text(raw: str, name: str) -> str:
 
 
 def base_url(raw: str, name: str) -> str:
-    """A URL that paths are appended to: no trailing slash."""
-    return raw.rstrip("/")
+    """An http(s) URL that paths are appended to: no trailing slash. Without its scheme
+    (`relay.example.com`) it would become a webhook URL Replicate cannot call."""
+    url = raw.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{name} must be an http:// or https:// URL such as https://relay.example.com "
+            f"(no query), got {raw[:80] if '@' not in raw else 'a URL with credentials'!r}"
+        )
+    return url
 
 
 def path(raw: str, name: str) -> Path:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
 import subprocess
 import sys
 
+import asyncpg
 import pytest
 
 from service.ops.simulate import lifecycle
@@ -236,3 +238,36 @@ def test_a_base_url_without_its_scheme_is_one_line_naming_it(dsn, variable, args
     result = relay_cli(*args, env=env, timeout=30)
     one_line_error(result, variable, "http:// or https://")
     assert result.stdout == ""
+
+
+def test_ctrl_c_while_replay_plans_says_nothing_was_sent(dsn):
+    """Ctrl-C before the plan is made: one line saying nothing was sent (it said `up to seq None:
+    resume with --after None`)."""
+
+    async def interrupt_while_planning() -> tuple[int | None, str]:
+        holder = await asyncpg.connect(dsn)
+        try:
+            async with holder.transaction():
+                await holder.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")  # the plan waits
+                process = await asyncio.create_subprocess_exec(
+                    *[sys.executable, "-m", "service", "replay", "--fanout", "--quiet"],
+                    env=relay_env(dsn),
+                    cwd=ROOT,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                while not await holder.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                ):
+                    await asyncio.sleep(0.05)
+                    await holder.execute("SELECT pg_stat_clear_snapshot()")  # kept per transaction
+                process.send_signal(signal.SIGINT)
+                _, stderr = await asyncio.wait_for(process.communicate(), 60)
+        finally:
+            await holder.close()
+        return process.returncode, stderr.decode()
+
+    code, stderr = asyncio.run(interrupt_while_planning())
+    assert code == 130
+    assert stderr == "relay replay: interrupted before anything was sent\n"

@@ -225,11 +225,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         with_connection(run, writes=isinstance(target, FanoutTarget) and not args.dry_run)
     except KeyboardInterrupt:
         progress.close()
-        print(
-            f"relay replay: interrupted; every event up to seq {report.resume_after} was delivered: "
-            f"resume with --after {report.resume_after}",
-            file=sys.stderr,
-        )
+        if report.resume_after is None:  # stopped while planning: nothing was sent
+            print("relay replay: interrupted before anything was sent", file=sys.stderr)
+        else:
+            print(
+                f"relay replay: interrupted; every event up to seq {report.resume_after} was delivered: "
+                f"resume with --after {report.resume_after}",
+                file=sys.stderr,
+            )
         return 130
     progress.close()
     print(json.dumps(report.as_json()) if args.json else describe(report))

@@ -1,6 +1,6 @@
 import sys
 
-from service.cli.main import main
+from service.cli.entry import main
 
 if __name__ == "__main__":  # worker processes (spawn) import this module without running it
     sys.exit(main())

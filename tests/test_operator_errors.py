@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import asyncpg
 import pytest
@@ -271,3 +272,22 @@ def test_ctrl_c_while_replay_plans_says_nothing_was_sent(dsn):
     code, stderr = asyncio.run(interrupt_while_planning())
     assert code == 130
     assert stderr == "relay replay: interrupted before anything was sent\n"
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.45])
+def test_ctrl_c_while_relay_starts_exits_without_a_traceback(dsn, delay):
+    """Ctrl-C in the first half second of any command (its modules still loading) ends it like
+    Ctrl-C later: no import traceback."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "service", "events"],
+        env=relay_env(dsn),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert "Traceback" not in stderr, stderr
+    assert process.returncode in (130, -signal.SIGINT, 0), stderr

@@ -286,6 +286,29 @@ def test_cli_mistakes_exit_2_with_one_line(relay, args):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("relay: error: "), done.stderr
 
 
+def test_a_pause_holds_the_events_already_read_and_resume_sends_the_rest(relay, relay_dsn, admin, receiver):
+    """Paused mid-stream, a destination sends nothing more, not even the events it had already
+    read from the log; resumed, it sends the rest, each once, in seq order."""
+    prediction_id = new_prediction_id()
+    with httpx.Client(base_url=relay.url, timeout=30) as client:
+        for step in range(150):
+            body = {"id": prediction_id, "status": "processing", "logs": f"step {step}", "output": None}
+            assert post_webhook(client, body).status_code == 200
+    receiver.delay = 0.02  # one prediction: its events go one after another, 50 a second
+    destination = add(admin, receiver, filter={"prediction_id": prediction_id}, **{"from": "start"})
+    wait_for(lambda: len(receiver.accepted) >= 10, what="the first deliveries")
+    assert admin.post(f"/admin/destinations/{destination['id']}/pause").json()["paused"] is True
+    time.sleep(0.2)  # the one request in flight when the pause landed may finish
+    held = len(receiver.attempts)
+    time.sleep(1.0)
+    assert len(receiver.attempts) == held, "a paused destination kept sending"
+    assert held < 150
+    assert admin.post(f"/admin/destinations/{destination['id']}/resume").json()["paused"] is False
+    events = [e for e in stored_events(relay_dsn, 0) if e["prediction_id"] == prediction_id]
+    wait_for(lambda: len(receiver.accepted) == len(events), what="the rest after resume")
+    assert [receiver.seqs[w] for w in receiver.accepted_ids()] == [e["seq"] for e in events]
+
+
 def test_a_destination_failing_for_days_is_flagged_until_it_succeeds(relay, relay_dsn, admin, receiver):
     receiver.rule = lambda _id, _body: (500, {})
     destination = add(admin, receiver)

@@ -108,6 +108,9 @@ class Courier:
         self.schedule, self.concurrency, self.public = schedule, concurrency, public
         self.wake = asyncio.Event()
         self.config: Config | None = None
+        # Set while the destination is not paused: every POST waits for it, so a pause also
+        # holds the events already scanned into memory (they stay unresolved, sent on resume).
+        self.sending = asyncio.Event()
         self.scanned_to = 0
         self.stored_cursor = 0
         self.chains: dict[str, deque[asyncpg.Record]] = {}  # the fast path, per prediction
@@ -225,6 +228,10 @@ class Courier:
                 raise Gone from None
             key = decode_webhook_secret(secret, "the destination's secret")
             self.config = Config(row["url"], key, event_filter(row["filter"]), row["paused"])
+            if row["paused"]:
+                self.sending.clear()
+            else:
+                self.sending.set()
             if row["kek_id"] != self.vault.current_id:
                 await self._reseal(secret, row["secret"])
 
@@ -436,6 +443,7 @@ class Courier:
     # ------------------------------------------------------------------ sending
 
     async def _post(self, row: asyncpg.Record) -> Attempt:
+        await self.sending.wait()  # paused: nothing leaves until resumed
         assert self.config is not None and self.http is not None
         body = body_bytes(row, self.vault)  # {"erased":true} once the prediction is forgotten
         # At most `concurrency` requests in flight: the pool's bound for the destination's origin.

@@ -340,6 +340,11 @@ def test_batch_submit_exits_1_with_a_summary_when_an_item_failed(api, batch_rela
             [json.dumps(qwen_inputs(1)[0]), "", '{"image": ["https://x/y.png"]}'],
             "line 3: input.prompt is required",
         ),
+        # Python's json reads these, but they are not JSON: no traceback, the line named.
+        (['{"prompt": "a"}', '{"prompt": "b", "seed": NaN}'], "line 2 is not valid JSON"),
+        (['{"prompt": "a"}', '{"prompt": "b", "guidance": 1e999}'], "line 2 is not valid JSON"),
+        (['{"prompt": "a"}', '{"prompt": "b\\ud800"}'], "line 2 is not valid JSON"),
+        (['{"prompt": "a"}', "[" * 100_000], "line 2 is not valid JSON"),
     ],
 )
 def test_batch_submit_names_the_bad_line_and_creates_nothing(

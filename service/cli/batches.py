@@ -30,6 +30,19 @@ REFRESH_EVERY = 30.0  # a GET now and then counts items that end without an even
 INDEX_IN_MESSAGE = re.compile(r"^inputs\[(\d+)\]")
 
 
+def not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def json_line(line: str) -> Any:
+    """One line's JSON value; ValueError also for what Python's json reads but JSON cannot carry
+    (NaN, Infinity, a number too large for a double, an unpaired UTF-16 surrogate), which the
+    request would otherwise fail to encode with a traceback."""
+    value = json.loads(line, parse_constant=not_json)
+    json.dumps(value, allow_nan=False, ensure_ascii=False).encode()  # UnicodeEncodeError is a ValueError
+    return value
+
+
 def read_inputs(path: str) -> tuple[list[dict[str, Any]], list[int]]:
     """Each non-blank line's JSON object, and its line number; a broken line is a one-line error."""
     try:
@@ -41,8 +54,8 @@ def read_inputs(path: str) -> tuple[list[dict[str, Any]], list[int]]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except ValueError:
+            value = json_line(line)
+        except (ValueError, RecursionError):
             raise ConfigError(f"{path} line {number} is not valid JSON; one input object a line") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{path} line {number} is not a JSON object; one input object a line")

@@ -139,6 +139,25 @@ def test_bad_batches_are_refused_and_nothing_is_created(api, fake, body, expecte
     assert fake.requests == []
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ('{"model": "a/b", "inputs": [{"p": 1}, {"p": NaN}]}', "inputs[1]: input.p is NaN or Infinity"),
+        ('{"model": "a/b", "inputs": [{"p": [1, -Infinity]}]}', "inputs[0]: input.p[1] is NaN or Infinity"),
+        ('{"model": "a/b", "inputs": [{}, {}, {"p": {"q": 1e999}}]}', "inputs[2]: input.p.q is NaN or"),
+    ],
+)
+def test_an_input_holding_nan_or_infinity_is_refused_by_its_index(api, batch_relay, fake, raw, expected):
+    """Python clients send NaN and Infinity (json.dumps does); the 400 names the item and field."""
+    count = "SELECT count(*) AS n FROM batches"
+    before = query(batch_relay.env["DATABASE_URL"], count)[0]["n"]
+    response = api.post("/api/batches", content=raw, headers={"content-type": "application/json"})
+    status, code, message = error_of(response)
+    assert (status, code) == (400, "INVALID_REQUEST") and message.startswith(expected), message
+    assert fake.requests == []
+    assert query(batch_relay.env["DATABASE_URL"], count)[0]["n"] == before
+
+
 def test_a_body_that_is_not_json_is_refused(api):
     response = api.post("/api/batches", content=b"{nope", headers={"content-type": "application/json"})
     assert error_of(response)[:2] == (400, "INVALID_REQUEST")

@@ -7,6 +7,7 @@ names its index and field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,21 @@ def _inputs(value: Any) -> list[Any]:
     return value
 
 
+def non_finite(values: Any) -> str | None:
+    """Where the first NaN or Infinity inside an input is (`input.a[2]`), else None. Python's json
+    reads them (and 1e999 as Infinity), but JSON cannot carry them: not to Replicate, not in jsonb."""
+    pending: list[tuple[str, Any]] = [("input", values)]
+    while pending:  # iterative: nesting depth cannot overflow it
+        path, item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path
+        if isinstance(item, dict):
+            pending.extend(reversed([(f"{path}.{key}", value) for key, value in item.items()]))
+        elif isinstance(item, list):
+            pending.extend(reversed([(f"{path}[{n}]", value) for n, value in enumerate(item)]))
+    return None
+
+
 def batch_request(body: Any, webhook_url: str) -> BatchRequest:
     """The checked batch; a 400 naming the first problem (`inputs[3]: input.prompt …`)."""
     if not isinstance(body, dict):
@@ -68,5 +84,7 @@ def batch_request(body: Any, webhook_url: str) -> BatchRequest:
             raise InvalidRequest(f"inputs[{index}]: {error.message}") from None
         if (problem := unstorable(values)) is not None:
             raise InvalidRequest(f"inputs[{index}]: input {problem}")  # the items are kept in jsonb
+        if (where := non_finite(values)) is not None:
+            raise InvalidRequest(f"inputs[{index}]: {where} is NaN or Infinity, which JSON cannot carry")
         path, events_filter = found.path, payload["webhook_events_filter"]
     return BatchRequest(path, target, events_filter, concurrency, inputs)

@@ -224,6 +224,9 @@ def test_the_secret_is_generated_shown_once_and_never_listed(relay, admin, recei
     [
         ({"url": "ftp://example.com/hook"}, "http"),
         ({"url": "https://"}, "http"),
+        # Accepted before, then every delivery failed with "network error (ValueError)".
+        ({"url": "https://example.com:99999/hook"}, "valid port"),
+        ({"url": "https://example.com:https/hook"}, "valid port"),
         ({"url": "https://example.com", "secret": "not-whsec"}, "whsec_"),
         ({"url": "https://example.com", "secret": "whsec_%%%"}, "base64"),
         ({"url": "https://example.com", "filter": {"colour": "red"}}, "unknown filter"),
@@ -273,6 +276,7 @@ def test_the_cli_adds_lists_pauses_retries_and_removes(relay, receiver):
     "args",
     [
         ("add", "ftp://example.com"),
+        ("add", "http://example.com:80800/hook"),
         ("add", "https://example.com", "--secret", "nope"),
         ("add", "https://example.com", "--from", "99999999999"),
         ("add", "https://example.com", "--since", "yesterday"),

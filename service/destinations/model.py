@@ -49,10 +49,13 @@ def check_url(url: Any) -> str:
     try:
         parts = urlsplit(text)
         scheme, host = parts.scheme, parts.hostname
+        parts.port  # noqa: B018 - read for its check: a port that is not a number from 0 to 65535 raises
     except ValueError:  # a malformed [IPv6] or port
         scheme, host = "", None
     if scheme not in ("http", "https") or not host:
-        raise InvalidRequest(f"url must be an http:// or https:// URL with a host (at most {MAX_URL} chars)")
+        raise InvalidRequest(
+            f"url must be an http:// or https:// URL with a host and a valid port (at most {MAX_URL} chars)"
+        )
     return text
 
 

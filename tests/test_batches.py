@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import json
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -38,7 +40,16 @@ from .fake_replicate import (
     relay_for,
     watch,
 )
-from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, RelayProcess, free_port, query, relay_env, relay_on_terminal
+from .support import (
+    ADMIN_TOKEN,
+    ROOT,
+    SUBSCRIBE_KEY,
+    RelayProcess,
+    free_port,
+    query,
+    relay_env,
+    relay_on_terminal,
+)
 
 FAST_RECONCILE = {"RELAY_RECONCILE_INTERVAL": "1", "RELAY_RECONCILE_AFTER": "1"}
 
@@ -372,6 +383,34 @@ def test_batch_submit_names_the_bad_line_and_creates_nothing(
     done = relay_cli("batch", "submit", jsonl(tmp_path, lines), "--model", QWEN, env=batch_relay.env)
     assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert fake.requests == []
+
+
+def test_batch_submit_follows_its_batch_across_a_relay_restart(postgres, fake, tmp_path):
+    """Relay restarted mid-batch (a deploy): `relay batch submit` reconnects and follows the batch
+    until every item ended, then exits 0, instead of giving up when its socket closed."""
+    fake.reset()
+    fake.hold = True  # both predictions run until released
+    dsn, port = postgres.new_database(), free_port()
+    env = relay_env(dsn, **api_env(fake, port))
+    file = jsonl(tmp_path, [json.dumps(values) for values in qwen_inputs(2)])
+    command = [sys.executable, "-m", "service", "batch", "submit", file, "--model", QWEN, "--quiet"]
+    with RelayProcess(env, port=port):
+        cli = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        wait_for(lambda: len(fake.created) == 2, what="both creates")
+    try:
+        with RelayProcess(env, port=port):
+            fake.hold = False
+            out, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, (out, err)
+    assert (
+        out.strip().splitlines()[-1].endswith(" 2 item(s), 2 succeeded in " + out.split(" in ")[-1].strip())
+    )
+    assert len(creates(fake)) == 2
 
 
 def test_batch_status_of_an_unknown_batch_is_one_line(batch_relay):

@@ -32,6 +32,7 @@ from .fake_replicate import (
     API_KEY,
     OTHER_API_KEY,
     QWEN,
+    VERSION,
     Answer,
     FakeReplicate,
     api_client,
@@ -167,6 +168,21 @@ def test_an_input_holding_nan_or_infinity_is_refused_by_its_index(api, batch_rel
     assert (status, code) == (400, "INVALID_REQUEST") and message.startswith(expected), message
     assert fake.requests == []
     assert query(batch_relay.env["DATABASE_URL"], count)[0]["n"] == before
+
+
+def test_a_bare_version_id_relay_has_learned_is_checked_like_its_model(api, batch_relay, fake):
+    """Items are checked with the rules of a single create: a bare version id Relay has learned
+    (from an answer naming qwen) gets qwen's rules, so a bad item refuses the batch."""
+    assert api.post("/api/predictions", json={"model": QWEN, "input": qwen_inputs(1)[0]}).status_code == 201
+    single = api.post("/api/predictions", json={"version": VERSION, "input": {"image": ["https://x/y.png"]}})
+    assert error_of(single)[2] == "input.prompt is required for qwen/qwen-image-edit-plus"
+    calls = len(fake.requests)
+    inputs = [*qwen_inputs(2), {"image": ["https://x/y.png"]}]
+    status, code, message = error_of(api.post("/api/batches", json={"version": VERSION, "inputs": inputs}))
+    assert (status, code) == (400, "INVALID_REQUEST") and message.startswith("inputs[2]: input.prompt"), (
+        message
+    )
+    assert len(fake.requests) == calls
 
 
 def test_a_body_that_is_not_json_is_refused(api):

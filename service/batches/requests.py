@@ -8,6 +8,7 @@ names its index and field.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +64,9 @@ def non_finite(values: Any) -> str | None:
     return None
 
 
-def batch_request(body: Any, webhook_url: str) -> BatchRequest:
-    """The checked batch; a 400 naming the first problem (`inputs[3]: input.prompt …`)."""
+def batch_request(body: Any, webhook_url: str, learned: Mapping[str, str] | None = None) -> BatchRequest:
+    """The checked batch; a 400 naming the first problem (`inputs[3]: input.prompt …`). `learned`
+    maps bare version ids to models, as for a single create."""
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object with version or model, and inputs")
     unknown = sorted(set(body) - BATCH_FIELDS)
@@ -77,7 +79,7 @@ def batch_request(body: Any, webhook_url: str) -> BatchRequest:
     path, events_filter = "", []
     for index, values in enumerate(inputs):
         try:
-            found, payload = create_request({**common, "input": values}, webhook_url)
+            found, payload = create_request({**common, "input": values}, webhook_url, learned)
         except InvalidRequest as error:
             if index == 0 and not error.message.startswith("input"):
                 raise  # a problem with the batch itself (model, version, filter), not an input

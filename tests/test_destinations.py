@@ -369,6 +369,26 @@ def test_a_short_schedule_ends_in_exhausted_and_retry_delivers(postgres, receive
         wait_for(lambda: status_of(admin, destination["id"])["exhausted"] == 0, what="nothing exhausted")
 
 
+def test_a_one_step_schedule_counts_every_exhausted_event(postgres, receiver):
+    """RELAY_RETRY_SCHEDULE=0 (one attempt): each failed event is exhausted at once, and counted
+    in relay_destination_events_total{outcome="exhausted"} like one whose retries ran out."""
+    env = relay_env(postgres.new_database(), RELAY_RETRY_SCHEDULE="0")
+    with RelayProcess(env) as relay, httpx.Client(base_url=relay.url, headers=admin_headers()) as admin:
+        destination = add(admin, receiver)
+        receiver.rule = lambda _id, _body: (500, {})
+        with httpx.Client(base_url=relay.url, timeout=30) as client:
+            seqs = deliver_lifecycle(client, new_prediction_id())
+        wait_for(lambda: status_of(admin, destination["id"])["exhausted"] == len(seqs), what="exhausted")
+        assert len(receiver.attempts) == len(seqs)  # one attempt each
+        series = f'relay_destination_events_total{{destination="{destination["id"]}",outcome="exhausted"}}'
+
+        def exhausted() -> float:
+            found = [row for row in admin.get("/metrics").text.splitlines() if row.startswith(series)]
+            return float(found[0].split()[-1]) if found else 0.0
+
+        wait_for(lambda: exhausted() == len(seqs), what="every exhausted event counted")
+
+
 def test_kill_9_mid_stream_then_restart_loses_nothing(postgres, receiver):
     """The instance dies with requests in flight; its successor sends everything still owed."""
     dsn = postgres.new_database()

@@ -368,12 +368,20 @@ class Courier:
         )
         # A first attempt that the schedule does not allow to be retried is exhausted at once.
         if len(self.schedule) <= 1:
-            await conn.execute(
+            spent = await conn.fetch(
                 "UPDATE destination_events SET state = 'exhausted' WHERE destination_id = $1"
-                " AND state = 'owed' AND attempts >= $2",
+                " AND state = 'owed' AND attempts >= $2 RETURNING seq, last_error",
                 self.id,
                 len(self.schedule),
             )
+            for row in spent:  # counted and logged as an exhausted retry is
+                DESTINATION_EVENTS.labels(self.id, "exhausted").inc()
+                log.warning(
+                    "destination %s: event seq %s exhausted its retries (%s)",
+                    self.id,
+                    row["seq"],
+                    row["last_error"],
+                )
 
     def _resolve(self, seq: int) -> None:
         self.resolved.add(seq)

@@ -438,6 +438,14 @@ def test_batch_status_of_an_unknown_batch_is_one_line(batch_relay):
     )
 
 
+@pytest.mark.parametrize("batch_id", ["../predictions", "", "b_x?limit=0", "nope"])
+def test_batch_status_of_something_that_is_no_batch_id_is_one_line(batch_relay, batch_id):
+    """It would go into the URL's path: `../predictions` reached another route (a traceback)."""
+    done = relay_cli("batch", "status", batch_id, env=batch_relay.env)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr == f"relay: error: {batch_id!r} is not a batch id (b_ and 32 hex digits)\n"
+
+
 OWNERS_TABLE = """CREATE TABLE IF NOT EXISTS prediction_owners (
     prediction_id text PRIMARY KEY, owner text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())"""
 

@@ -32,6 +32,7 @@ RECONNECT_FOR = 120.0  # a restart or deploy of Relay is shorter; the batch itse
 POLICY_VIOLATION = 1008  # Relay refuses this stream (unknown batch, token): reconnecting cannot help
 REFRESH_EVERY = 30.0  # a GET now and then counts items that end without an event (refused creates)
 INDEX_IN_MESSAGE = re.compile(r"^inputs\[(\d+)\]")
+BATCH_ID = re.compile(r"^b_[0-9a-f]{32}$")
 
 
 def not_json(constant: str) -> Any:
@@ -221,6 +222,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if not 1 <= args.concurrency <= 50:
             raise ConfigError("--concurrency must be between 1 and 50")
         return asyncio.run(submit(args, base_url, settings.admin_token))
+    if not BATCH_ID.match(args.batch):  # it goes into a URL path: `../predictions` would be another route
+        raise ConfigError(f"{args.batch[:80]!r} is not a batch id (b_ and 32 hex digits)")
     return asyncio.run(status(args.batch, base_url, settings.admin_token))
 
 

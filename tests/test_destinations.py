@@ -227,6 +227,10 @@ def test_the_secret_is_generated_shown_once_and_never_listed(relay, admin, recei
         # Accepted before, then every delivery failed with "network error (ValueError)".
         ({"url": "https://example.com:99999/hook"}, "valid port"),
         ({"url": "https://example.com:https/hook"}, "valid port"),
+        # Written into the request line as they are: every delivery failed.
+        ({"url": "https://example.com/a hook"}, "printable ASCII"),
+        ({"url": "https://example.com/caf\u00e9"}, "printable ASCII"),
+        ({"url": "https://b\u00fccher.example/hook"}, "printable ASCII"),
         ({"url": "https://example.com", "secret": "not-whsec"}, "whsec_"),
         ({"url": "https://example.com", "secret": "whsec_%%%"}, "base64"),
         ({"url": "https://example.com", "filter": {"colour": "red"}}, "unknown filter"),

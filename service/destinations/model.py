@@ -45,7 +45,11 @@ def new_secret() -> str:
 
 
 def check_url(url: Any) -> str:
-    text: str = url if isinstance(url, str) and len(url) <= MAX_URL and "\x00" not in url else ""
+    # Printable ASCII only, as RFC 3986 has it: the sender writes the URL into the request line
+    # as it is, where a space or a non-ASCII character (an IDN host, `café` in a path) made every
+    # delivery fail. Percent-encode such characters, or give the host in punycode (xn--…).
+    printable = isinstance(url, str) and len(url) <= MAX_URL and all("!" <= c <= "~" for c in url)
+    text: str = url if printable else ""
     try:
         parts = urlsplit(text)
         scheme, host = parts.scheme, parts.hostname
@@ -54,7 +58,8 @@ def check_url(url: Any) -> str:
         scheme, host = "", None
     if scheme not in ("http", "https") or not host:
         raise InvalidRequest(
-            f"url must be an http:// or https:// URL with a host and a valid port (at most {MAX_URL} chars)"
+            f"url must be an http:// or https:// URL with a host and a valid port, in printable ASCII"
+            f" (percent-encode other characters; at most {MAX_URL} chars)"
         )
     return text
 

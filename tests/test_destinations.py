@@ -248,6 +248,13 @@ def test_bad_input_is_a_400_with_the_error_shape(admin, body, says):
     assert error["code"] == "INVALID_REQUEST" and says in error["message"]
 
 
+@pytest.mark.parametrize("raw", ["[" * 100_000, '{"url": "https://example.com", "filter": ' + "[" * 100_000])
+def test_a_body_nested_too_deeply_is_a_400_not_a_500(admin, raw):
+    response = admin.post("/admin/destinations", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "INVALID_REQUEST"
+
+
 def test_an_unknown_id_is_a_404_and_the_admin_token_is_required(relay, admin):
     for method, path in (
         ("GET", "/admin/destinations/dst_nope"),

@@ -185,6 +185,17 @@ def test_a_bare_version_id_relay_has_learned_is_checked_like_its_model(api, batc
     assert len(fake.requests) == calls
 
 
+def test_a_body_past_the_batch_limit_is_413_naming_that_limit(api, fake):
+    """The 413 names the batch body limit, not RELAY_MAX_BODY (the webhooks', which does not govern it)."""
+    inputs = [{"prompt": "x" * 2000}] * 8400  # just over 16 MiB
+    response = api.post("/api/batches", content=json.dumps({"model": "a/b", "inputs": inputs}))
+    status, code, message = error_of(response)
+    assert (status, code) == (413, "BODY_TOO_LARGE") and "the batch body limit allows 16777216" in message, (
+        message
+    )
+    assert "RELAY_MAX_BODY" not in message and fake.requests == []
+
+
 def test_a_body_that_is_not_json_is_refused(api):
     response = api.post("/api/batches", content=b"{nope", headers={"content-type": "application/json"})
     assert error_of(response)[:2] == (400, "INVALID_REQUEST")

@@ -86,7 +86,8 @@ def relay_links(relay: Relay, batch_id: str) -> dict[str, str]:
 
 
 async def read_batch_json(request: Request) -> Any:
-    body = await read_body(request, MAX_BATCH_BODY)
+    # Not RELAY_MAX_BODY (the webhooks' limit), which the 413 would otherwise name.
+    body = await read_body(request, MAX_BATCH_BODY, "the batch body limit")
     try:
         return json.loads(body)
     except (ValueError, RecursionError):

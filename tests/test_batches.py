@@ -185,6 +185,15 @@ def test_a_bare_version_id_relay_has_learned_is_checked_like_its_model(api, batc
     assert len(fake.requests) == calls
 
 
+def test_a_filter_without_completed_still_asks_for_completed(api, fake):
+    """An item's end starts the next: each create asks for `completed` too, or every item would
+    wait minutes for reconcile to see it end."""
+    batch = submit(api, 3, 1, webhook_events_filter=["start"])
+    ended = wait_until_ended(api, batch["id"])
+    assert ended["counts"] == {"succeeded": 3}
+    assert [c["webhook_events_filter"] for c in creates(fake)] == [["start", "completed"]] * 3
+
+
 def test_a_body_past_the_batch_limit_is_413_naming_that_limit(api, fake):
     """The 413 names the batch body limit, not RELAY_MAX_BODY (the webhooks', which does not govern it)."""
     inputs = [{"prompt": "x" * 2000}] * 8400  # just over 16 MiB

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.core.errors import InvalidRequest
-from service.core.validation import create_request, is_json_integer, unstorable
+from service.core.validation import WEBHOOK_EVENTS, create_request, is_json_integer, unstorable
 
 MAX_INPUTS = 10_000
 MAX_CONCURRENCY = 50
@@ -89,4 +89,8 @@ def batch_request(body: Any, webhook_url: str, learned: Mapping[str, str] | None
         if (where := non_finite(values)) is not None:
             raise InvalidRequest(f"inputs[{index}]: {where} is NaN or Infinity, which JSON cannot carry")
         path, events_filter = found.path, payload["webhook_events_filter"]
+    # An item's end is what starts the next one: without `completed`, Replicate would not say so,
+    # and every item would wait for reconcile (RELAY_RECONCILE_AFTER, minutes) to free its slot.
+    wanted = {*events_filter, "completed"}
+    events_filter = [event for event in WEBHOOK_EVENTS if event in wanted]
     return BatchRequest(path, target, events_filter, concurrency, inputs)

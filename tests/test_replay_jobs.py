@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import threading
 import time
@@ -26,6 +27,7 @@ from .support import (
     admin_headers,
     deliver_lifecycle,
     new_prediction_id,
+    query,
     relay_cli,
     relay_env,
 )
@@ -98,6 +100,36 @@ def test_a_job_that_finishes_reports_done_with_the_report(client, admin, receive
     while (job := admin.get(url).json())["status"] == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert job["status"] == "done" and job["report"]["delivered"] == len(seqs)
+
+
+def test_any_instance_answers_and_cancels_a_job_and_a_dead_runner_reads_failed(postgres):
+    """Two instances on one database (or two workers): the job started on A is polled and
+    canceled through B; a job whose process was killed reads `failed`, saying where to resume."""
+    dsn = postgres.new_database()
+    env = relay_env(dsn)
+    with (
+        RelayProcess(env) as a,
+        RelayProcess(env) as b,
+        httpx.Client(base_url=a.url, headers=admin_headers(), timeout=30) as on_a,
+        httpx.Client(base_url=b.url, headers=admin_headers(), timeout=30) as on_b,
+        hanging_target() as url,
+    ):
+        seqs = deliver_lifecycle(on_a, new_prediction_id())
+        body = {"filter": {"after": seqs[0] - 1}, "target": {"url": url, "secret": RECEIVER_SECRET}}
+        job = on_a.post("/admin/replay", params={"wait": 1}, json=body).json()
+        polled = on_b.get(job["url"]).json()
+        assert polled["status"] == "running" and polled["report"]["matched"] == len(seqs)
+        canceled = on_b.post(job["url"] + "/cancel").json()
+        assert canceled["status"] == "canceled" and canceled["finished_at"] is not None
+        assert on_a.get(job["url"]).json()["status"] == "canceled"
+
+        orphan = on_a.post("/admin/replay", params={"wait": 0}, json=body).json()
+        a.stop(signal.SIGKILL)
+        assert on_b.get(orphan["url"]).json()["status"] == "running"  # its heartbeat is still fresh
+        query(dsn, "UPDATE replay_jobs SET heartbeat_at = now() - interval '1 minute' WHERE id = $1",
+              orphan["job"])  # fmt: skip
+        dead = on_b.get(orphan["url"]).json()
+        assert dead["status"] == "failed" and "resume_after" in dead["error"]
 
 
 def test_an_unknown_job_is_404(admin):

@@ -33,6 +33,7 @@ from service.db import database, migrations, partitions
 from service.destinations.manager import Destinations
 from service.ingest.committer import GroupCommitter
 from service.live.hub import Hub
+from service.ops.replay_jobs import ReplayJobs
 from service.upstream.client import Upstream
 from service.upstream.reconcile import Reconciler
 from service.usage import budget
@@ -367,6 +368,7 @@ def create_app(settings: Settings, dsn: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await open_pools(relay)
+        relay.replays = ReplayJobs(relay.pool)
         relay.hub = Hub(relay.pool, relay.listen_connection, relay.vault)
         await relay.hub.start(relay.supervisor)
         # With encryption on, the hub reads (and decrypts) every row from the log instead.

@@ -46,7 +46,7 @@ class Relay:
     archive_policy: HostPolicy = field(init=False)
     scheduler: Scheduler | None = field(init=False, default=None)  # batches, with an upstream
     batch_link_key: bytes = field(init=False)
-    replays: ReplayJobs = field(init=False, default_factory=ReplayJobs)
+    replays: ReplayJobs = field(init=False)  # built with the pools
 
     def __post_init__(self) -> None:
         self.webhook_keys = self.settings.webhook_keys

@@ -26,7 +26,6 @@ from service.core.params import MAX_PAGE
 from service.core.settings import WHSEC_PATTERN
 from service.db import store
 from service.ops.replay import Report, Target, UrlTarget, check_target_address, replay, target_from_json
-from service.ops.replay_jobs import ReplayJob
 from service.web import auth
 from service.web.auth import route
 from service.web.responses import events_page
@@ -95,10 +94,11 @@ async def post_replay(request: Request) -> JSONResponse:
                 dry_run=dry_run, report=report, public=not relay.settings.replay_private,
             )  # fmt: skip
 
-    job = relay.replays.start(run)
+    job = await relay.replays.start(run)
     assert job.task is not None
     await asyncio.wait({job.task}, timeout=wait)
     if not job.task.done():
+        await relay.replays.checkpoint(job)  # every instance now answers with this report
         url = f"/admin/replay/{job.id}"
         body = {"job": job.id, "status": job.status, "url": url, "report": job.report.as_json()}
         return JSONResponse(body, status_code=202, headers={"Location": url})
@@ -108,26 +108,21 @@ async def post_replay(request: Request) -> JSONResponse:
     raise DatabaseUnavailable("the replay could not read the log; retry later")
 
 
-def replay_job(request: Request) -> ReplayJob:
-    job = relay_of(request).replays.get(request.path_params["job_id"])
+def found_job(job: dict[str, Any] | None) -> JSONResponse:
     if job is None:
-        raise NotFound("no replay job with this id here (a job lives in the Relay process that runs it)")
-    return job
+        raise NotFound("no replay job with this id")
+    return JSONResponse(job)
 
 
 async def get_replay_job(request: Request) -> JSONResponse:
     """`GET /admin/replay/{job}` → `{"id", "status": running|done|failed|canceled, "error",
-    "started_at", "finished_at", "report"}`."""
-    return JSONResponse(replay_job(request).as_json())
+    "started_at", "finished_at", "report"}`, from any instance."""
+    return found_job(await relay_of(request).replays.read(request.path_params["job_id"]))
 
 
 async def cancel_replay_job(request: Request) -> JSONResponse:
     """`POST /admin/replay/{job}/cancel`: stop a running replay (what was sent stays sent)."""
-    job = replay_job(request)
-    relay_of(request).replays.cancel(job)
-    if job.task is not None:
-        await asyncio.wait({job.task}, timeout=5)
-    return JSONResponse(job.as_json())
+    return found_job(await relay_of(request).replays.cancel(request.path_params["job_id"]))
 
 
 routes = [

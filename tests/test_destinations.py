@@ -232,6 +232,8 @@ def test_the_secret_is_generated_shown_once_and_never_listed(relay, admin, recei
         ({"url": "https://example.com/a hook"}, "printable ASCII"),
         ({"url": "https://example.com/caf\u00e9"}, "printable ASCII"),
         ({"url": "https://b\u00fccher.example/hook"}, "printable ASCII"),
+        # Credentials were dropped without a word: every delivery got the receiver's 401.
+        ({"url": "https://user:secret@example.com/hook"}, "must not hold credentials"),
         ({"url": "https://example.com", "secret": "not-whsec"}, "whsec_"),
         ({"url": "https://example.com", "secret": "whsec_%%%"}, "base64"),
         ({"url": "https://example.com", "filter": {"colour": "red"}}, "unknown filter"),

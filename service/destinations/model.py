@@ -61,6 +61,8 @@ def check_url(url: Any) -> str:
             f"url must be an http:// or https:// URL with a host and a valid port, in printable ASCII"
             f" (percent-encode other characters; at most {MAX_URL} chars)"
         )
+    if "@" in parts.netloc:  # the sender sends no Authorization: the receiver would answer 401 forever
+        raise InvalidRequest("url must not hold credentials (user:password@): Relay does not send them")
     return text
 
 

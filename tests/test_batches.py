@@ -449,6 +449,33 @@ def test_batch_submit_follows_its_batch_across_a_relay_restart(postgres, fake, t
     assert len(creates(fake)) == 2
 
 
+def test_batch_submit_stops_with_one_line_when_relay_refuses_its_stream(postgres, fake, tmp_path):
+    """After a restart with another RELAY_SUBSCRIBE_KEY the batch's token is refused (403):
+    asking again cannot help, so the command stops at once with one line, exit 2."""
+    fake.reset()
+    fake.hold = True
+    dsn, port = postgres.new_database(), free_port()
+    env = relay_env(dsn, **api_env(fake, port))
+    file = jsonl(tmp_path, [json.dumps(values) for values in qwen_inputs(1)])
+    command = [sys.executable, "-m", "service", "batch", "submit", file, "--model", QWEN, "--quiet"]
+    with RelayProcess(env, port=port):
+        cli = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        wait_for(lambda: len(fake.created) == 1, what="the create")
+    try:
+        with RelayProcess({**env, "RELAY_SUBSCRIBE_KEY": "another-subscribe-key-" + "z" * 20}, port=port):
+            out, err = cli.communicate(timeout=30)
+    finally:
+        fake.hold = False
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 2, (out, err)
+    assert err.startswith("relay: error: Relay refused the stream of batch b_") and err.endswith(
+        "(HTTP 403)\n"
+    )
+
+
 def test_batch_status_of_an_unknown_batch_is_one_line(batch_relay):
     done = relay_cli("batch", "status", "b_" + "0" * 32, env=batch_relay.env)
     assert (

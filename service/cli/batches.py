@@ -121,6 +121,14 @@ class BatchClient:
             try:
                 code, reason = await self._watch(batch, progress)
                 lost_since = None
+            except websockets.InvalidStatus as error:  # an HTTP answer instead of the socket
+                answered = error.response.status_code
+                if 400 <= answered < 500:  # refused (token, origin): asking again cannot help
+                    raise ConfigError(
+                        f"Relay refused the stream of batch {batch['id']} (HTTP {answered})"
+                    ) from None
+                code, reason = None, f"HTTP {answered}"
+                lost_since = lost_since or time.monotonic()
             except (OSError, TimeoutError, websockets.InvalidHandshake) as error:
                 code, reason = None, type(error).__name__
                 lost_since = lost_since or time.monotonic()
@@ -129,8 +137,8 @@ class BatchClient:
             if code == POLICY_VIOLATION:
                 raise ConfigError(f"Relay closed the stream of batch {batch['id']}: {reason}")
             if lost_since is not None and time.monotonic() - lost_since > RECONNECT_FOR:
-                status = f"relay batch status {batch['id']}"
-                raise ConfigError(f"lost Relay at {self.base_url} ({reason}); the batch goes on: {status}")
+                see = f"relay batch status {batch['id']}"
+                raise ConfigError(f"lost Relay at {self.base_url} ({reason}); the batch goes on: {see}")
             await asyncio.sleep(RECONNECT_DELAY)
             with contextlib.suppress(ConfigError, httpx.HTTPError):  # items that ended meanwhile
                 self.done = ended((await self.get(batch["id"]))["counts"])

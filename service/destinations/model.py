@@ -52,16 +52,16 @@ def check_url(url: Any) -> str:
     text: str = url if printable else ""
     try:
         parts = urlsplit(text)
-        scheme, host = parts.scheme, parts.hostname
+        scheme, host, netloc = parts.scheme, parts.hostname, parts.netloc
         parts.port  # noqa: B018 - read for its check: a port that is not a number from 0 to 65535 raises
     except ValueError:  # a malformed [IPv6] or port
-        scheme, host = "", None
+        scheme, host, netloc = "", None, ""
     if scheme not in ("http", "https") or not host:
         raise InvalidRequest(
             f"url must be an http:// or https:// URL with a host and a valid port, in printable ASCII"
             f" (percent-encode other characters; at most {MAX_URL} chars)"
         )
-    if "@" in parts.netloc:  # the sender sends no Authorization: the receiver would answer 401 forever
+    if "@" in netloc:  # the sender sends no Authorization: the receiver would answer 401 forever
         raise InvalidRequest("url must not hold credentials (user:password@): Relay does not send them")
     return text
 

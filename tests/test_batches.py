@@ -245,6 +245,20 @@ def test_cancel_stops_new_items_and_cancels_the_unfinished_upstream(api, fake):
     assert error_of(api.post(f"/api/batches/{batch['id']}/cancel"))[0] == 409
 
 
+def test_a_cancel_replicate_fails_to_take_is_sent_again(api, fake):
+    """Replicate answers the cancels 500 (past the client's own retries): they are sent again,
+    so the predictions stop and the batch ends canceled rather than running on upstream."""
+    fake.hold = True  # predictions run until canceled
+    batch = submit(api, 5, 2)
+    wait_for(lambda: len(fake.unfinished) == 2, what="2 running predictions")
+    cancels = r"/predictions/[^/]+/cancel"
+    fake.script("POST", cancels, *[Answer(500)] * 6)  # 2 cancels x 3 attempts (RELAY_UPSTREAM_RETRIES=2)
+    assert api.post(f"/api/batches/{batch['id']}/cancel").status_code == 202
+    ended = wait_until_ended(api, batch["id"])
+    assert ended["status"] == "canceled" and ended["counts"] == {"canceled": 5}
+    assert len(fake.calls("POST", cancels)) > 6 and not fake.unfinished
+
+
 def test_a_429_storm_slows_the_batch_and_loses_nothing(api, fake):
     """Creates answered 429 are retried after Retry-After; each item is created exactly once."""
     fake.script("POST", CREATES, *[Answer(429, {"Retry-After": "1"}) for _ in range(8)])

@@ -472,6 +472,23 @@ def test_a_forgotten_prediction_is_sent_as_erased_never_in_clear(postgres, recei
         assert all(json.loads(body) == {"erased": True} for _, body in receiver.accepted)
 
 
+def test_a_secret_no_configured_key_opens_stops_its_destination_with_one_error_line(postgres, receiver):
+    """Sealed under a key no longer in RELAY_ENCRYPTION_KEY: the destination stops with one error
+    line (it was started again, and logged again, every 2 seconds)."""
+    dsn = postgres.new_database()
+    old, new = (base64.b64encode(os.urandom(32)).decode() for _ in range(2))
+    with (
+        RelayProcess(relay_env(dsn, RELAY_ENCRYPTION_KEY=old)) as relay,
+        httpx.Client(base_url=relay.url, headers=admin_headers()) as admin,
+    ):
+        add(admin, receiver)
+    line = "its secret cannot be read with RELAY_ENCRYPTION_KEY"
+    with RelayProcess(relay_env(dsn, RELAY_ENCRYPTION_KEY=new)) as relay:
+        wait_for(lambda: line in relay.output, what="the error line")
+        time.sleep(5)  # two and a half looks of the sender at its destinations
+        assert relay.output.count(line) == 1, relay.output
+
+
 def test_a_standalone_sender_sends_for_servers_that_do_not(postgres, receiver):
     """RELAY_DESTINATIONS=off: the server sends nothing; `relay destinations run` does, and stops
     on SIGTERM."""

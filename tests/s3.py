@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 from moto.server import ThreadedMotoServer
@@ -48,3 +50,60 @@ class S3:
             else:
                 os.environ[name] = value
         self.server.stop()
+
+
+class RefusingS3:
+    """An S3 endpoint that refuses every request with 403 AccessDenied (credentials rotated, a
+    bucket policy changed): a real HTTP server on port 0. `env` holds the AWS variables for it.
+    With `head_size`, a HEAD of any object answers that it exists with that size (a store that
+    lists but refuses reads); `methods` records every request's method."""
+
+    BODY = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+
+    def __init__(self, head_size: int | None = None) -> None:
+        self.head_size = head_size
+        self.methods: list[str] = []
+
+    def __enter__(self) -> RefusingS3:
+        body, outer = self.BODY, self
+
+        class Refuse(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def refuse(self) -> None:
+                outer.methods.append(self.command)
+                if self.command == "HEAD" and outer.head_size is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(outer.head_size))
+                    self.send_header("Last-Modified", "Thu, 03 Dec 2026 10:00:00 GMT")
+                    self.send_header("ETag", '"relay-test"')
+                    self.end_headers()
+                    return
+                self.send_response(403)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = refuse
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "relay-test",
+            "AWS_SECRET_ACCESS_KEY": "relay-test-secret",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+        }
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

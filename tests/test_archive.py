@@ -164,6 +164,36 @@ def test_503_twice_then_200_is_stored(harness_for, files: FileServer) -> None:
     assert files.counts()["/flaky.png"] == 3
 
 
+def test_a_name_that_does_not_resolve_yet_is_retried_not_failed(harness_for, files: FileServer) -> None:
+    """A DNS lookup that fails (a resolver hiccup) is retried like a connection error: the file is
+    stored once the name resolves again, instead of ending `failed` at the first miss."""
+    port = files.server_address[1]
+    origin = f"http://files.relay-test:{port}"
+    url = files.add("/dns.png", png(4))
+    answers: list[list[str]] = [[]]  # the first lookup fails, later ones find the file server
+
+    async def flaky(host: str, _port: int) -> list[str]:
+        if answers and not answers.pop(0):
+            raise OSError("Temporary failure in name resolution")
+        return ["127.0.0.1"]
+
+    async def scenario() -> None:
+        async with harness_for(origin) as h:
+            await h.archiver.client.aclose()
+            h.archiver.client = GuardedClient(HostPolicy([origin]), resolve=flaky)
+            await h.append(output_event(new_prediction_id(), origin + "/dns.png"))
+            await h.archiver.discover_pass()
+            await h.archiver.slot_pass()
+            [row] = await h.rows()
+            assert (row["status"], row["reason"]) == ("pending", "the host name does not resolve")
+            await h.settle()
+            [row] = await h.rows()
+            assert row["status"] == "stored" and row["attempts"] == 2
+
+    run(scenario())
+    assert url.endswith("/dns.png") and files.counts()["/dns.png"] == 1
+
+
 def test_retries_end_failed_with_the_reason_once_the_url_has_expired(harness_for, files: FileServer) -> None:
     """A URL still failing when its hour is over ends `failed`, naming the last error."""
     url = files.add("/down.png", png(2))

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 
 from service.core.auth import mint_token
+from service.db import store
+from service.db.vault import Vault
 
 from .fake_replicate import FakeReplicate, api_client, relay_for
 from .fileserver import DRIP, FileServer, png
+from .s3 import RefusingS3
 from .support import (
     ADMIN_TOKEN,
     ROOT,
@@ -88,13 +95,20 @@ def test_files_are_served_to_the_admin_and_the_right_subscriber_only(
             assert answer.headers["etag"] == f'"{sha}"'
             assert "immutable" in answer.headers["cache-control"]
             assert answer.headers["x-content-type-options"] == "nosniff"
-        again = client.get(path, params={"token": ADMIN_TOKEN}, headers={"If-None-Match": f'"{sha}"'})
-        assert again.status_code == 304
+        for validator in (f'"{sha}"', f'W/"{sha}"', f'"other", "{sha}"', "*"):  # RFC 9110 13.1.2
+            again = client.get(path, params={"token": ADMIN_TOKEN}, headers={"If-None-Match": validator})
+            assert again.status_code == 304, validator
+        assert (
+            client.get(path, params={"token": ADMIN_TOKEN}, headers={"If-None-Match": '"other"'}).content
+            == body
+        )
         part = client.get(path, params={"token": ADMIN_TOKEN}, headers={"Range": "bytes=8-23"})
         assert part.status_code == 206 and part.content == body[8:24]
         assert part.headers["content-range"] == f"bytes 8-23/{len(body)}"
         beyond = client.get(path, params={"token": ADMIN_TOKEN}, headers={"Range": f"bytes={len(body)}-"})
         assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(body)}"
+        assert beyond.json()["error"]["code"] == "RANGE_NOT_SATISFIABLE"  # the error shape, not cached
+        assert "immutable" not in beyond.headers.get("cache-control", "")
         assert client.get("/files/" + "0" * 64, params={"token": ADMIN_TOKEN}).status_code == 404
         assert (
             client.get(
@@ -109,6 +123,57 @@ def test_files_are_served_to_the_admin_and_the_right_subscriber_only(
         missing = client.get(path, params={"token": ADMIN_TOKEN})
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "NOT_FOUND"
     assert files.counts()["/out/11.png"] == 1
+
+
+STORED_ROW = """
+INSERT INTO archive_jobs (url_hash, prediction_id, seq, url, encrypted, give_up_at, status, sha256, size,
+                          content_type, object_key)
+VALUES ($1, $2, 1, $3, false, now(), 'stored', $4, 100, 'image/png', $5)
+"""
+
+
+def test_a_store_that_refuses_a_read_answers_503_not_a_500(postgres: Postgres, tmp_path: Path) -> None:
+    """An S3 store refusing to read a stored file (403) is a 503 STORE_UNAVAILABLE in the error
+    shape with Retry-After, logged in one line without the store's URL: never a 500 and a traceback."""
+    sha = hashlib.sha256(b"refused").hexdigest()
+    with RefusingS3() as s3:
+        dsn = postgres.new_database()
+        url = "https://replicate.delivery/x/out.png"
+        query(dsn, STORED_ROW, hashlib.sha256(url.encode()).digest(), new_prediction_id(), url.encode(), sha,
+              f"{sha[:2]}/{sha}")  # fmt: skip
+        env = relay_env(dsn, RELAY_ARCHIVE="s3://relay-test/outputs", RELAY_DATA_DIR=str(tmp_path), **s3.env)
+        with RelayProcess(env) as relay:
+            answer = httpx.get(f"{relay.url}/files/{sha}", params={"token": ADMIN_TOKEN}, timeout=30)
+            head = httpx.head(f"{relay.url}/files/{sha}", params={"token": ADMIN_TOKEN}, timeout=30)
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "STORE_UNAVAILABLE"
+    assert answer.headers["retry-after"] and head.status_code == 503
+    logged = relay.read_output()
+    assert "Traceback" not in logged and s3.endpoint not in logged
+    assert "the archive store cannot be read" in logged
+
+
+def test_a_head_asks_the_store_whether_the_file_is_there_and_never_reads_it(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """HEAD /files/… answers a GET's headers (Content-Length, type, ETag, 206 for a range) from a
+    HEAD of the object: the bytes are never read (a HEAD of a video must not download it)."""
+    sha = hashlib.sha256(b"head").hexdigest()
+    with RefusingS3(head_size=100) as s3:  # reads are refused: a GET of the object would fail
+        dsn = postgres.new_database()
+        url = "https://replicate.delivery/x/head.png"
+        query(dsn, STORED_ROW, hashlib.sha256(url.encode()).digest(), new_prediction_id(), url.encode(), sha,
+              f"{sha[:2]}/{sha}")  # fmt: skip
+        env = relay_env(dsn, RELAY_ARCHIVE="s3://relay-test/outputs", RELAY_DATA_DIR=str(tmp_path), **s3.env)
+        with RelayProcess(env) as relay, httpx.Client(base_url=relay.url, timeout=30) as client:
+            whole = client.head(f"/files/{sha}", params={"token": ADMIN_TOKEN})
+            part = client.head(
+                f"/files/{sha}", params={"token": ADMIN_TOKEN}, headers={"Range": "bytes=10-19"}
+            )
+    assert whole.status_code == 200 and whole.headers["content-length"] == "100"
+    assert whole.headers["content-type"] == "image/png" and whole.headers["etag"] == f'"{sha}"'
+    assert part.status_code == 206 and part.headers["content-range"] == "bytes 10-19/100"
+    assert part.headers["content-length"] == "10"
+    assert "GET" not in s3.methods and "HEAD" in s3.methods
 
 
 def test_kill_9_mid_download_resumes_after_restart_with_one_object(
@@ -205,6 +270,27 @@ def test_archive_status_lists_failures_and_retry_fetches_again(
     assert missing.returncode == 2 and "no failed archive job" in missing.stderr
 
 
+def test_archive_retry_of_an_empty_or_wildcard_id_re_queues_nothing(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """`relay archive retry` matches a prediction id or a job id's hex prefix only: "" or "%" (an
+    unset shell variable, a LIKE wildcard) is an error line and exit 2, not every failed job again."""
+    dsn = postgres.new_database()
+    for n in range(2):
+        url = f"https://replicate.delivery/x/{n}.png"
+        query(dsn, STORED_ROW.replace("'stored'", "'failed'"), hashlib.sha256(url.encode()).digest(),
+              new_prediction_id(), url.encode(), None, None)  # fmt: skip
+    env = relay_env(dsn, RELAY_DATA_DIR=str(tmp_path))
+    for target in ("", "%", "_%"):
+        again = relay_command("archive", "retry", target, env=env)
+        assert again.returncode == 2 and "no failed archive job" in again.stderr, (target, again.stdout)
+        assert len(again.stderr.strip().splitlines()) == 1
+    assert [row["status"] for row in query(dsn, "SELECT status FROM archive_jobs")] == ["failed", "failed"]
+    [job] = query(dsn, "SELECT encode(url_hash, 'hex') AS id FROM archive_jobs LIMIT 1")
+    again = relay_command("archive", "retry", job["id"][:16], env=env)
+    assert again.returncode == 0 and "re-queued 1 failed" in again.stdout, again.stderr
+
+
 def test_relay_forget_deletes_the_archived_files(
     postgres: Postgres, files: FileServer, tmp_path: Path
 ) -> None:
@@ -224,6 +310,38 @@ def test_relay_forget_deletes_the_archived_files(
     assert "deleted 1 archived file(s)" in forget.stdout
     assert stored_objects(store) == []
     assert query(env["DATABASE_URL"], "SELECT count(*) FROM archive_jobs")[0][0] == 0
+
+
+def test_relay_forget_with_the_store_refusing_says_so_in_one_line(postgres: Postgres, tmp_path: Path) -> None:
+    """`relay forget` while S3 refuses to delete: the prediction is forgotten, the files' deletion
+    is left to the erasure event (its job kept for it), reported in one line: no traceback."""
+    key = os.urandom(32)
+    dsn, prediction = postgres.new_database(), new_prediction_id()
+    url = "https://replicate.delivery/x/mine.png"
+    sha = hashlib.sha256(b"mine").hexdigest()
+
+    async def seed() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            body = json.dumps({"id": prediction, "status": "succeeded", "output": [url]}).encode()
+            delivery = store.Delivery(webhook_id=f"msg_{prediction}", prediction_id=prediction,
+                                      status="succeeded", source="webhook", body=body,
+                                      received_at=datetime.now(UTC))  # fmt: skip
+            await store.append(conn, [delivery], Vault([key]).prepare)
+            await conn.execute(STORED_ROW.replace("false", "true"), hashlib.sha256(url.encode()).digest(),
+                               prediction, b"sealed", sha, f"{sha[:2]}/{sha}.0123456789abcdef")  # fmt: skip
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    with RefusingS3() as s3:
+        env = relay_env(dsn, RELAY_ARCHIVE="s3://relay-test/outputs", RELAY_DATA_DIR=str(tmp_path),
+                        RELAY_ENCRYPTION_KEY=base64.b64encode(key).decode(), **s3.env)  # fmt: skip
+        forget = relay_command("forget", prediction, env=env)
+    assert f"{prediction}: forgotten" in forget.stdout, forget.stderr
+    assert forget.returncode == 2 and "Traceback" not in forget.stderr and s3.endpoint not in forget.stderr
+    assert len(forget.stderr.strip().splitlines()) == 1 and "archived files" in forget.stderr
+    assert query(dsn, "SELECT count(*) FROM archive_jobs")[0][0] == 1  # for the erasure event to delete
 
 
 def test_relay_simulate_serve_outputs_is_archived(postgres: Postgres, tmp_path: Path) -> None:

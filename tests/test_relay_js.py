@@ -205,3 +205,25 @@ def test_parse_progress_reads_the_last_tqdm_line(page):
     assert page.evaluate(parse, long_logs)["current"] == 50
     assert page.evaluate(parse, "Using seed: 1\nloading weights\n") is None
     assert page.evaluate(parse, None) is None
+
+
+def test_stored_copies_point_at_relay_from_a_page_of_another_origin(page, relays):
+    """`fileUrl`/`outputUrl` with `base` (as `watchArchive` takes it) name the copy on Relay's
+    origin, not on the page's; without `base` the path stays relative (the same-origin dashboard)."""
+    other = relays[1].url  # Relay, as seen from a frontend served by another origin
+    item = {"url": "https://replicate.delivery/a/out.png", "status": "stored", "file": "/files/ab12"}
+    urls = page.evaluate(
+        """([item, base]) => [
+          Relay.fileUrl(item, "t k", base + "/"),
+          Relay.outputUrl(item.url, [item], "t", base),
+          Relay.outputUrl("https://elsewhere.test/x", [item], "t", base),
+          Relay.fileUrl(item, "t"),
+        ]""",
+        [item, other],
+    )
+    assert urls == [
+        f"{other}/files/ab12?token=t%20k",
+        f"{other}/files/ab12?token=t",
+        "https://elsewhere.test/x",
+        "/files/ab12?token=t",
+    ]

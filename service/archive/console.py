@@ -25,12 +25,14 @@ SELECT j.url_hash, j.prediction_id, j.url, j.encrypted, j.attempts, j.give_up_at
 FROM archive_jobs j
 """
 # A retried job gets a fresh window of retries: the URL may be dead by now, and then the job
-# ends failed again with the new reason.
+# ends failed again with the new reason. A job id is a hex prefix of the URL's hash, compared as
+# text: never a LIKE pattern, and never empty (which would match every failed job).
 RETRY_WINDOW_MINUTES = 10
 RETRY = """
 UPDATE archive_jobs SET status = 'pending', attempts = 0, next_at = now(), finished_at = NULL,
        give_up_at = greatest(give_up_at, now() + $2::int * interval '1 minute')
-WHERE status = 'failed' AND (prediction_id = $1 OR encode(url_hash, 'hex') LIKE $1 || '%')
+WHERE status = 'failed'
+  AND (prediction_id = $1 OR ($1 ~ '^[0-9a-f]+$' AND starts_with(encode(url_hash, 'hex'), $1)))
 """
 LIST_LIMIT = 200
 ERASED = (

@@ -42,7 +42,7 @@ from service.core.pace import Pace
 from service.core.retry import exponential
 from service.db.connection import Connection
 from service.db.vault import Vault
-from service.net.guard import GuardedClient, Refused, TooLarge, capped_chunks
+from service.net.guard import GuardedClient, Refused, TooLarge, Unresolved, capped_chunks
 
 log = logging.getLogger("relay.archive")
 
@@ -312,6 +312,8 @@ class Archiver:
                         if len(head) < 64:
                             head += chunk[:64]
                 declared = response.headers.get("content-type")
+        except Unresolved as unresolved:  # DNS fails for a while too: retried until the URL expires
+            raise Retry(unresolved.reason) from None
         except Refused as refused:
             raise Failed(refused.reason) from None
         except httpx.InvalidURL:

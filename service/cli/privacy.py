@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from service.archive import console as archive_console
 from service.archive.stores import open_store
@@ -23,20 +24,29 @@ def cmd_forget(args: argparse.Namespace) -> int:
     with database.database_dsn(settings) as dsn:
         asyncio.run(database.require_writable(dsn))
         status = asyncio.run(forget_all(dsn, vault, args.predictions))
-        asyncio.run(forget_files(dsn, vault, settings.archive, args.predictions))
+        if not asyncio.run(forget_files(dsn, vault, settings.archive, args.predictions)):
+            status = 2
     return status
 
 
-async def forget_files(dsn: str, vault: Vault, archive: str, prediction_ids: list[str]) -> None:
+async def forget_files(dsn: str, vault: Vault, archive: str, prediction_ids: list[str]) -> bool:
     """Delete forgotten predictions' archived files now (a running server would also do it,
-    when its archive worker reads the erasure events from the log)."""
+    when its archive worker reads the erasure events from the log). False, said in one line,
+    when the store cannot delete them now: the jobs stay for the erasure events to finish."""
+    files = open_store(archive)
     conn = await ready_connection(dsn, vault)
     try:
-        deleted = await archive_console.forget(conn, open_store(archive), prediction_ids)
+        deleted = await archive_console.forget(conn, files, prediction_ids)
+    except Exception as error:  # noqa: BLE001 - the store's own classes (S3 unreachable, refusing)
+        # The class only: the store's error text carries its endpoint, bucket and object keys.
+        print(f"relay: the archived files could not be deleted now ({type(error).__name__}); "
+              "relay serve deletes them when it reads the erasure events", file=sys.stderr)  # fmt: skip
+        return False
     finally:
         await conn.close()
     if deleted:
         print(f"deleted {deleted} archived file(s)")
+    return True
 
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:

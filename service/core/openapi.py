@@ -126,9 +126,10 @@ STATUS_TEXT = {
     405: "Method not allowed (METHOD_NOT_ALLOWED)",
     409: "Conflict with the current state",
     413: "Body too large (BODY_TOO_LARGE)",
+    416: "The range is outside the file (RANGE_NOT_SATISFIABLE)",
     429: "Rate limited (RATE_LIMIT_ERROR); see Retry-After",
     502: "Replicate failed (PROCESSING_ERROR, NETWORK_ERROR, UNKNOWN_ERROR)",
-    503: "Unavailable (DATABASE_UNAVAILABLE, PROXY_DISABLED); see Retry-After",
+    503: "Unavailable (DATABASE_UNAVAILABLE, PROXY_DISABLED, STORE_UNAVAILABLE); see Retry-After",
     504: "Replicate did not answer in time (TIMEOUT)",
 }
 # What any route can answer besides its own: a database outage, and a request head too large.

@@ -36,6 +36,14 @@ class Refused(Exception):
         self.reason = reason
 
 
+class Unresolved(Refused):
+    """The host name gave no address: nothing was sent, but a resolver's hiccup passes, so a
+    caller with time (the archive) may try again later."""
+
+    def __init__(self) -> None:
+        super().__init__("the host name does not resolve")
+
+
 class TooLarge(Exception):
     """The body is over the cap (by its Content-Length, or while streaming)."""
 
@@ -88,10 +96,10 @@ async def checked_address(target: Target, resolve: Resolver) -> str:
     try:
         found = [str(literal)] if literal is not None else await resolve(target.host, target.port)
     except OSError:
-        raise Refused("the host name does not resolve") from None
+        raise Unresolved() from None
     addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
     if not addresses:
-        raise Refused("the host name does not resolve")
+        raise Unresolved()
     if not target.explicit and not all(is_public(a) for a in addresses):
         raise Refused("the host resolves to a private, loopback or link-local address")
     return str(addresses[0])

@@ -11,9 +11,9 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response, StreamingResponse
 
 from service.archive.files import SHA256, StoredFile, byte_span, file_chunks, find_copy
-from service.core import crypto
+from service.archive.stores import ArchiveStore
 from service.core.auth import ALL_PREDICTIONS, matches_any, token_from, token_prediction
-from service.core.errors import Forbidden, NotFound, Unauthorized
+from service.core.errors import Forbidden, NotFound, RelayError, Unauthorized, error_class
 from service.core.openapi import ADMIN, SUBSCRIBER, TOKEN_QUERY, errors, operation, path_param
 from service.db import store
 from service.db.events import open_body
@@ -21,6 +21,9 @@ from service.web.auth import Access, Caller, caller_of, route
 from service.web.state import relay_of
 
 log = logging.getLogger("relay.files")
+
+StoreUnavailable = error_class("StoreUnavailable", 503, "STORE_UNAVAILABLE")
+RangeNotSatisfiable = error_class("RangeNotSatisfiable", 416, "RANGE_NOT_SATISFIABLE")
 
 # The file never changes (its name is its hash), but only token holders may read it: browsers
 # may keep it for a year, shared caches may not keep it at all. The sandbox CSP and nosniff
@@ -84,23 +87,61 @@ async def serve_file(request: Request) -> Response:
     stored = await locate(request, sha256)
     etag = f'"{stored.sha256}"'
     headers = {**FILE_HEADERS, "ETag": etag}
-    if etag in request.headers.get("if-none-match", ""):
+    validators = request.headers.get("if-none-match", "")
+    if etag in validators or validators.strip() == "*":  # "*": any current representation matches
         return Response(status_code=304, headers=headers)
     requested = request.headers.get("range")
     if stored.sealed or requested is None or "," in requested or not requested.startswith("bytes="):
         headers["Accept-Ranges"] = "none" if stored.sealed else "bytes"
         headers["Content-Length"] = str(stored.size)
-        chunks = await primed(file_chunks(relay.archive_store, stored), stored)
-        return StreamingResponse(_logged(chunks, stored), media_type=stored.content_type, headers=headers)
+        return await content(request, relay.archive_store, stored, headers)
     span = byte_span(requested, stored.size)
-    if span is None:
-        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{stored.size}"})
+    if span is None:  # an error like any other: without the file's year-long cache header
+        raise RangeNotSatisfiable(
+            f"the range {requested[:60]!r} is outside the file's {stored.size} bytes",
+            headers={"Content-Range": f"bytes */{stored.size}"},
+        )
     start, end = span
     headers.update({"Accept-Ranges": "bytes", "Content-Length": str(end - start)})
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{stored.size}"
-    chunks = await primed(file_chunks(relay.archive_store, stored, span), stored)
+    return await content(request, relay.archive_store, stored, headers, span, status=206)
+
+
+async def content(
+    request: Request,
+    archive: ArchiveStore,
+    stored: StoredFile,
+    headers: dict[str, str],
+    span: tuple[int, int] | None = None,
+    status: int = 200,
+) -> Response:
+    """The file (or its span), streamed. A HEAD only asks the store whether the object is there:
+    answering it must not read (and, sealed, decrypt) a whole video that nobody receives."""
+    if request.method == "HEAD":
+        try:
+            present = await archive.exists(stored.object_key)
+        except Exception as error:  # noqa: BLE001 - obstore's own classes: S3 unreachable, refusing
+            raise unavailable(stored, error) from None
+        if not present:
+            raise missing(stored)
+        return Response(status_code=status, media_type=stored.content_type, headers=headers)
+    chunks = await primed(file_chunks(archive, stored, span), stored)
     return StreamingResponse(
-        _logged(chunks, stored), status_code=206, media_type=stored.content_type, headers=headers
+        _logged(chunks, stored), status_code=status, media_type=stored.content_type, headers=headers
+    )
+
+
+def missing(stored: StoredFile) -> RelayError:
+    log.error("stored file %s is missing from the store; RELAY_ARCHIVE must be shared by every instance",
+              stored.sha256)  # fmt: skip
+    return NotFound("the stored file is missing from this instance's archive store")
+
+
+def unavailable(stored: StoredFile, error: Exception) -> RelayError:
+    # One line, the class only: the store's error text carries its endpoint and bucket.
+    log.error("the archive store cannot be read (%s) for stored file %s", type(error).__name__, stored.sha256)
+    return StoreUnavailable(
+        "the archive store cannot be read right now; retry later", headers={"Retry-After": "30"}
     )
 
 
@@ -112,9 +153,9 @@ async def primed(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncItera
     except StopAsyncIteration:
         first = b""
     except FileNotFoundError:
-        log.error("stored file %s is missing from the store; RELAY_ARCHIVE must be shared by every instance",
-                  stored.sha256)  # fmt: skip
-        raise NotFound("the stored file is missing from this instance's archive store") from None
+        raise missing(stored) from None
+    except Exception as error:  # noqa: BLE001 - obstore's own classes: S3 unreachable, refusing (403)
+        raise unavailable(stored, error) from None
 
     async def rest() -> AsyncIterator[bytes]:
         yield first
@@ -130,7 +171,7 @@ async def _logged(chunks: AsyncIterator[bytes], stored: StoredFile) -> AsyncIter
     try:
         async for chunk in chunks:
             yield chunk
-    except (crypto.Unreadable, OSError) as error:
+    except Exception as error:  # a damaged seal, a read error, the store failing mid-stream
         log.error(
             "stored file %s cannot be read (%s); response cut short", stored.sha256, type(error).__name__
         )
@@ -156,8 +197,7 @@ openapi = {
                 200: {"description": "The file, with its content type", "content": {"*/*": BYTES}},
                 206: {"description": "The requested range", "content": {"*/*": BYTES}},
                 304: {"description": "Not modified (If-None-Match)"},
-                416: {"description": "The range is outside the file"},
-                **errors(401, 403, 404),
+                **errors(401, 403, 404, 416),
             },
         )
     }

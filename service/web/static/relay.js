@@ -14,8 +14,9 @@
  *   // Stored copies of the outputs (Relay keeps them after Replicate deletes its own, an hour
  *   // after completion): each item is {url, status: "pending"|"stored"|"failed", file, reason}.
  *   const watch = Relay.watchArchive("PREDICTION_ID", { token: "…", onArchive(items) {} });
- *   Relay.fileUrl(item, token)      // the stored copy's URL (with ?token=) once "stored", else null
- *   Relay.outputUrl(url, items, token)  // the stored copy of an output URL if any, else the URL
+ *   Relay.fileUrl(item, token, base)    // the stored copy's URL (with ?token=) once "stored", else null
+ *   Relay.outputUrl(url, items, token, base)  // the stored copy of an output URL if any, else the URL
+ *   // (`base`: Relay's origin, for a page served from another one; default: the page's own)
  *
  * The socket reconnects by itself with capped exponential backoff and jitter, resuming with
  * `after=` the last seq it delivered, so a dropped connection loses nothing and repeats nothing.
@@ -213,16 +214,20 @@
   const ARCHIVE_MAX_DELAY = 60000;
   const ARCHIVE_GIVE_UP = 2 * 3600 * 1000; // Relay itself stops retrying about an hour after completion
 
-  /** The stored copy of an archive item, as a URL that carries the token (for <img src>). */
-  function fileUrl(item, token) {
+  /**
+   * The stored copy of an archive item, as a URL that carries the token (for <img src>). `item.file`
+   * is a path on Relay: with `base` (Relay's origin, for a page served elsewhere) the URL is absolute.
+   */
+  function fileUrl(item, token, base) {
     if (!item || item.status !== "stored" || typeof item.file !== "string") return null;
-    return item.file + (token ? "?token=" + encodeURIComponent(token) : "");
+    const origin = base ? httpBase(base) : "";
+    return origin + item.file + (token ? "?token=" + encodeURIComponent(token) : "");
   }
 
   /** The URL to show for an output: its stored copy once archived, the original until then. */
-  function outputUrl(url, items, token) {
+  function outputUrl(url, items, token, base) {
     const item = (items || []).find((candidate) => candidate.url === url);
-    return fileUrl(item, token) || url;
+    return fileUrl(item, token, base) || url;
   }
 
   /** One prediction's `archive` list (GET /predictions/{id}). */

@@ -173,6 +173,21 @@ def test_a_failing_prediction_does_not_hold_back_the_others(relay, relay_dsn, ad
     assert status_of(admin, destination["id"])["pending"] == len(mine)
 
 
+def test_large_events_past_a_page_of_bytes_are_all_sent(relay, relay_dsn, admin, receiver):
+    """A page of the log is cut at 8 MiB of bodies: the sender goes on from the cut, it does not
+    skip to the end (60 events of 200 kB: the first page holds about 40 of them)."""
+    prediction_id = new_prediction_id()
+    with httpx.Client(base_url=relay.url, timeout=30) as client:
+        for step in range(60):
+            logs = f"step {step} " + "x" * 200_000
+            body = {"id": prediction_id, "status": "processing", "logs": logs, "output": None}
+            assert post_webhook(client, body).status_code == 200
+    events = [e for e in stored_events(relay_dsn, 0) if e["prediction_id"] == prediction_id]
+    add(admin, receiver, filter={"prediction_id": prediction_id}, **{"from": "start"})
+    wait_for(lambda: len(receiver.accepted) == len(events) == 60, what="all 60 events")
+    assert [receiver.seqs[w] for w in receiver.accepted_ids()] == [e["seq"] for e in events]
+
+
 def test_a_redirect_is_a_failure_and_is_not_followed(relay, admin, receiver):
     """3xx counts as a failure: retried, never followed to its Location."""
     destination = add(admin, receiver, path="/moved")

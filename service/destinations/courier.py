@@ -276,8 +276,11 @@ class Courier:
             if behind:
                 self.owe_maybe()
                 await self._owe(conn, behind)
-        self.scanned_to = rows[-1]["seq"] if len(rows) == PAGE else horizon
-        return len(rows) == PAGE
+        # A page is also cut by bytes (store.PAGE_BYTES): go on from its last row, never skip
+        # what the cut left out.
+        more = store.page_may_continue(rows, PAGE)
+        self.scanned_to = rows[-1]["seq"] if more else horizon
+        return more
 
     async def _owed_predictions(self, conn: Connection, rows: list[asyncpg.Record]) -> set[str]:
         if not rows or not self.maybe_owed:

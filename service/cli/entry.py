@@ -1,5 +1,5 @@
-"""The `relay` console script and `python -m service`: Ctrl-C while the modules still load
-(half a second) exits 130 like Ctrl-C later, instead of printing an import traceback."""
+"""The `relay` console script and `python -m service`: Ctrl-C while the modules still load or
+the parser is built (half a second) exits 130 like Ctrl-C later, instead of a traceback."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import sys
 def main() -> int:
     try:
         from service.cli.main import main as run
+
+        return run()  # Ctrl-C while it builds its parser, too
     except KeyboardInterrupt:
         return 130
-    return run()
 
 
 if __name__ == "__main__":

@@ -363,6 +363,16 @@ def test_nan_and_infinity_are_not_json_and_are_refused(api, fake):
     assert fake.requests == []
 
 
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "1.5e400"])
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_a_number_past_the_float_range_is_a_400_not_a_500(api, fake, number, cache):
+    """`1e999` parses to infinity, which neither Replicate's request nor the cache can carry: 400."""
+    body = f'{{"model": "someone/other", "input": {{"x": {number}}}, "cache": {cache}}}'
+    status, code, message = error_of(api.post("/api/predictions", content=body))
+    assert (status, code) == (400, "INVALID_REQUEST") and "1.8e308" in message
+    assert fake.requests == []
+
+
 @pytest.mark.parametrize("url", ["https://[::1/a.png", "https://host:8]0/a.png"])
 def test_an_image_url_with_an_unbalanced_bracket_is_a_400(api, fake, url):
     values = {**QWEN_INPUT, "image": [url]}

@@ -12,6 +12,7 @@ token sees every prediction.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -102,14 +103,25 @@ def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
 async def read_json(request: Request) -> Any:
     body = await read_body(request, relay_of(request).settings.api_max_body, "RELAY_API_MAX_BODY")
     try:
-        return json.loads(body, parse_constant=not_json)
+        return json.loads(body, parse_constant=not_json, parse_float=finite_float)
     except (ValueError, RecursionError):
-        raise InvalidRequest("the body is not valid JSON (RFC 8259: no NaN or Infinity)") from None
+        raise InvalidRequest(
+            "the body is not valid JSON (RFC 8259: no NaN or Infinity, no number past 1.8e308)"
+        ) from None
 
 
 def not_json(constant: str) -> Any:
     """Python's json reads NaN and Infinity, which JSON has not: Replicate could not take them."""
     raise ValueError(f"{constant} is not JSON")
+
+
+def finite_float(text: str) -> float:
+    """A JSON number as a float; `1e999` overflows to infinity, which no JSON encoder (httpx's
+    for Replicate, the cache's canonical form) can write back, so it is refused like NaN."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
 
 
 async def create_prediction(request: Request) -> JSONResponse:

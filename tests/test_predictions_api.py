@@ -12,6 +12,7 @@ from .fake_replicate import (
     QWEN_INPUT,
     TOKEN,
     VERSION,
+    Answer,
     api_client,
     error_of,
     relay_for,
@@ -308,6 +309,20 @@ def test_list_passes_replicates_cursors_through_as_relay_urls(api, api_relay, fa
     assert [p["id"] for p in second["results"]] == ids[:1]
     assert second["next"] is None and second["previous"] == f"{api_relay.url}/api/predictions?cursor=0"
     assert fake.calls("GET", "/predictions")[-1].query == "cursor=2"
+
+
+@pytest.mark.parametrize(
+    "page",
+    [{"results": [], "next": 5}, {"results": [], "previous": {"a": 1}}, {"results": "x"}, {"next": None}],
+)
+@pytest.mark.parametrize("key", [API_KEY, ADMIN_TOKEN])
+def test_a_list_answer_that_is_not_a_page_is_a_502_not_a_500(api_relay, fake, page, key):
+    """A malformed page from Replicate is UNKNOWN_ERROR in the error shape, for keys and the admin."""
+    fake.reset()
+    fake.script("GET", "/predictions", Answer(200, body=page))
+    with api_client(api_relay, key) as client:
+        status, code, _ = error_of(client.get("/api/predictions"))
+    assert (status, code) == (502, "UNKNOWN_ERROR")
 
 
 def test_without_an_upstream_token_the_proxy_answers_503_naming_the_setting(postgres):

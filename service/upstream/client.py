@@ -182,6 +182,11 @@ def relay_list_url(upstream_url: str | None, base_url: str) -> str | None:
 
 
 def list_page(data: Mapping[str, Any], base_url: str) -> dict[str, Any]:
+    """Replicate's page with its links as Relay URLs; UNKNOWN_ERROR (502) when it is not a page
+    (`results` a list, `next`/`previous` a URL or null), rather than a 500 on a malformed answer."""
+    links_ok = all(isinstance(data.get(name), str | None) for name in ("next", "previous"))
+    if not isinstance(data.get("results"), list) or not links_ok:
+        raise UnknownError("Replicate answered the prediction list with a body that is not a page")
     return {
         **data,
         "next": relay_list_url(data.get("next"), base_url),

@@ -115,12 +115,12 @@ class Upstream:
 
     async def get(self, prediction_id: str) -> Reply:
         path = f"predictions/{check_prediction_id(prediction_id)}"
-        return await self._call("GET", path, f"prediction {prediction_id!r}")
+        return _for(prediction_id, await self._call("GET", path, f"prediction {prediction_id!r}"))
 
     async def cancel(self, prediction_id: str) -> Reply:
         # Canceling twice is harmless, so a cancel may be retried like a read.
         path = f"predictions/{check_prediction_id(prediction_id)}/cancel"
-        return await self._call("POST", path, f"prediction {prediction_id!r}")
+        return _for(prediction_id, await self._call("POST", path, f"prediction {prediction_id!r}"))
 
     async def list(self, cursor: str | None) -> Reply:
         params = {"cursor": cursor} if cursor else None
@@ -159,6 +159,14 @@ class Upstream:
         if not response.is_success:
             raise error_for(response, what)
         return _reply(response)
+
+
+def _for(prediction_id: str, reply: Reply) -> Reply:
+    """The answer about `prediction_id`, never another: the caller was allowed this id only, and
+    its answer carries a subscriber token for the id it names."""
+    if reply.data.get("id") != prediction_id:
+        raise UnknownError(f"Replicate answered for another prediction than {prediction_id!r}")
+    return reply
 
 
 def _reply(response: httpx.Response) -> Reply:

@@ -35,9 +35,10 @@ from service.core.validation import (
     check_prediction_id,
     create_request,
 )
+from service.core.validation import PREDICTION_ID as AN_ID
 from service.db import owners
 from service.upstream import ratelimit, versions
-from service.upstream.client import Upstream, list_page
+from service.upstream.client import UnknownError, Upstream, list_page
 from service.upstream.ratelimit import Quota
 from service.web import auth
 from service.web.auth import route, token_of
@@ -141,11 +142,13 @@ async def create_prediction(request: Request) -> JSONResponse:
         return JSONResponse(await cached_answer(request, hit), headers=quota.headers())
     reply = await upstream.create(target.path, payload)
     prediction_id = reply.data.get("id")
+    # Relay records the owner of this id and mints a token for it: it must be a prediction id.
+    if not isinstance(prediction_id, str) or not AN_ID.fullmatch(prediction_id):
+        raise UnknownError("Replicate answered the create without a valid prediction id")
     bind(prediction_id=prediction_id)  # the access line names the prediction made
-    if isinstance(prediction_id, str):
-        await owners.record_owner(relay.pool, prediction_id, caller)
+    await owners.record_owner(relay.pool, prediction_id, caller)
     await versions.learn(relay.pool, reply.data)
-    if key is not None and isinstance(prediction_id, str):
+    if key is not None:
         await cache.remember(relay.pool, key, prediction_id)
     return JSONResponse(with_relay(request, reply.data), status_code=201, headers=quota.headers())
 

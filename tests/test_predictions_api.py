@@ -58,8 +58,12 @@ def test_a_filter_outside_replicates_events_is_refused(api, fake, events):
     assert fake.requests == []
 
 
-def test_the_webhook_cannot_be_redirected(api, fake):
-    body = {"model": QWEN, "input": QWEN_INPUT, "webhook": "https://attacker.example/hook"}
+@pytest.mark.parametrize("webhook", ["https://attacker.example/hook", "RELAYS_OWN", None])
+def test_the_webhook_cannot_be_redirected(api, api_relay, fake, webhook):
+    """`webhook` is a field Relay owns: refused (400) whatever it holds, even Relay's own URL."""
+    if webhook == "RELAYS_OWN":
+        webhook = f"{api_relay.url}/webhooks/replicate"
+    body = {"model": QWEN, "input": QWEN_INPUT, "webhook": webhook}
     status, code, message = error_of(api.post("/api/predictions", json=body))
     assert (status, code) == (400, "INVALID_REQUEST") and "webhook" in message
     assert fake.requests == []

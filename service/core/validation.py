@@ -300,8 +300,10 @@ def create_request(
     unknown = sorted(set(body) - REQUEST_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field(s) {unknown}; allowed: {sorted(REQUEST_FIELDS)}")
-    if body.get("webhook") not in (None, webhook_url):
-        raise InvalidRequest("webhook cannot be changed: Relay always receives the webhooks itself")
+    if "webhook" in body:  # DESIGN: a field Relay owns is refused, even when it names Relay
+        raise InvalidRequest(
+            "webhook is Relay's own (RELAY_PUBLIC_URL/webhooks/replicate): leave it out of the request"
+        )
     if not isinstance(body.get("cache", False), bool):
         raise InvalidRequest("cache must be true or false")
     found = target(body)

@@ -392,6 +392,30 @@ def test_a_number_past_the_float_range_is_a_400_not_a_500(api, fake, number, cac
     assert fake.requests == []
 
 
+def nested_input(depth: int) -> str:
+    """An input object whose arrays/objects nest `depth` levels (the object itself is one)."""
+    return '{"x": ' + "[" * (depth - 1) + "1" + "]" * (depth - 1) + "}"
+
+
+def test_an_input_nested_past_what_ingest_takes_is_refused_before_replicate_runs_it(api, fake):
+    """Deliveries nest the input one level down and ingest refuses past 128 levels, so a deeper
+    input would run (and bill) upstream while every webhook of it was refused: 400 up front."""
+    body = '{"model": "someone/other", "input": ' + nested_input(128) + "}"
+    status, code, message = error_of(api.post("/api/predictions", content=body))
+    assert (status, code) == (400, "INVALID_REQUEST") and "127 levels" in message
+    assert fake.requests == []
+
+
+def test_an_input_nested_to_the_limit_is_created_and_watched_to_its_end(api, api_relay, fake):
+    """At 127 levels the create goes through and every delivery of it lands in the log."""
+    body = '{"model": "someone/other", "input": ' + nested_input(127) + "}"
+    response = api.post("/api/predictions", content=body)
+    assert response.status_code == 201, response.text
+    relay_block = response.json()["relay"]
+    messages, code = watch(api_relay, relay_block["ws"], relay_block["token"])
+    assert code == 1000 and messages[-1]["status"] == "succeeded"
+
+
 @pytest.mark.parametrize("url", ["https://[::1/a.png", "https://host:8]0/a.png"])
 def test_an_image_url_with_an_unbalanced_bracket_is_a_400(api, fake, url):
     values = {**QWEN_INPUT, "image": [url]}

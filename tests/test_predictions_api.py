@@ -5,6 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from service.upstream.versions import mapping_in
+
 from .fake_replicate import (
     API_KEY,
     OTHER_API_KEY,
@@ -414,6 +416,21 @@ def test_an_input_nested_to_the_limit_is_created_and_watched_to_its_end(api, api
     relay_block = response.json()["relay"]
     messages, code = watch(api_relay, relay_block["ws"], relay_block["token"])
     assert code == 1000 and messages[-1]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "named",
+    [{"version": QWEN}, {"version": f"{QWEN}:{VERSION}"}, {"version": VERSION}, {"model": QWEN}],
+)
+def test_a_trailing_newline_in_a_model_or_version_is_refused_not_a_way_past_the_checks(api, fake, named):
+    """`$` matches before a final newline: "qwen/qwen-image-edit-plus\n" named no known model, so
+    its input went unchecked (or, as `model`, answered 500). Every form is matched whole: 400."""
+    field, value = next(iter(named.items()))
+    body = {field: value + "\n", "input": {**QWEN_INPUT, "num_outputs": 9}}
+    status, code, message = error_of(api.post("/api/predictions", json=body))
+    assert (status, code) == (400, "INVALID_REQUEST") and field in message
+    assert fake.requests == []
+    assert mapping_in({"version": VERSION, "model": QWEN + "\n"}) is None  # never learned either
 
 
 @pytest.mark.parametrize("url", ["https://[::1/a.png", "https://host:8]0/a.png"])

@@ -28,6 +28,8 @@ PREDICTION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,100}$"
 ID_PART = r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}"
 VERSION_ID_PATTERN = rf"^{ID_PART}$"
 VERSION_PATTERN = rf"^(?:{NAME_PART}/{NAME_PART}(?::{ID_PART})?|{ID_PART})$"
+# Always `fullmatch`: with `match`, `$` also matches before a trailing newline, so
+# "qwen/qwen-image-edit-plus\n" would name no known model and skip its input checks.
 MODEL_NAME = re.compile(MODEL_PATTERN)
 PREDICTION_ID = re.compile(PREDICTION_ID_PATTERN)
 VERSION_ID = re.compile(VERSION_ID_PATTERN)
@@ -184,14 +186,14 @@ def parse_version(version: str) -> tuple[str | None, str | None]:
     """(model, version id) of Replicate's three `version` forms: owner/name, owner/name:id, id."""
     name, colon, version_id = version.partition(":")
     if colon:
-        if not MODEL_NAME.match(name) or not VERSION_ID.match(version_id):
+        if not MODEL_NAME.fullmatch(name) or not VERSION_ID.fullmatch(version_id):
             raise InvalidRequest("version must be owner/name, owner/name:version_id or a version id")
         return name, version_id
     if "/" in version:
-        if not MODEL_NAME.match(version):
+        if not MODEL_NAME.fullmatch(version):
             raise InvalidRequest("version must be owner/name, owner/name:version_id or a version id")
         return version, None
-    if not VERSION_ID.match(version):
+    if not VERSION_ID.fullmatch(version):
         raise InvalidRequest("version must be owner/name, owner/name:version_id or a version id")
     return None, version
 
@@ -265,7 +267,7 @@ def target(body: Mapping[str, Any]) -> Target:
             raise InvalidRequest("version must be a non-empty string")
         named, version_id = parse_version(version)
         return Target("predictions", named, version_id)
-    if not isinstance(model, str) or not MODEL_NAME.match(model):
+    if not isinstance(model, str) or not MODEL_NAME.fullmatch(model):
         raise InvalidRequest("model must be owner/name, for example qwen/qwen-image-edit-plus")
     return Target(f"models/{model}/predictions", model, None)
 
@@ -282,7 +284,7 @@ def _events_filter(value: Any) -> list[str]:
 def bare_version(body: Any) -> str | None:
     """The bare version id a create body names, if any: the one form whose model needs a lookup."""
     version = body.get("version") if isinstance(body, dict) else None
-    if isinstance(version, str) and VERSION_ID.match(version):
+    if isinstance(version, str) and VERSION_ID.fullmatch(version):
         return version
     return None
 

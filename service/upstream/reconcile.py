@@ -184,7 +184,7 @@ def run_reconcile(prediction_id: str | None, settings: Settings) -> int:
             "REPLICATE_API_TOKEN is not set; reconcile reads predictions from Replicate's API, "
             "so set REPLICATE_API_TOKEN (or REPLICATE_API_KEY)"
         )
-    if prediction_id is not None and not PREDICTION_ID.match(prediction_id):
+    if prediction_id is not None and not PREDICTION_ID.fullmatch(prediction_id):
         raise ConfigError(f"{prediction_id[:60]!r} is not a prediction id (letters, digits, '_' or '-')")
     with database.database_dsn(settings) as dsn:
         outcomes = asyncio.run(reconcile_now(settings, dsn, prediction_id))

@@ -6,7 +6,8 @@ from playwright.sync_api import expect
 
 from .batch_support import submit, wait_for
 from .browser import dashboard_url, image_server, launch_browser, new_page, save_screenshot
-from .fake_replicate import api_client, relay_for
+from .fake_replicate import api_client, api_env, relay_for
+from .support import RelayProcess, free_port, relay_env
 
 
 def test_the_batch_view_fills_in_live_and_the_admin_can_cancel(postgres, fake):
@@ -45,3 +46,25 @@ def test_the_batch_view_fills_in_live_and_the_admin_can_cancel(postgres, fake):
             expect(page.locator("#batch-status")).to_contain_text("Status: canceled")
             expect(page.locator("#counts li")).to_have_text(["⊘ canceled: 8"])
             expect(page.locator("#cancel")).to_be_hidden()
+
+
+def test_the_batch_view_keeps_reconnecting_until_relay_is_back(postgres, fake):
+    """Relay restarted (a deploy) while a batch page is open, down longer than one retry: the page
+    keeps trying and follows the batch to its end once Relay is back."""
+    fake.reset()
+    fake.hold = True
+    dsn, port = postgres.new_database(), free_port()
+    env = relay_env(dsn, **api_env(fake, port))
+    with RelayProcess(env, port=port) as first, api_client(first) as api:
+        batch = submit(api, 2, 2)
+        wait_for(lambda: len(fake.unfinished) == 2, what="2 running predictions")
+        with launch_browser() as browser, new_page(browser) as page:
+            page.goto(dashboard_url(first, f"/b/{batch['id']}"))
+            expect(page.locator("#connection")).to_contain_text("Live")
+            first.stop()
+            expect(page.locator("#connection")).to_contain_text("reconnecting")
+            page.wait_for_timeout(4000)  # a retry (every 2 s at first) fails meanwhile
+            with RelayProcess(env, port=port):
+                fake.hold = False
+                expect(page.locator("#connection")).to_have_text("Finished: every item has ended.")
+                expect(page.locator("#batch-status")).to_contain_text("Status: succeeded")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import json
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -30,6 +32,7 @@ from .fake_replicate import (
     API_KEY,
     OTHER_API_KEY,
     QWEN,
+    VERSION,
     Answer,
     FakeReplicate,
     api_client,
@@ -38,7 +41,16 @@ from .fake_replicate import (
     relay_for,
     watch,
 )
-from .support import ADMIN_TOKEN, SUBSCRIBE_KEY, RelayProcess, free_port, query, relay_env, relay_on_terminal
+from .support import (
+    ADMIN_TOKEN,
+    ROOT,
+    SUBSCRIBE_KEY,
+    RelayProcess,
+    free_port,
+    query,
+    relay_env,
+    relay_on_terminal,
+)
 
 FAST_RECONCILE = {"RELAY_RECONCILE_INTERVAL": "1", "RELAY_RECONCILE_AFTER": "1"}
 
@@ -139,6 +151,60 @@ def test_bad_batches_are_refused_and_nothing_is_created(api, fake, body, expecte
     assert fake.requests == []
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ('{"model": "a/b", "inputs": [{"p": 1}, {"p": NaN}]}', "inputs[1]: input.p is NaN or Infinity"),
+        ('{"model": "a/b", "inputs": [{"p": [1, -Infinity]}]}', "inputs[0]: input.p[1] is NaN or Infinity"),
+        ('{"model": "a/b", "inputs": [{}, {}, {"p": {"q": 1e999}}]}', "inputs[2]: input.p.q is NaN or"),
+    ],
+)
+def test_an_input_holding_nan_or_infinity_is_refused_by_its_index(api, batch_relay, fake, raw, expected):
+    """Python clients send NaN and Infinity (json.dumps does); the 400 names the item and field."""
+    count = "SELECT count(*) AS n FROM batches"
+    before = query(batch_relay.env["DATABASE_URL"], count)[0]["n"]
+    response = api.post("/api/batches", content=raw, headers={"content-type": "application/json"})
+    status, code, message = error_of(response)
+    assert (status, code) == (400, "INVALID_REQUEST") and message.startswith(expected), message
+    assert fake.requests == []
+    assert query(batch_relay.env["DATABASE_URL"], count)[0]["n"] == before
+
+
+def test_a_bare_version_id_relay_has_learned_is_checked_like_its_model(api, batch_relay, fake):
+    """Items are checked with the rules of a single create: a bare version id Relay has learned
+    (from an answer naming qwen) gets qwen's rules, so a bad item refuses the batch."""
+    assert api.post("/api/predictions", json={"model": QWEN, "input": qwen_inputs(1)[0]}).status_code == 201
+    single = api.post("/api/predictions", json={"version": VERSION, "input": {"image": ["https://x/y.png"]}})
+    assert error_of(single)[2] == "input.prompt is required for qwen/qwen-image-edit-plus"
+    calls = len(fake.requests)
+    inputs = [*qwen_inputs(2), {"image": ["https://x/y.png"]}]
+    status, code, message = error_of(api.post("/api/batches", json={"version": VERSION, "inputs": inputs}))
+    assert (status, code) == (400, "INVALID_REQUEST") and message.startswith("inputs[2]: input.prompt"), (
+        message
+    )
+    assert len(fake.requests) == calls
+
+
+def test_a_filter_without_completed_still_asks_for_completed(api, fake):
+    """An item's end starts the next: each create asks for `completed` too, or every item would
+    wait minutes for reconcile to see it end."""
+    batch = submit(api, 3, 1, webhook_events_filter=["start"])
+    ended = wait_until_ended(api, batch["id"])
+    assert ended["counts"] == {"succeeded": 3}
+    assert [c["webhook_events_filter"] for c in creates(fake)] == [["start", "completed"]] * 3
+
+
+def test_a_body_past_the_batch_limit_is_413_naming_that_limit(api, fake):
+    """The 413 names the batch body limit, not RELAY_MAX_BODY (the webhooks', which does not govern it)."""
+    inputs = [{"prompt": "x" * 2000}] * 8400  # just over 16 MiB
+    response = api.post("/api/batches", content=json.dumps({"model": "a/b", "inputs": inputs}))
+    status, code, message = error_of(response)
+    assert (status, code) == (413, "BODY_TOO_LARGE") and "the batch body limit allows 16777216" in message, (
+        message
+    )
+    assert "RELAY_MAX_BODY" not in message and fake.requests == []
+
+
 def test_a_body_that_is_not_json_is_refused(api):
     response = api.post("/api/batches", content=b"{nope", headers={"content-type": "application/json"})
     assert error_of(response)[:2] == (400, "INVALID_REQUEST")
@@ -177,6 +243,20 @@ def test_cancel_stops_new_items_and_cancels_the_unfinished_upstream(api, fake):
     assert len(creates(fake)) == 3 and len(fake.calls("POST", r"/predictions/[^/]+/cancel")) == 3
     assert [i["prediction_id"] is None for i in ended["items"]] == [False] * 3 + [True] * 7
     assert error_of(api.post(f"/api/batches/{batch['id']}/cancel"))[0] == 409
+
+
+def test_a_cancel_replicate_fails_to_take_is_sent_again(api, fake):
+    """Replicate answers the cancels 500 (past the client's own retries): they are sent again,
+    so the predictions stop and the batch ends canceled rather than running on upstream."""
+    fake.hold = True  # predictions run until canceled
+    batch = submit(api, 5, 2)
+    wait_for(lambda: len(fake.unfinished) == 2, what="2 running predictions")
+    cancels = r"/predictions/[^/]+/cancel"
+    fake.script("POST", cancels, *[Answer(500)] * 6)  # 2 cancels x 3 attempts (RELAY_UPSTREAM_RETRIES=2)
+    assert api.post(f"/api/batches/{batch['id']}/cancel").status_code == 202
+    ended = wait_until_ended(api, batch["id"])
+    assert ended["status"] == "canceled" and ended["counts"] == {"canceled": 5}
+    assert len(fake.calls("POST", cancels)) > 6 and not fake.unfinished
 
 
 def test_a_429_storm_slows_the_batch_and_loses_nothing(api, fake):
@@ -340,6 +420,11 @@ def test_batch_submit_exits_1_with_a_summary_when_an_item_failed(api, batch_rela
             [json.dumps(qwen_inputs(1)[0]), "", '{"image": ["https://x/y.png"]}'],
             "line 3: input.prompt is required",
         ),
+        # Python's json reads these, but they are not JSON: no traceback, the line named.
+        (['{"prompt": "a"}', '{"prompt": "b", "seed": NaN}'], "line 2 is not valid JSON"),
+        (['{"prompt": "a"}', '{"prompt": "b", "guidance": 1e999}'], "line 2 is not valid JSON"),
+        (['{"prompt": "a"}', '{"prompt": "b\\ud800"}'], "line 2 is not valid JSON"),
+        (['{"prompt": "a"}', "[" * 100_000], "line 2 is not valid JSON"),
     ],
 )
 def test_batch_submit_names_the_bad_line_and_creates_nothing(
@@ -350,6 +435,61 @@ def test_batch_submit_names_the_bad_line_and_creates_nothing(
     assert fake.requests == []
 
 
+def test_batch_submit_follows_its_batch_across_a_relay_restart(postgres, fake, tmp_path):
+    """Relay restarted mid-batch (a deploy): `relay batch submit` reconnects and follows the batch
+    until every item ended, then exits 0, instead of giving up when its socket closed."""
+    fake.reset()
+    fake.hold = True  # both predictions run until released
+    dsn, port = postgres.new_database(), free_port()
+    env = relay_env(dsn, **api_env(fake, port))
+    file = jsonl(tmp_path, [json.dumps(values) for values in qwen_inputs(2)])
+    command = [sys.executable, "-m", "service", "batch", "submit", file, "--model", QWEN, "--quiet"]
+    with RelayProcess(env, port=port):
+        cli = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        wait_for(lambda: len(fake.created) == 2, what="both creates")
+    try:
+        with RelayProcess(env, port=port):
+            fake.hold = False
+            out, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, (out, err)
+    assert (
+        out.strip().splitlines()[-1].endswith(" 2 item(s), 2 succeeded in " + out.split(" in ")[-1].strip())
+    )
+    assert len(creates(fake)) == 2
+
+
+def test_batch_submit_stops_with_one_line_when_relay_refuses_its_stream(postgres, fake, tmp_path):
+    """After a restart with another RELAY_SUBSCRIBE_KEY the batch's token is refused (403):
+    asking again cannot help, so the command stops at once with one line, exit 2."""
+    fake.reset()
+    fake.hold = True
+    dsn, port = postgres.new_database(), free_port()
+    env = relay_env(dsn, **api_env(fake, port))
+    file = jsonl(tmp_path, [json.dumps(values) for values in qwen_inputs(1)])
+    command = [sys.executable, "-m", "service", "batch", "submit", file, "--model", QWEN, "--quiet"]
+    with RelayProcess(env, port=port):
+        cli = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        wait_for(lambda: len(fake.created) == 1, what="the create")
+    try:
+        with RelayProcess({**env, "RELAY_SUBSCRIBE_KEY": "another-subscribe-key-" + "z" * 20}, port=port):
+            out, err = cli.communicate(timeout=30)
+    finally:
+        fake.hold = False
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 2, (out, err)
+    assert err.startswith("relay: error: Relay refused the stream of batch b_") and err.endswith(
+        "(HTTP 403)\n"
+    )
+
+
 def test_batch_status_of_an_unknown_batch_is_one_line(batch_relay):
     done = relay_cli("batch", "status", "b_" + "0" * 32, env=batch_relay.env)
     assert (
@@ -357,6 +497,14 @@ def test_batch_status_of_an_unknown_batch_is_one_line(batch_relay):
         and done.stderr.startswith("relay: error: Relay answered 404")
         and "no batch" in done.stderr
     )
+
+
+@pytest.mark.parametrize("batch_id", ["../predictions", "", "b_x?limit=0", "nope"])
+def test_batch_status_of_something_that_is_no_batch_id_is_one_line(batch_relay, batch_id):
+    """It would go into the URL's path: `../predictions` reached another route (a traceback)."""
+    done = relay_cli("batch", "status", batch_id, env=batch_relay.env)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr == f"relay: error: {batch_id!r} is not a batch id (b_ and 32 hex digits)\n"
 
 
 OWNERS_TABLE = """CREATE TABLE IF NOT EXISTS prediction_owners (

@@ -173,6 +173,21 @@ def test_a_failing_prediction_does_not_hold_back_the_others(relay, relay_dsn, ad
     assert status_of(admin, destination["id"])["pending"] == len(mine)
 
 
+def test_large_events_past_a_page_of_bytes_are_all_sent(relay, relay_dsn, admin, receiver):
+    """A page of the log is cut at 8 MiB of bodies: the sender goes on from the cut, it does not
+    skip to the end (60 events of 200 kB: the first page holds about 40 of them)."""
+    prediction_id = new_prediction_id()
+    with httpx.Client(base_url=relay.url, timeout=30) as client:
+        for step in range(60):
+            logs = f"step {step} " + "x" * 200_000
+            body = {"id": prediction_id, "status": "processing", "logs": logs, "output": None}
+            assert post_webhook(client, body).status_code == 200
+    events = [e for e in stored_events(relay_dsn, 0) if e["prediction_id"] == prediction_id]
+    add(admin, receiver, filter={"prediction_id": prediction_id}, **{"from": "start"})
+    wait_for(lambda: len(receiver.accepted) == len(events) == 60, what="all 60 events")
+    assert [receiver.seqs[w] for w in receiver.accepted_ids()] == [e["seq"] for e in events]
+
+
 def test_a_redirect_is_a_failure_and_is_not_followed(relay, admin, receiver):
     """3xx counts as a failure: retried, never followed to its Location."""
     destination = add(admin, receiver, path="/moved")
@@ -198,7 +213,8 @@ def test_a_filter_sends_only_matching_events(relay, relay_dsn, admin, receiver):
     assert len(succeeded) == 3
     wait_for(lambda: len(receiver.accepted) == 3, what="the succeeded events")
     wait_for(lambda: status_of(admin, destination["id"])["cursor"] == events[-1]["seq"], what="the cursor")
-    assert receiver.accepted_ids() == succeeded
+    # Three predictions, sent concurrently: only each prediction's own order is promised.
+    assert sorted(receiver.accepted_ids()) == sorted(succeeded)
 
 
 def test_from_start_sends_the_whole_log_and_from_a_seq_what_follows(relay, relay_dsn, admin, receiver):
@@ -224,6 +240,15 @@ def test_the_secret_is_generated_shown_once_and_never_listed(relay, admin, recei
     [
         ({"url": "ftp://example.com/hook"}, "http"),
         ({"url": "https://"}, "http"),
+        # Accepted before, then every delivery failed with "network error (ValueError)".
+        ({"url": "https://example.com:99999/hook"}, "valid port"),
+        ({"url": "https://example.com:https/hook"}, "valid port"),
+        # Written into the request line as they are: every delivery failed.
+        ({"url": "https://example.com/a hook"}, "printable ASCII"),
+        ({"url": "https://example.com/caf\u00e9"}, "printable ASCII"),
+        ({"url": "https://b\u00fccher.example/hook"}, "printable ASCII"),
+        # Credentials were dropped without a word: every delivery got the receiver's 401.
+        ({"url": "https://user:secret@example.com/hook"}, "must not hold credentials"),
         ({"url": "https://example.com", "secret": "not-whsec"}, "whsec_"),
         ({"url": "https://example.com", "secret": "whsec_%%%"}, "base64"),
         ({"url": "https://example.com", "filter": {"colour": "red"}}, "unknown filter"),
@@ -239,6 +264,13 @@ def test_bad_input_is_a_400_with_the_error_shape(admin, body, says):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == "INVALID_REQUEST" and says in error["message"]
+
+
+@pytest.mark.parametrize("raw", ["[" * 100_000, '{"url": "https://example.com", "filter": ' + "[" * 100_000])
+def test_a_body_nested_too_deeply_is_a_400_not_a_500(admin, raw):
+    response = admin.post("/admin/destinations", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "INVALID_REQUEST"
 
 
 def test_an_unknown_id_is_a_404_and_the_admin_token_is_required(relay, admin):
@@ -273,6 +305,7 @@ def test_the_cli_adds_lists_pauses_retries_and_removes(relay, receiver):
     "args",
     [
         ("add", "ftp://example.com"),
+        ("add", "http://example.com:80800/hook"),
         ("add", "https://example.com", "--secret", "nope"),
         ("add", "https://example.com", "--from", "99999999999"),
         ("add", "https://example.com", "--since", "yesterday"),
@@ -284,6 +317,29 @@ def test_cli_mistakes_exit_2_with_one_line(relay, args):
     done = relay_cli("destinations", *args, env=relay.env)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("relay: error: "), done.stderr
+
+
+def test_a_pause_holds_the_events_already_read_and_resume_sends_the_rest(relay, relay_dsn, admin, receiver):
+    """Paused mid-stream, a destination sends nothing more, not even the events it had already
+    read from the log; resumed, it sends the rest, each once, in seq order."""
+    prediction_id = new_prediction_id()
+    with httpx.Client(base_url=relay.url, timeout=30) as client:
+        for step in range(150):
+            body = {"id": prediction_id, "status": "processing", "logs": f"step {step}", "output": None}
+            assert post_webhook(client, body).status_code == 200
+    receiver.delay = 0.02  # one prediction: its events go one after another, 50 a second
+    destination = add(admin, receiver, filter={"prediction_id": prediction_id}, **{"from": "start"})
+    wait_for(lambda: len(receiver.accepted) >= 10, what="the first deliveries")
+    assert admin.post(f"/admin/destinations/{destination['id']}/pause").json()["paused"] is True
+    time.sleep(0.2)  # the one request in flight when the pause landed may finish
+    held = len(receiver.attempts)
+    time.sleep(1.0)
+    assert len(receiver.attempts) == held, "a paused destination kept sending"
+    assert held < 150
+    assert admin.post(f"/admin/destinations/{destination['id']}/resume").json()["paused"] is False
+    events = [e for e in stored_events(relay_dsn, 0) if e["prediction_id"] == prediction_id]
+    wait_for(lambda: len(receiver.accepted) == len(events), what="the rest after resume")
+    assert [receiver.seqs[w] for w in receiver.accepted_ids()] == [e["seq"] for e in events]
 
 
 def test_a_destination_failing_for_days_is_flagged_until_it_succeeds(relay, relay_dsn, admin, receiver):
@@ -340,6 +396,26 @@ def test_a_short_schedule_ends_in_exhausted_and_retry_delivers(postgres, receive
         wait_for(lambda: len(receiver.accepted) == len(seqs), what="the retried events")
         assert [receiver.seqs[w] for w in receiver.accepted_ids()] == seqs
         wait_for(lambda: status_of(admin, destination["id"])["exhausted"] == 0, what="nothing exhausted")
+
+
+def test_a_one_step_schedule_counts_every_exhausted_event(postgres, receiver):
+    """RELAY_RETRY_SCHEDULE=0 (one attempt): each failed event is exhausted at once, and counted
+    in relay_destination_events_total{outcome="exhausted"} like one whose retries ran out."""
+    env = relay_env(postgres.new_database(), RELAY_RETRY_SCHEDULE="0")
+    with RelayProcess(env) as relay, httpx.Client(base_url=relay.url, headers=admin_headers()) as admin:
+        destination = add(admin, receiver)
+        receiver.rule = lambda _id, _body: (500, {})
+        with httpx.Client(base_url=relay.url, timeout=30) as client:
+            seqs = deliver_lifecycle(client, new_prediction_id())
+        wait_for(lambda: status_of(admin, destination["id"])["exhausted"] == len(seqs), what="exhausted")
+        assert len(receiver.attempts) == len(seqs)  # one attempt each
+        series = f'relay_destination_events_total{{destination="{destination["id"]}",outcome="exhausted"}}'
+
+        def exhausted() -> float:
+            found = [row for row in admin.get("/metrics").text.splitlines() if row.startswith(series)]
+            return float(found[0].split()[-1]) if found else 0.0
+
+        wait_for(lambda: exhausted() == len(seqs), what="every exhausted event counted")
 
 
 def test_kill_9_mid_stream_then_restart_loses_nothing(postgres, receiver):
@@ -409,6 +485,23 @@ def test_a_forgotten_prediction_is_sent_as_erased_never_in_clear(postgres, recei
         wait_for(lambda: len(receiver.accepted) == len(events), what="the erased events")
         assert sorted(receiver.accepted_ids()) == sorted(e["webhook_id"] for e in events)
         assert all(json.loads(body) == {"erased": True} for _, body in receiver.accepted)
+
+
+def test_a_secret_no_configured_key_opens_stops_its_destination_with_one_error_line(postgres, receiver):
+    """Sealed under a key no longer in RELAY_ENCRYPTION_KEY: the destination stops with one error
+    line (it was started again, and logged again, every 2 seconds)."""
+    dsn = postgres.new_database()
+    old, new = (base64.b64encode(os.urandom(32)).decode() for _ in range(2))
+    with (
+        RelayProcess(relay_env(dsn, RELAY_ENCRYPTION_KEY=old)) as relay,
+        httpx.Client(base_url=relay.url, headers=admin_headers()) as admin,
+    ):
+        add(admin, receiver)
+    line = "its secret cannot be read with RELAY_ENCRYPTION_KEY"
+    with RelayProcess(relay_env(dsn, RELAY_ENCRYPTION_KEY=new)) as relay:
+        wait_for(lambda: line in relay.output, what="the error line")
+        time.sleep(5)  # two and a half looks of the sender at its destinations
+        assert relay.output.count(line) == 1, relay.output
 
 
 def test_a_standalone_sender_sends_for_servers_that_do_not(postgres, receiver):

@@ -99,6 +99,11 @@ UPDATE batch_items SET status = 'failed', ended_at = now(), error_code = $3,
 WHERE batch_id = $1 AND status = 'creating' AND prediction_id IS NULL
   AND claimed_at < now() - $2::float8 * interval '1 second'
 """
+CANCEL_AGAIN = """
+UPDATE batch_items SET cancel_sent = false WHERE prediction_id = $1 AND status = 'submitted'
+"""
+# A cancel Replicate refused for good: the prediction is gone, or has ended (422).
+CANCEL_FINAL = frozenset({"NOT_FOUND", "INVALID_REQUEST"})
 TO_CANCEL = """
 UPDATE batch_items SET cancel_sent = true
 WHERE batch_id = $1 AND status = 'submitted' AND NOT cancel_sent
@@ -343,5 +348,11 @@ class Scheduler:
     async def _cancel(self, prediction_id: str) -> None:
         try:
             await self.api.cancel(prediction_id)
-        except Exception as exc:  # noqa: BLE001 - its webhook or reconcile still ends the item
-            log.warning("could not cancel batch prediction %s (%s)", prediction_id, type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the prediction may still run
+            code = exc.code if isinstance(exc, RelayError) else type(exc).__name__
+            log.warning("could not cancel batch prediction %s (%s)", prediction_id, code)
+            if code not in CANCEL_FINAL:
+                # Still running upstream, at a cost: the next step sends the cancel again.
+                with contextlib.suppress(Exception):  # the database may be down: nothing more to do here
+                    async with self.pool.acquire() as conn:
+                        await conn.execute(CANCEL_AGAIN, prediction_id)

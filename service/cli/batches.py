@@ -15,6 +15,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import websockets
@@ -26,8 +27,25 @@ from service.core.statuses import TERMINAL_STATUSES
 from service.ops.tail import ws_base
 
 SETTLE_SECONDS = 10.0
+RECONNECT_DELAY = 0.5
+RECONNECT_FOR = 120.0  # a restart or deploy of Relay is shorter; the batch itself goes on anyway
+POLICY_VIOLATION = 1008  # Relay refuses this stream (unknown batch, token): reconnecting cannot help
 REFRESH_EVERY = 30.0  # a GET now and then counts items that end without an event (refused creates)
 INDEX_IN_MESSAGE = re.compile(r"^inputs\[(\d+)\]")
+BATCH_ID = re.compile(r"^b_[0-9a-f]{32}$")
+
+
+def not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def json_line(line: str) -> Any:
+    """One line's JSON value; ValueError also for what Python's json reads but JSON cannot carry
+    (NaN, Infinity, a number too large for a double, an unpaired UTF-16 surrogate), which the
+    request would otherwise fail to encode with a traceback."""
+    value = json.loads(line, parse_constant=not_json)
+    json.dumps(value, allow_nan=False, ensure_ascii=False).encode()  # UnicodeEncodeError is a ValueError
+    return value
 
 
 def read_inputs(path: str) -> tuple[list[dict[str, Any]], list[int]]:
@@ -41,8 +59,8 @@ def read_inputs(path: str) -> tuple[list[dict[str, Any]], list[int]]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except ValueError:
+            value = json_line(line)
+        except (ValueError, RecursionError):
             raise ConfigError(f"{path} line {number} is not valid JSON; one input object a line") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{path} line {number} is not a JSON object; one input object a line")
@@ -81,6 +99,8 @@ def summary_line(batch: dict[str, Any], seconds: float) -> str:
 class BatchClient:
     def __init__(self, base_url: str, token: str):
         self.base_url = base_url.rstrip("/")
+        self.done = 0  # items ended, as far as the socket (and a GET now and then) showed
+        self.after = 0  # the last seq the socket sent: where to resume after a lost connection
         self.http = httpx.AsyncClient(
             base_url=self.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60
         )
@@ -92,9 +112,45 @@ class BatchClient:
         return dict(response.json())
 
     async def follow(self, batch: dict[str, Any], progress: Progress) -> dict[str, Any]:
-        """Count terminal events on the batch's socket until Relay closes it; the final batch."""
-        done = ended(batch["counts"])
-        url = f"{ws_base(self.base_url)}/batches/{batch['id']}/ws?token={batch['relay']['token']}"
+        """Follow the batch's socket until Relay closes it with 1000 (every item ended); the final
+        batch. A socket lost otherwise (Relay restarted, a network blip) is opened again from the
+        last seq seen, for up to RECONNECT_FOR seconds without a connection."""
+        self.done, self.after = ended(batch["counts"]), 0
+        lost_since: float | None = None
+        while True:
+            try:
+                code, reason = await self._watch(batch, progress)
+                lost_since = None
+            except websockets.InvalidStatus as error:  # an HTTP answer instead of the socket
+                answered = error.response.status_code
+                if 400 <= answered < 500:  # refused (token, origin): asking again cannot help
+                    raise ConfigError(
+                        f"Relay refused the stream of batch {batch['id']} (HTTP {answered})"
+                    ) from None
+                code, reason = None, f"HTTP {answered}"
+                lost_since = lost_since or time.monotonic()
+            except (OSError, TimeoutError, websockets.InvalidHandshake) as error:
+                code, reason = None, type(error).__name__
+                lost_since = lost_since or time.monotonic()
+            if code == 1000:
+                break
+            if code == POLICY_VIOLATION:
+                raise ConfigError(f"Relay closed the stream of batch {batch['id']}: {reason}")
+            if lost_since is not None and time.monotonic() - lost_since > RECONNECT_FOR:
+                see = f"relay batch status {batch['id']}"
+                raise ConfigError(f"lost Relay at {self.base_url} ({reason}); the batch goes on: {see}")
+            await asyncio.sleep(RECONNECT_DELAY)
+            with contextlib.suppress(ConfigError, httpx.HTTPError):  # items that ended meanwhile
+                self.done = ended((await self.get(batch["id"]))["counts"])
+                progress.set(self.done, batch["total"])
+        final = await self.settled(batch["id"])
+        progress.set(ended(final["counts"]), final["total"])
+        return final
+
+    async def _watch(self, batch: dict[str, Any], progress: Progress) -> tuple[int | None, str]:
+        """Count terminal events on one connection of the batch's socket; its close code and reason."""
+        query = urlencode({"token": batch["relay"]["token"], "after": self.after})
+        url = f"{ws_base(self.base_url)}/batches/{batch['id']}/ws?{query}"
         refreshed = time.monotonic()
         async with websockets.connect(url, max_size=None) as socket:
             with contextlib.suppress(websockets.ConnectionClosed):
@@ -103,17 +159,17 @@ class BatchClient:
                         message = json.loads(await asyncio.wait_for(socket.recv(), REFRESH_EVERY))
                     except TimeoutError:
                         message = {}
+                    if message.get("type") in ("event", "caught_up") and not message.get("replayed"):
+                        self.after = max(self.after, int(message.get("seq") or 0))
                     terminal = message.get("status") in TERMINAL_STATUSES and not message.get("replayed")
                     if message.get("type") == "event" and terminal:
-                        done = min(done + 1, batch["total"])
+                        self.done = min(self.done + 1, batch["total"])
                     if time.monotonic() - refreshed >= REFRESH_EVERY:
                         with contextlib.suppress(ConfigError, httpx.HTTPError):
-                            done = ended((await self.get(batch["id"]))["counts"])
+                            self.done = ended((await self.get(batch["id"]))["counts"])
                         refreshed = time.monotonic()
-                    progress.set(done, batch["total"])
-        final = await self.settled(batch["id"])
-        progress.set(ended(final["counts"]), final["total"])
-        return final
+                    progress.set(self.done, batch["total"])
+        return socket.close_code, socket.close_reason or ""
 
     async def settled(self, batch_id: str) -> dict[str, Any]:
         """The batch once its status says it ended: the socket closes when the last item's event
@@ -174,6 +230,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if not 1 <= args.concurrency <= 50:
             raise ConfigError("--concurrency must be between 1 and 50")
         return asyncio.run(submit(args, base_url, settings.admin_token))
+    if not BATCH_ID.match(args.batch):  # it goes into a URL path: `../predictions` would be another route
+        raise ConfigError(f"{args.batch[:80]!r} is not a batch id (b_ and 32 hex digits)")
     return asyncio.run(status(args.batch, base_url, settings.admin_token))
 
 

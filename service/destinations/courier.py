@@ -108,6 +108,9 @@ class Courier:
         self.schedule, self.concurrency, self.public = schedule, concurrency, public
         self.wake = asyncio.Event()
         self.config: Config | None = None
+        # Set while the destination is not paused: every POST waits for it, so a pause also
+        # holds the events already scanned into memory (they stay unresolved, sent on resume).
+        self.sending = asyncio.Event()
         self.scanned_to = 0
         self.stored_cursor = 0
         self.chains: dict[str, deque[asyncpg.Record]] = {}  # the fast path, per prediction
@@ -225,6 +228,10 @@ class Courier:
                 raise Gone from None
             key = decode_webhook_secret(secret, "the destination's secret")
             self.config = Config(row["url"], key, event_filter(row["filter"]), row["paused"])
+            if row["paused"]:
+                self.sending.clear()
+            else:
+                self.sending.set()
             if row["kek_id"] != self.vault.current_id:
                 await self._reseal(secret, row["secret"])
 
@@ -269,8 +276,11 @@ class Courier:
             if behind:
                 self.owe_maybe()
                 await self._owe(conn, behind)
-        self.scanned_to = rows[-1]["seq"] if len(rows) == PAGE else horizon
-        return len(rows) == PAGE
+        # A page is also cut by bytes (store.PAGE_BYTES): go on from its last row, never skip
+        # what the cut left out.
+        more = store.page_may_continue(rows, PAGE)
+        self.scanned_to = rows[-1]["seq"] if more else horizon
+        return more
 
     async def _owed_predictions(self, conn: Connection, rows: list[asyncpg.Record]) -> set[str]:
         if not rows or not self.maybe_owed:
@@ -361,12 +371,20 @@ class Courier:
         )
         # A first attempt that the schedule does not allow to be retried is exhausted at once.
         if len(self.schedule) <= 1:
-            await conn.execute(
+            spent = await conn.fetch(
                 "UPDATE destination_events SET state = 'exhausted' WHERE destination_id = $1"
-                " AND state = 'owed' AND attempts >= $2",
+                " AND state = 'owed' AND attempts >= $2 RETURNING seq, last_error",
                 self.id,
                 len(self.schedule),
             )
+            for row in spent:  # counted and logged as an exhausted retry is
+                DESTINATION_EVENTS.labels(self.id, "exhausted").inc()
+                log.warning(
+                    "destination %s: event seq %s exhausted its retries (%s)",
+                    self.id,
+                    row["seq"],
+                    row["last_error"],
+                )
 
     def _resolve(self, seq: int) -> None:
         self.resolved.add(seq)
@@ -436,6 +454,7 @@ class Courier:
     # ------------------------------------------------------------------ sending
 
     async def _post(self, row: asyncpg.Record) -> Attempt:
+        await self.sending.wait()  # paused: nothing leaves until resumed
         assert self.config is not None and self.http is not None
         body = body_bytes(row, self.vault)  # {"erased":true} once the prediction is forgotten
         # At most `concurrency` requests in flight: the pool's bound for the destination's origin.

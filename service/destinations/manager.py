@@ -51,6 +51,9 @@ class Destinations:
         self.concurrency = settings.destination_concurrency
         self.public = not settings.replay_private  # connect to global addresses only
         self.couriers: dict[str, tuple[Courier, asyncio.Task[None]]] = {}
+        # Destinations whose courier stopped by itself (its secret cannot be read): not started
+        # again, so the error is one line, until the destination changes.
+        self.stopped: set[str] = set()
         self.look = asyncio.Event()
 
     def nudge(self) -> None:
@@ -84,6 +87,7 @@ class Destinations:
         self.nudge()
 
     def _changed(self, _conn: object, _pid: int, _channel: str, destination_id: object) -> None:
+        self.stopped.discard(str(destination_id))
         self.look.set()
         held = self.couriers.get(str(destination_id))
         if held is not None:
@@ -99,7 +103,8 @@ class Destinations:
                     await conn.execute(
                         "SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, destination_id
                     )
-            for destination_id in ids - set(self.couriers):
+            self.stopped &= ids
+            for destination_id in ids - set(self.couriers) - self.stopped:
                 if await conn.fetchval(
                     "SELECT pg_try_advisory_lock($1, hashtext($2))", LOCK_CLASS, destination_id
                 ):
@@ -119,6 +124,8 @@ class Destinations:
     async def _run_courier(self, courier: Courier) -> None:
         try:
             await courier.run()
+            self.stopped.add(courier.id)  # it returned: removed, or its secret cannot be read
+            self.look.set()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the database may be restarting; start again

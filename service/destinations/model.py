@@ -45,14 +45,24 @@ def new_secret() -> str:
 
 
 def check_url(url: Any) -> str:
-    text: str = url if isinstance(url, str) and len(url) <= MAX_URL and "\x00" not in url else ""
+    # Printable ASCII only, as RFC 3986 has it: the sender writes the URL into the request line
+    # as it is, where a space or a non-ASCII character (an IDN host, `café` in a path) made every
+    # delivery fail. Percent-encode such characters, or give the host in punycode (xn--…).
+    printable = isinstance(url, str) and len(url) <= MAX_URL and all("!" <= c <= "~" for c in url)
+    text: str = url if printable else ""
     try:
         parts = urlsplit(text)
-        scheme, host = parts.scheme, parts.hostname
+        scheme, host, netloc = parts.scheme, parts.hostname, parts.netloc
+        parts.port  # noqa: B018 - read for its check: a port that is not a number from 0 to 65535 raises
     except ValueError:  # a malformed [IPv6] or port
-        scheme, host = "", None
+        scheme, host, netloc = "", None, ""
     if scheme not in ("http", "https") or not host:
-        raise InvalidRequest(f"url must be an http:// or https:// URL with a host (at most {MAX_URL} chars)")
+        raise InvalidRequest(
+            f"url must be an http:// or https:// URL with a host and a valid port, in printable ASCII"
+            f" (percent-encode other characters; at most {MAX_URL} chars)"
+        )
+    if "@" in netloc:  # the sender sends no Authorization: the receiver would answer 401 forever
+        raise InvalidRequest("url must not hold credentials (user:password@): Relay does not send them")
     return text
 
 

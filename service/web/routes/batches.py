@@ -24,12 +24,12 @@ from service.core.auth import matches_any, mint_batch_token, require_batch_reade
 from service.core.errors import InvalidRequest, NotFound, RelayError
 from service.core.metrics import MESSAGES_SENT
 from service.core.openapi import ADMIN, API_KEY, errors, json_body, operation, path_param, query_param, ref
-from service.core.validation import MODEL_PATTERN, VERSION_PATTERN, WEBHOOK_EVENTS
+from service.core.validation import MODEL_PATTERN, VERSION_PATTERN, WEBHOOK_EVENTS, bare_version
 from service.db import store
 from service.db.connection import Connection
 from service.db.events import event_text, open_body
 from service.live.hub import Message, Subscriber
-from service.upstream import ratelimit
+from service.upstream import ratelimit, versions
 from service.upstream.ratelimit import Quota
 from service.web import auth
 from service.web.auth import POLICY_VIOLATION, Access, Caller, route, socket_route, token_of
@@ -86,7 +86,8 @@ def relay_links(relay: Relay, batch_id: str) -> dict[str, str]:
 
 
 async def read_batch_json(request: Request) -> Any:
-    body = await read_body(request, MAX_BATCH_BODY)
+    # Not RELAY_MAX_BODY (the webhooks' limit), which the 413 would otherwise name.
+    body = await read_body(request, MAX_BATCH_BODY, "the batch body limit")
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
@@ -97,15 +98,18 @@ async def submit_batch(request: Request) -> JSONResponse:
     relay = relay_of(request)
     owner, quota = await caller(request)
     scheduler = scheduler_of(relay, quota)
-    checked = batch_request(await read_batch_json(request), relay.settings.webhook_url)
+    body = await read_batch_json(request)
+    # A bare version id Relay has learned is checked with its model's rules, as a single create is.
+    learned = await versions.lookup(relay.pool, bare_version(body))
+    checked = batch_request(body, relay.settings.webhook_url, learned)
     async with relay.pool.acquire() as conn:
         row = await batches.insert_batch(conn, owner or ADMIN_OWNER, checked, relay.vault)
     scheduler.nudge()
-    body = {
+    answer = {
         **batches.batch_fields(row, {"pending": row["total"]}),
         "relay": relay_links(relay, row["id"]),
     }
-    return JSONResponse(body, status_code=201, headers=quota.headers())
+    return JSONResponse(answer, status_code=201, headers=quota.headers())
 
 
 async def owned_batch(conn: Connection, batch_id: str, owner: str | None) -> asyncpg.Record:

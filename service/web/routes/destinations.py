@@ -23,7 +23,7 @@ async def _json_body(request: Request) -> Any:
     raw = await request.body()
     try:
         return json.loads(raw) if raw.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deeply for the parser: invalid like the rest
         raise InvalidRequest('the body must be JSON: {"url": "https://…"}') from None
 
 

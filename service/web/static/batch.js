@@ -156,9 +156,18 @@
         loadAll(token, id).catch(() => {});
       } else {
         $("connection").textContent = "Disconnected (" + close.code + "); reconnecting…";
-        setTimeout(() => loadAll(token, id).then(() => watch(token, id, refresh)).catch(() => {}), 2000);
+        reconnect(token, id, refresh, 2000);
       }
     };
+  }
+
+  // Relay may be down for a while (a restart, a deploy): keep trying, backing off to 30 s.
+  function reconnect(token, id, refresh, delay) {
+    setTimeout(() => {
+      loadAll(token, id)
+        .then(() => watch(token, id, refresh))
+        .catch(() => reconnect(token, id, refresh, Math.min(delay * 2, 30000)));
+    }, delay);
   }
 
   const token = takeToken();

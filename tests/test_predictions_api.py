@@ -189,6 +189,15 @@ def test_a_valid_qwen_input_is_created_in_every_form(api, fake, target):
     assert call.json["input"] == QWEN_INPUT and call.json.get("version") == target.get("version")
 
 
+def test_qwens_version_id_under_another_name_is_still_checked_as_qwen(api, fake):
+    """`someone/other:<qwen's id>` runs qwen's version upstream, so its input is qwen's to check."""
+    teach_qwen_version(api, fake)
+    body = {"version": f"someone/other:{VERSION}", "input": {**QWEN_INPUT, "num_outputs": 5}}
+    status, code, message = error_of(api.post("/api/predictions", json=body))
+    assert (status, code) == (400, "INVALID_REQUEST") and "input.num_outputs" in message
+    assert fake.requests == []
+
+
 def test_a_bare_id_relay_has_never_seen_passes_through(api, fake):
     """An unknown bare id is not guessed at: like any model without a schema, its input is forwarded."""
     body = {"version": "f" * 64, "input": {"prompt": "", "num_outputs": 99}}

@@ -199,11 +199,11 @@ def parse_version(version: str) -> tuple[str | None, str | None]:
 
 
 def known_model(target: Target, learned: Mapping[str, str]) -> ModelSchema | None:
-    """The schema of the model a create names, directly or through a known bare version id."""
-    if target.model is not None:
-        return MODELS.get(target.model)
-    if target.version_id is None:
-        return None
+    """The schema of the model a create names, directly or through a version id Relay knows
+    (bare, or pinned after another `owner/name`: Replicate runs the version the id names)."""
+    by_name = MODELS.get(target.model) if target.model is not None else None
+    if by_name is not None or target.version_id is None:
+        return by_name
     for schema in MODELS.values():
         if target.version_id in schema.versions:
             return schema
@@ -279,6 +279,16 @@ def _events_filter(value: Any) -> list[str]:
         allowed = ", ".join(WEBHOOK_EVENTS)
         raise InvalidRequest(f"webhook_events_filter must be a non-empty list drawn from {allowed}")
     return [event for event in WEBHOOK_EVENTS if event in value]
+
+
+def pinned_version(body: Any) -> str | None:
+    """The version id a create body pins, bare or as `owner/name:id`: the id whose model
+    Relay may have learned."""
+    version = body.get("version") if isinstance(body, dict) else None
+    if not isinstance(version, str):
+        return None
+    version_id = version.partition(":")[2] if ":" in version else version
+    return version_id if VERSION_ID.fullmatch(version_id) else None
 
 
 def bare_version(body: Any) -> str | None:

@@ -31,9 +31,9 @@ from service.core.validation import (
     PREDICTION_ID_PATTERN,
     VERSION_PATTERN,
     WEBHOOK_EVENTS,
-    bare_version,
     check_prediction_id,
     create_request,
+    pinned_version,
 )
 from service.core.validation import PREDICTION_ID as AN_ID
 from service.db import owners
@@ -129,7 +129,7 @@ async def create_prediction(request: Request) -> JSONResponse:
     upstream, quota, caller = await admit(request)
     relay = relay_of(request)
     body = await read_json(request)
-    learned = await versions.lookup(relay.pool, bare_version(body))
+    learned = await versions.lookup(relay.pool, pinned_version(body))
     target, payload = create_request(body, relay.settings.webhook_url, learned)
     # The cache is scoped like ownership: a key sees only answers it created, the admin its own.
     key = (

@@ -35,6 +35,23 @@ PREDICTION_ID = re.compile(PREDICTION_ID_PATTERN)
 VERSION_ID = re.compile(VERSION_ID_PATTERN)
 
 
+# The deepest nesting of arrays/objects a delivered body may have (ingest refuses deeper ones:
+# json's recursion limit depends on the caller's stack). A create's input sits one level down
+# in every delivery of its prediction, so it may nest one level less.
+MAX_DEPTH = 128
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def is_json_integer(value: Any) -> bool:
     """JSON has one number type: 4.0 is the integer 4 (as JSON Schema's "integer" says), 4.5 is not."""
     if isinstance(value, float):
@@ -324,6 +341,9 @@ def create_request(
         raise InvalidRequest("input must be a JSON object")
     if (problem := unpaired_surrogate(values)) is not None:
         raise InvalidRequest(f"input {problem}")
+    if nesting_depth(values) > MAX_DEPTH - 1:
+        # Replicate would run it, but Relay would refuse every delivery of it (400).
+        raise InvalidRequest(f"input nests arrays/objects deeper than {MAX_DEPTH - 1} levels")
     schema = known_model(found, learned or {})
     if schema is not None:
         schema.check(values)

@@ -16,6 +16,9 @@ CROSS_FIELD_RULES = {
 }
 
 
+REQUEST_TIMEOUT = 75
+
+
 def can_break(document: dict, method: str, path: str) -> bool:
     """Whether an operation takes anything a request could get wrong (parameters or a body)."""
     spec = document["paths"][path][method]
@@ -56,6 +59,8 @@ def fuzz(
         derandomize=derandomize,
     )
     def run(case: schemathesis.Case) -> None:
-        case.call_and_validate(headers=headers, excluded_checks=excluded)
+        # A replay may wait up to 60 s by design (?wait=): a shorter client timeout would fail a
+        # correct answer that is merely slow.
+        case.call_and_validate(headers=headers, excluded_checks=excluded, timeout=REQUEST_TIMEOUT)
 
     run()

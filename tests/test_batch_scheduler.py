@@ -140,3 +140,26 @@ def test_with_encryption_waiting_inputs_are_sealed_until_their_create(dsn):
             assert "RELAY_ENCRYPTION_KEY" in error
 
     asyncio.run(run())
+
+
+def test_a_batch_stream_remembers_a_bounded_number_of_other_predictions(dsn, monkeypatch):
+    """A batch page left open on a busy server: its own predictions are always recognised, and
+    it remembers at most OUTSIDERS_KEPT others (memory stays flat however many go by)."""
+    from types import SimpleNamespace
+
+    from service.web.routes import batches as batch_routes
+
+    monkeypatch.setattr(batch_routes, "OUTSIDERS_KEPT", 50)
+
+    async def run() -> None:
+        async with asyncpg.create_pool(dsn, min_size=1, max_size=2) as pool:
+            batch_id = await new_batch(pool, 2)
+            await step(Scheduler(pool, Upstream(), link_key("k"), WEBHOOK_URL))  # creates p1 and p2
+            stream = batch_routes.BatchStream(None, SimpleNamespace(pool=pool), None, batch_id)  # type: ignore[arg-type]
+            others = [f"other-{n}" for n in range(500)]
+            assert not any([await stream._member(p) for p in others])
+            assert [await stream._member(own) for own in ("p1", "p2")] == [True, True]
+            assert len(stream.outsiders) == 50 and others[-1] in stream.outsiders
+            assert await stream._member(others[0]) is False  # forgotten, looked up again: still not
+
+    asyncio.run(run())

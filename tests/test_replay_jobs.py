@@ -132,6 +132,26 @@ def test_any_instance_answers_and_cancels_a_job_and_a_dead_runner_reads_failed(p
         assert dead["status"] == "failed" and "resume_after" in dead["error"]
 
 
+def test_at_most_three_replays_run_at_once_in_a_process(postgres):
+    """A fourth concurrent replay is refused (429 with Retry-After) instead of taking the pool
+    every route needs; once one is canceled, a new one starts."""
+    with (
+        RelayProcess(relay_env(postgres.new_database())) as relay,
+        httpx.Client(base_url=relay.url, headers=admin_headers(), timeout=30) as admin,
+        hanging_target() as url,
+    ):
+        deliver_lifecycle(admin, new_prediction_id())
+        body = {"target": {"url": url, "secret": RECEIVER_SECRET}}
+        jobs = [admin.post("/admin/replay", params={"wait": 0}, json=body) for _ in range(3)]
+        assert [job.status_code for job in jobs] == [202] * 3
+        refused = admin.post("/admin/replay", params={"wait": 0}, json=body)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "5"
+        assert refused.json()["error"]["code"] == "TOO_MANY_REPLAYS"
+        assert admin.get("/admin/events").status_code == 200  # the pool still serves everything else
+        assert admin.post(jobs[0].json()["url"] + "/cancel").json()["status"] == "canceled"
+        assert admin.post("/admin/replay", params={"wait": 0}, json=body).status_code == 202
+
+
 def test_an_unknown_job_is_404(admin):
     assert admin.get("/admin/replay/rpl_nosuchjob").status_code == 404
 

@@ -127,7 +127,7 @@ STATUS_TEXT = {
     409: "Conflict with the current state",
     413: "Body too large (BODY_TOO_LARGE)",
     416: "The range is outside the file (RANGE_NOT_SATISFIABLE)",
-    429: "Rate limited (RATE_LIMIT_ERROR); see Retry-After",
+    429: "Rate limited (RATE_LIMIT_ERROR), or too many replays running (TOO_MANY_REPLAYS); see Retry-After",
     502: "Replicate failed (PROCESSING_ERROR, NETWORK_ERROR, UNKNOWN_ERROR)",
     503: "Unavailable (DATABASE_UNAVAILABLE, PROXY_DISABLED, STORE_UNAVAILABLE); see Retry-After",
     504: "Replicate did not answer in time (TIMEOUT)",

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 
+from service.core.errors import DatabaseUnavailable, RelayError
 from service.db.store import iso
 from service.ops.replay import Report
 
@@ -29,6 +30,10 @@ log = logging.getLogger("relay.replay")
 SYNC_SECONDS = 1.0
 STALE_SECONDS = 15.0
 CANCEL_WAIT = 5.0
+# Each running job holds a connection of the pool for its whole replay (the log's cursor), and
+# one to a hanging target can run for minutes: a cap keeps replays from taking the pool that
+# every other route needs.
+MAX_RUNNING = 3
 RUNNING, DONE, FAILED, CANCELED = "running", "done", "failed", "canceled"
 STOPPED = "the Relay process running it stopped; start again after report.resume_after"
 
@@ -52,6 +57,18 @@ SELECT id, report, started_at, finished_at,
 FROM (SELECT *, status = '{RUNNING}' AND heartbeat_at < now() - $2::float8 * interval '1 second' AS stale
       FROM replay_jobs WHERE id = $1) AS job
 """
+
+
+class TooManyReplays(RelayError):
+    status = 429
+    code = "TOO_MANY_REPLAYS"
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"{MAX_RUNNING} replays are already running in this Relay process; "
+            "wait for one to end (or cancel one) and retry",
+            headers={"Retry-After": "5"},
+        )
 
 
 @dataclass
@@ -85,12 +102,20 @@ class ReplayJobs:
 
     async def start(self, run: Callable[[Report], Awaitable[Any]]) -> ReplayJob:
         """Record the job, then run `run(report)`; the report fills in as the replay goes."""
+        if len(self._local) >= MAX_RUNNING:
+            raise TooManyReplays()
         job = ReplayJob("rpl_" + secrets.token_hex(8))
-        async with self.pool.acquire() as conn:
-            await conn.execute(PRUNE)
-            await conn.execute(INSERT, job.id, json.dumps(job.report.as_json()))
+        self._local[job.id] = job  # counted at once: concurrent requests see it
+        try:
+            async with asyncio.timeout(CANCEL_WAIT), self.pool.acquire() as conn:
+                await conn.execute(PRUNE)
+                await conn.execute(INSERT, job.id, json.dumps(job.report.as_json()))
+        except BaseException as error:
+            del self._local[job.id]
+            if isinstance(error, TimeoutError):
+                raise DatabaseUnavailable() from None
+            raise
         job.task = asyncio.create_task(self._run(job, run), name=f"relay-replay-{job.id}")
-        self._local[job.id] = job
         return job
 
     async def read(self, job_id: str) -> dict[str, Any] | None:
@@ -150,7 +175,9 @@ class ReplayJobs:
                     work.cancel()
             await work
         finally:
-            work.cancel()
+            if not work.done():  # stopped from here: let it release its connection first
+                work.cancel()
+                await asyncio.wait({work}, timeout=CANCEL_WAIT)
 
     async def _record(self, statement: str, *args: Any) -> Any:
         """Write the job's row; a database that is down only delays it (logged, never raised)."""

@@ -46,7 +46,7 @@ async def list_events(request: Request) -> Response:
 
 
 REPLAY_MAX_BODY = 65536  # a filter and a target: a few hundred bytes in practice
-DEFAULT_REPLAY_WAIT = 10
+DEFAULT_REPLAY_WAIT = 5  # well under the 10 s read timeout many HTTP clients default to
 
 
 def replay_request(body: bytes) -> tuple[EventFilter, Target, bool]:
@@ -75,7 +75,7 @@ def replay_request(body: bytes) -> tuple[EventFilter, Target, bool]:
 async def post_replay(request: Request) -> JSONResponse:
     """`POST /admin/replay[?wait=S]` with `{"filter", "target", "dry_run"}`.
 
-    The replay runs as a background job. Done within `wait` seconds (default 10, 0-60): 200 with
+    The replay runs as a background job. Done within `wait` seconds (default 5, 0-60): 200 with
     the report (DESIGN's answer). Still running: 202 with `{"job", "status", "url", "report"}`
     (the report so far) and `Location: /admin/replay/{job}`, to poll.
     """
@@ -210,7 +210,7 @@ openapi = {
             responses={
                 200: json_body(REPLAY_REPORT, "The report, once done"),
                 202: json_body(REPLAY_JOB, "Still running: poll Location"),
-                **errors(400, 401, 403, 413),
+                **errors(400, 401, 403, 413, 429),
             },
         )
     },

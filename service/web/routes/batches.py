@@ -8,6 +8,7 @@ is `service.batches.scheduler`, started in the app's lifespan when an upstream i
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import re
 from typing import Any
@@ -51,6 +52,7 @@ BACKLOG_PAGE = 500
 # While nothing arrives, how often a batch stream checks whether the batch has ended (an item
 # can end without an event: its create was refused).
 END_CHECK = 1.0
+OUTSIDERS_KEPT = 10_000  # other predictions a batch stream remembers as not its own
 
 
 class Conflict(RelayError):
@@ -227,7 +229,10 @@ async def batch_stream(websocket: WebSocket) -> None:
 class BatchStream:
     def __init__(self, websocket: WebSocket, relay: Relay, subscriber: Subscriber, batch_id: str):
         self.websocket, self.relay, self.subscriber, self.batch_id = websocket, relay, subscriber, batch_id
-        self.members: dict[str, bool] = {}
+        self.members: set[str] = set()  # at most the batch's items
+        # Other predictions seen live, most recent last: bounded, so a page left open on a busy
+        # server stays small (one forgotten may be looked up again; the answer is final anyway).
+        self.outsiders: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.last = 0
 
     async def run(self, after: int) -> int:
@@ -273,10 +278,20 @@ class BatchStream:
             self.last = max(self.last, message.seq)
 
     async def _member(self, prediction_id: str) -> bool:
-        if prediction_id not in self.members:
-            async with self.relay.pool.acquire() as conn:
-                self.members[prediction_id] = await batches.is_member(conn, self.batch_id, prediction_id)
-        return self.members[prediction_id]
+        if prediction_id in self.members:
+            return True
+        if prediction_id in self.outsiders:
+            self.outsiders.move_to_end(prediction_id)
+            return False
+        async with self.relay.pool.acquire() as conn:
+            member = await batches.is_member(conn, self.batch_id, prediction_id)
+        if member:
+            self.members.add(prediction_id)
+        else:
+            self.outsiders[prediction_id] = None
+            if len(self.outsiders) > OUTSIDERS_KEPT:
+                self.outsiders.popitem(last=False)
+        return member
 
     async def _ended(self) -> bool:
         async with self.relay.pool.acquire() as conn:

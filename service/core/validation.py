@@ -308,14 +308,6 @@ def pinned_version(body: Any) -> str | None:
     return version_id if VERSION_ID.fullmatch(version_id) else None
 
 
-def bare_version(body: Any) -> str | None:
-    """The bare version id a create body names, if any: the one form whose model needs a lookup."""
-    version = body.get("version") if isinstance(body, dict) else None
-    if isinstance(version, str) and VERSION_ID.fullmatch(version):
-        return version
-    return None
-
-
 def create_request(
     body: Any, webhook_url: str, learned: Mapping[str, str] | None = None
 ) -> tuple[Target, dict[str, Any]]:

@@ -178,10 +178,13 @@ def test_a_bare_version_id_relay_has_learned_is_checked_like_its_model(api, batc
     assert error_of(single)[2] == "input.prompt is required for qwen/qwen-image-edit-plus"
     calls = len(fake.requests)
     inputs = [*qwen_inputs(2), {"image": ["https://x/y.png"]}]
-    status, code, message = error_of(api.post("/api/batches", json={"version": VERSION, "inputs": inputs}))
-    assert (status, code) == (400, "INVALID_REQUEST") and message.startswith("inputs[2]: input.prompt"), (
-        message
-    )
+    for version in (VERSION, f"someone/other:{VERSION}"):  # the id under another name is still qwen's
+        status, code, message = error_of(
+            api.post("/api/batches", json={"version": version, "inputs": inputs})
+        )
+        assert (status, code) == (400, "INVALID_REQUEST") and message.startswith("inputs[2]: input.prompt"), (
+            message
+        )
     assert len(fake.requests) == calls
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from service.upstream.ratelimit import key_hash
 
-from .fake_replicate import API_KEY, OTHER_API_KEY, QWEN, QWEN_INPUT, api_client, error_of
+from .fake_replicate import API_KEY, OTHER_API_KEY, QWEN, QWEN_INPUT, Answer, api_client, error_of
 from .support import ADMIN_TOKEN, query
 
 CREATE = {"model": QWEN, "input": QWEN_INPUT}
@@ -71,3 +73,31 @@ def test_a_prediction_created_outside_relay_is_the_admins_only(api, api_relay, f
         api_relay.env["DATABASE_URL"], "DELETE FROM prediction_owners WHERE prediction_id = $1", prediction_id
     )
     assert error_of(api.get(f"/api/predictions/{prediction_id}"))[0] == 404
+
+
+def test_an_answer_about_another_prediction_gives_no_token_for_it(api, api_relay, fake):
+    """Replicate answering a get or cancel with another prediction is a 502: no data, no token."""
+    mine = api.post("/api/predictions", json=CREATE).json()["id"]
+    with api_client(api_relay, OTHER_API_KEY) as other:
+        theirs = other.post("/api/predictions", json=CREATE).json()["id"]
+    stray = Answer(200, body=fake.predictions[theirs])
+    fake.script("GET", f"/predictions/{mine}", stray)
+    fake.script("POST", f"/predictions/{mine}/cancel", stray)
+    for response in (api.get(f"/api/predictions/{mine}"), api.post(f"/api/predictions/{mine}/cancel")):
+        assert error_of(response)[:2] == (502, "UNKNOWN_ERROR")
+        assert theirs not in response.text and "token" not in response.text
+
+
+@pytest.mark.parametrize("created", [{"status": "starting"}, {"id": "a\u0000b"}, {"id": "../x"}, {"id": 7}])
+def test_a_create_answered_without_a_prediction_id_is_a_502_and_records_nothing(
+    api, api_relay, fake, created
+):
+    """A 201 whose `id` is not a prediction id: UNKNOWN_ERROR, no owner, no token, no 400 or 500."""
+    fake.script("POST", f"/models/{QWEN}/predictions", Answer(201, body=created))
+    response = api.post("/api/predictions", json=CREATE)
+    assert error_of(response)[:2] == (502, "UNKNOWN_ERROR") and "token" not in response.text
+    count = query(
+        api_relay.env["DATABASE_URL"],
+        "SELECT count(*) AS n FROM prediction_owners WHERE NOT (prediction_id ~ '^p[0-9a-f]+$')",
+    )
+    assert count[0]["n"] == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from service.upstream.versions import mapping_in
+
 from .fake_replicate import (
     API_KEY,
     OTHER_API_KEY,
@@ -12,6 +14,7 @@ from .fake_replicate import (
     QWEN_INPUT,
     TOKEN,
     VERSION,
+    Answer,
     api_client,
     error_of,
     relay_for,
@@ -57,8 +60,12 @@ def test_a_filter_outside_replicates_events_is_refused(api, fake, events):
     assert fake.requests == []
 
 
-def test_the_webhook_cannot_be_redirected(api, fake):
-    body = {"model": QWEN, "input": QWEN_INPUT, "webhook": "https://attacker.example/hook"}
+@pytest.mark.parametrize("webhook", ["https://attacker.example/hook", "RELAYS_OWN", None])
+def test_the_webhook_cannot_be_redirected(api, api_relay, fake, webhook):
+    """`webhook` is a field Relay owns: refused (400) whatever it holds, even Relay's own URL."""
+    if webhook == "RELAYS_OWN":
+        webhook = f"{api_relay.url}/webhooks/replicate"
+    body = {"model": QWEN, "input": QWEN_INPUT, "webhook": webhook}
     status, code, message = error_of(api.post("/api/predictions", json=body))
     assert (status, code) == (400, "INVALID_REQUEST") and "webhook" in message
     assert fake.requests == []
@@ -180,6 +187,15 @@ def test_a_valid_qwen_input_is_created_in_every_form(api, fake, target):
     assert api.post("/api/predictions", json={**target, "input": QWEN_INPUT}).status_code == 201
     [call] = fake.requests
     assert call.json["input"] == QWEN_INPUT and call.json.get("version") == target.get("version")
+
+
+def test_qwens_version_id_under_another_name_is_still_checked_as_qwen(api, fake):
+    """`someone/other:<qwen's id>` runs qwen's version upstream, so its input is qwen's to check."""
+    teach_qwen_version(api, fake)
+    body = {"version": f"someone/other:{VERSION}", "input": {**QWEN_INPUT, "num_outputs": 5}}
+    status, code, message = error_of(api.post("/api/predictions", json=body))
+    assert (status, code) == (400, "INVALID_REQUEST") and "input.num_outputs" in message
+    assert fake.requests == []
 
 
 def test_a_bare_id_relay_has_never_seen_passes_through(api, fake):
@@ -310,6 +326,20 @@ def test_list_passes_replicates_cursors_through_as_relay_urls(api, api_relay, fa
     assert fake.calls("GET", "/predictions")[-1].query == "cursor=2"
 
 
+@pytest.mark.parametrize(
+    "page",
+    [{"results": [], "next": 5}, {"results": [], "previous": {"a": 1}}, {"results": "x"}, {"next": None}],
+)
+@pytest.mark.parametrize("key", [API_KEY, ADMIN_TOKEN])
+def test_a_list_answer_that_is_not_a_page_is_a_502_not_a_500(api_relay, fake, page, key):
+    """A malformed page from Replicate is UNKNOWN_ERROR in the error shape, for keys and the admin."""
+    fake.reset()
+    fake.script("GET", "/predictions", Answer(200, body=page))
+    with api_client(api_relay, key) as client:
+        status, code, _ = error_of(client.get("/api/predictions"))
+    assert (status, code) == (502, "UNKNOWN_ERROR")
+
+
 def test_without_an_upstream_token_the_proxy_answers_503_naming_the_setting(postgres):
     port = free_port()
     env = relay_env(postgres.new_database(), RELAY_API_KEYS=API_KEY)
@@ -361,6 +391,55 @@ def test_nan_and_infinity_are_not_json_and_are_refused(api, fake):
         status, code, message = error_of(api.post("/api/predictions", content=body))
         assert (status, code) == (400, "INVALID_REQUEST") and "NaN" in message
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "1.5e400"])
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_a_number_past_the_float_range_is_a_400_not_a_500(api, fake, number, cache):
+    """`1e999` parses to infinity, which neither Replicate's request nor the cache can carry: 400."""
+    body = f'{{"model": "someone/other", "input": {{"x": {number}}}, "cache": {cache}}}'
+    status, code, message = error_of(api.post("/api/predictions", content=body))
+    assert (status, code) == (400, "INVALID_REQUEST") and "1.8e308" in message
+    assert fake.requests == []
+
+
+def nested_input(depth: int) -> str:
+    """An input object whose arrays/objects nest `depth` levels (the object itself is one)."""
+    return '{"x": ' + "[" * (depth - 1) + "1" + "]" * (depth - 1) + "}"
+
+
+def test_an_input_nested_past_what_ingest_takes_is_refused_before_replicate_runs_it(api, fake):
+    """Deliveries nest the input one level down and ingest refuses past 128 levels, so a deeper
+    input would run (and bill) upstream while every webhook of it was refused: 400 up front."""
+    body = '{"model": "someone/other", "input": ' + nested_input(128) + "}"
+    status, code, message = error_of(api.post("/api/predictions", content=body))
+    assert (status, code) == (400, "INVALID_REQUEST") and "127 levels" in message
+    assert fake.requests == []
+
+
+def test_an_input_nested_to_the_limit_is_created_and_watched_to_its_end(api, api_relay, fake):
+    """At 127 levels the create goes through and every delivery of it lands in the log."""
+    body = '{"model": "someone/other", "input": ' + nested_input(127) + "}"
+    response = api.post("/api/predictions", content=body)
+    assert response.status_code == 201, response.text
+    relay_block = response.json()["relay"]
+    messages, code = watch(api_relay, relay_block["ws"], relay_block["token"])
+    assert code == 1000 and messages[-1]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "named",
+    [{"version": QWEN}, {"version": f"{QWEN}:{VERSION}"}, {"version": VERSION}, {"model": QWEN}],
+)
+def test_a_trailing_newline_in_a_model_or_version_is_refused_not_a_way_past_the_checks(api, fake, named):
+    """`$` matches before a final newline: "qwen/qwen-image-edit-plus\n" named no known model, so
+    its input went unchecked (or, as `model`, answered 500). Every form is matched whole: 400."""
+    field, value = next(iter(named.items()))
+    body = {field: value + "\n", "input": {**QWEN_INPUT, "num_outputs": 9}}
+    status, code, message = error_of(api.post("/api/predictions", json=body))
+    assert (status, code) == (400, "INVALID_REQUEST") and field in message
+    assert fake.requests == []
+    assert mapping_in({"version": VERSION, "model": QWEN + "\n"}) is None  # never learned either
 
 
 @pytest.mark.parametrize("url", ["https://[::1/a.png", "https://host:8]0/a.png"])

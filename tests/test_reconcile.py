@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from service.ops.simulate import lifecycle
+from service.upstream.reconcile import BATCH
 
 from .fake_replicate import CREATE, FakeReplicate, api_client, metric, reconcile_cli, relay_for, watch
 from .support import RelayProcess, admin_headers, new_prediction_id, post_webhook
@@ -176,3 +177,37 @@ def test_reconciling_a_running_prediction_twice_appends_the_new_progress(api, ap
     assert events[-1]["prediction"]["logs"] == progressed["logs"]
     state = httpx.get(f"{api_relay.url}/predictions/{prediction_id}", headers=admin_headers()).json()
     assert state["logs"] == progressed["logs"] and state["last_seq"] == events[-1]["seq"]
+
+
+def test_predictions_replicate_does_not_know_do_not_starve_the_periodic_reconcile(postgres, fake):
+    """101 open predictions older than a real one, each a 404 upstream (they keep their age):
+    the passes go on past them, so the real one still gets its lost end."""
+    fake.reset()
+    with (
+        relay_for(
+            postgres.new_database(), fake, RELAY_RECONCILE_AFTER="1", RELAY_RECONCILE_INTERVAL="1"
+        ) as relay,
+        api_client(relay) as api,
+        httpx.Client(base_url=relay.url) as client,
+    ):
+        unknown = [new_prediction_id() for _ in range(BATCH + 1)]
+        for prediction_id in unknown:
+            assert post_webhook(client, lifecycle(prediction_id)[0]).status_code == 200
+        fake.lose = {"completed"}
+        prediction = api.post("/api/predictions", json=CREATE).json()
+        messages, code = watch(relay, prediction["relay"]["ws"], prediction["relay"]["token"], timeout=20)
+    assert code == 1000 and messages[-1]["status"] == "succeeded" and messages[-1]["source"] == "reconcile"
+    asked = {seen.path.removeprefix("/predictions/") for seen in fake.calls("GET", r"/predictions/\w+")}
+    assert set(unknown) <= asked
+
+
+def test_relay_reconcile_without_an_id_takes_every_due_prediction_not_only_a_hundred(api, api_relay, fake):
+    """`relay reconcile` does what it says, "every open one past the age", BATCH at a time."""
+    with httpx.Client(base_url=api_relay.url) as client:
+        for _ in range(BATCH + 1):
+            assert post_webhook(client, lifecycle(new_prediction_id())[0]).status_code == 200
+    prediction_id = create_and_finish(api, fake, lose={"completed"})
+    time.sleep(1.1)
+    result = reconcile_cli(api_relay, RELAY_RECONCILE_AFTER="1")
+    assert f"{prediction_id}: appended" in result.stdout
+    assert events_of(api_relay, prediction_id)[-1]["source"] == "reconcile"

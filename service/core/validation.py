@@ -28,9 +28,28 @@ PREDICTION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,100}$"
 ID_PART = r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}"
 VERSION_ID_PATTERN = rf"^{ID_PART}$"
 VERSION_PATTERN = rf"^(?:{NAME_PART}/{NAME_PART}(?::{ID_PART})?|{ID_PART})$"
+# Always `fullmatch`: with `match`, `$` also matches before a trailing newline, so
+# "qwen/qwen-image-edit-plus\n" would name no known model and skip its input checks.
 MODEL_NAME = re.compile(MODEL_PATTERN)
 PREDICTION_ID = re.compile(PREDICTION_ID_PATTERN)
 VERSION_ID = re.compile(VERSION_ID_PATTERN)
+
+
+# The deepest nesting of arrays/objects a delivered body may have (ingest refuses deeper ones:
+# json's recursion limit depends on the caller's stack). A create's input sits one level down
+# in every delivery of its prediction, so it may nest one level less.
+MAX_DEPTH = 128
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def is_json_integer(value: Any) -> bool:
@@ -184,24 +203,24 @@ def parse_version(version: str) -> tuple[str | None, str | None]:
     """(model, version id) of Replicate's three `version` forms: owner/name, owner/name:id, id."""
     name, colon, version_id = version.partition(":")
     if colon:
-        if not MODEL_NAME.match(name) or not VERSION_ID.match(version_id):
+        if not MODEL_NAME.fullmatch(name) or not VERSION_ID.fullmatch(version_id):
             raise InvalidRequest("version must be owner/name, owner/name:version_id or a version id")
         return name, version_id
     if "/" in version:
-        if not MODEL_NAME.match(version):
+        if not MODEL_NAME.fullmatch(version):
             raise InvalidRequest("version must be owner/name, owner/name:version_id or a version id")
         return version, None
-    if not VERSION_ID.match(version):
+    if not VERSION_ID.fullmatch(version):
         raise InvalidRequest("version must be owner/name, owner/name:version_id or a version id")
     return None, version
 
 
 def known_model(target: Target, learned: Mapping[str, str]) -> ModelSchema | None:
-    """The schema of the model a create names, directly or through a known bare version id."""
-    if target.model is not None:
-        return MODELS.get(target.model)
-    if target.version_id is None:
-        return None
+    """The schema of the model a create names, directly or through a version id Relay knows
+    (bare, or pinned after another `owner/name`: Replicate runs the version the id names)."""
+    by_name = MODELS.get(target.model) if target.model is not None else None
+    if by_name is not None or target.version_id is None:
+        return by_name
     for schema in MODELS.values():
         if target.version_id in schema.versions:
             return schema
@@ -265,7 +284,7 @@ def target(body: Mapping[str, Any]) -> Target:
             raise InvalidRequest("version must be a non-empty string")
         named, version_id = parse_version(version)
         return Target("predictions", named, version_id)
-    if not isinstance(model, str) or not MODEL_NAME.match(model):
+    if not isinstance(model, str) or not MODEL_NAME.fullmatch(model):
         raise InvalidRequest("model must be owner/name, for example qwen/qwen-image-edit-plus")
     return Target(f"models/{model}/predictions", model, None)
 
@@ -279,12 +298,14 @@ def _events_filter(value: Any) -> list[str]:
     return [event for event in WEBHOOK_EVENTS if event in value]
 
 
-def bare_version(body: Any) -> str | None:
-    """The bare version id a create body names, if any: the one form whose model needs a lookup."""
+def pinned_version(body: Any) -> str | None:
+    """The version id a create body pins, bare or as `owner/name:id`: the id whose model
+    Relay may have learned."""
     version = body.get("version") if isinstance(body, dict) else None
-    if isinstance(version, str) and VERSION_ID.match(version):
-        return version
-    return None
+    if not isinstance(version, str):
+        return None
+    version_id = version.partition(":")[2] if ":" in version else version
+    return version_id if VERSION_ID.fullmatch(version_id) else None
 
 
 def create_request(
@@ -300,8 +321,10 @@ def create_request(
     unknown = sorted(set(body) - REQUEST_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field(s) {unknown}; allowed: {sorted(REQUEST_FIELDS)}")
-    if body.get("webhook") not in (None, webhook_url):
-        raise InvalidRequest("webhook cannot be changed: Relay always receives the webhooks itself")
+    if "webhook" in body:  # DESIGN: a field Relay owns is refused, even when it names Relay
+        raise InvalidRequest(
+            "webhook is Relay's own (RELAY_PUBLIC_URL/webhooks/replicate): leave it out of the request"
+        )
     if not isinstance(body.get("cache", False), bool):
         raise InvalidRequest("cache must be true or false")
     found = target(body)
@@ -310,6 +333,9 @@ def create_request(
         raise InvalidRequest("input must be a JSON object")
     if (problem := unpaired_surrogate(values)) is not None:
         raise InvalidRequest(f"input {problem}")
+    if nesting_depth(values) > MAX_DEPTH - 1:
+        # Replicate would run it, but Relay would refuse every delivery of it (400).
+        raise InvalidRequest(f"input nests arrays/objects deeper than {MAX_DEPTH - 1} levels")
     schema = known_model(found, learned or {})
     if schema is not None:
         schema.check(values)

@@ -21,6 +21,7 @@ from service.core.errors import DatabaseUnavailable, InvalidPayload
 from service.core.pace import RateMeter
 from service.core.statuses import is_terminal
 from service.core.supervisor import Supervisor
+from service.core.validation import MAX_DEPTH, nesting_depth
 from service.db import store
 from service.db.database import HeldConnection
 from service.db.store import Appended, Delivery
@@ -28,7 +29,6 @@ from service.db.store import Appended, Delivery
 log = logging.getLogger("relay.ingest")
 
 MAX_BATCH = 1000
-MAX_DEPTH = 128
 ACQUIRE_TIMEOUT = 5.0
 # Errors caused by one row's content rather than by the database being unavailable: bad data
 # (22), a constraint (23), or a limit such as an index row too large (54). One such row is
@@ -96,17 +96,6 @@ def _finite(text: str) -> float:
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
-
-
-def nesting_depth(value: Any) -> int:
-    """How deeply arrays and objects nest in a parsed JSON value (iteratively: no recursion)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
 
 
 def parse_prediction(body: bytes) -> dict[str, Any]:

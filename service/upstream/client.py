@@ -115,12 +115,12 @@ class Upstream:
 
     async def get(self, prediction_id: str) -> Reply:
         path = f"predictions/{check_prediction_id(prediction_id)}"
-        return await self._call("GET", path, f"prediction {prediction_id!r}")
+        return _for(prediction_id, await self._call("GET", path, f"prediction {prediction_id!r}"))
 
     async def cancel(self, prediction_id: str) -> Reply:
         # Canceling twice is harmless, so a cancel may be retried like a read.
         path = f"predictions/{check_prediction_id(prediction_id)}/cancel"
-        return await self._call("POST", path, f"prediction {prediction_id!r}")
+        return _for(prediction_id, await self._call("POST", path, f"prediction {prediction_id!r}"))
 
     async def list(self, cursor: str | None) -> Reply:
         params = {"cursor": cursor} if cursor else None
@@ -161,6 +161,14 @@ class Upstream:
         return _reply(response)
 
 
+def _for(prediction_id: str, reply: Reply) -> Reply:
+    """The answer about `prediction_id`, never another: the caller was allowed this id only, and
+    its answer carries a subscriber token for the id it names."""
+    if reply.data.get("id") != prediction_id:
+        raise UnknownError(f"Replicate answered for another prediction than {prediction_id!r}")
+    return reply
+
+
 def _reply(response: httpx.Response) -> Reply:
     try:
         data = response.json()
@@ -182,6 +190,11 @@ def relay_list_url(upstream_url: str | None, base_url: str) -> str | None:
 
 
 def list_page(data: Mapping[str, Any], base_url: str) -> dict[str, Any]:
+    """Replicate's page with its links as Relay URLs; UNKNOWN_ERROR (502) when it is not a page
+    (`results` a list, `next`/`previous` a URL or null), rather than a 500 on a malformed answer."""
+    links_ok = all(isinstance(data.get(name), str | None) for name in ("next", "previous"))
+    if not isinstance(data.get("results"), list) or not links_ok:
+        raise UnknownError("Replicate answered the prediction list with a body that is not a page")
     return {
         **data,
         "next": relay_list_url(data.get("next"), base_url),

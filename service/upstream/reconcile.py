@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -36,12 +37,16 @@ BATCH = 100
 # Predictions untouched for longer than this are left alone (Replicate forgets them anyway).
 MAX_AGE_SECONDS = 24 * 3600
 
+# Oldest first, from where the previous pass stopped ($4, $5: its last row, or NULL to start
+# over): predictions that keep failing (unknown to Replicate, say) keep their age, so starting
+# each pass at the oldest would give every pass to the same hundred of them.
 DUE = """
-SELECT prediction_id FROM predictions
+SELECT prediction_id, updated_at FROM predictions
 WHERE status_rank < 3
   AND updated_at < now() - $1::int * interval '1 second'
   AND updated_at > now() - $2::int * interval '1 second'
-ORDER BY updated_at
+  AND ($4::timestamptz IS NULL OR (updated_at, prediction_id) > ($4::timestamptz, $5::text))
+ORDER BY updated_at, prediction_id
 LIMIT $3
 """
 
@@ -89,6 +94,7 @@ def is_news(current: asyncpg.Record | None, upstream: dict[str, Any], vault: Vau
 class Reconciler:
     def __init__(self, pool: asyncpg.Pool, committer: GroupCommitter, upstream: Upstream, vault: Vault):
         self.pool, self.committer, self.upstream, self.vault = pool, committer, upstream, vault
+        self.resume_after: tuple[datetime, str] | None = None  # the last due row a pass took
 
     async def one(self, prediction_id: str) -> Outcome:
         with bound(prediction_id=prediction_id):  # the job's log lines name the prediction
@@ -114,12 +120,30 @@ class Reconciler:
         return Outcome(prediction_id, result, delivery.status, appended.seq)
 
     async def due(self, older_than: int) -> list[str]:
+        """The next BATCH due predictions after the previous call's, wrapping to the oldest
+        once the end is reached."""
+        at, last_id = self.resume_after or (None, None)
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(DUE, older_than, MAX_AGE_SECONDS, BATCH)
+            rows = await conn.fetch(DUE, older_than, MAX_AGE_SECONDS, BATCH, at, last_id)
+        ended = len(rows) < BATCH
+        self.resume_after = None if ended else (rows[-1]["updated_at"], rows[-1]["prediction_id"])
         return [row["prediction_id"] for row in rows]
 
     async def reconcile_due(self, older_than: int) -> list[Outcome]:
+        """One pass: up to BATCH due predictions, continuing where the last pass stopped."""
         return [await self.one(prediction_id) for prediction_id in await self.due(older_than)]
+
+    async def reconcile_all_due(self, older_than: int) -> list[Outcome]:
+        """Every due prediction, BATCH at a time (`relay reconcile` without an id)."""
+        self.restart()
+        outcomes = await self.reconcile_due(older_than)
+        while self.resume_after is not None:
+            outcomes += await self.reconcile_due(older_than)
+        return outcomes
+
+    def restart(self) -> None:
+        """Make the next pass start at the oldest due prediction."""
+        self.resume_after = None
 
     async def run(self, interval: int, older_than: int) -> None:
         """Every `interval` seconds, reconcile what has been open for `older_than` seconds."""
@@ -147,7 +171,7 @@ async def reconcile_now(settings: Settings, dsn: str, prediction_id: str | None)
         reconciler = Reconciler(pool, committer, upstream, vault)
         if prediction_id is not None:
             return [await reconciler.one(prediction_id)]
-        return await reconciler.reconcile_due(settings.reconcile_after)
+        return await reconciler.reconcile_all_due(settings.reconcile_after)
     finally:
         await committer.stop()
         await upstream.aclose()
@@ -160,7 +184,7 @@ def run_reconcile(prediction_id: str | None, settings: Settings) -> int:
             "REPLICATE_API_TOKEN is not set; reconcile reads predictions from Replicate's API, "
             "so set REPLICATE_API_TOKEN (or REPLICATE_API_KEY)"
         )
-    if prediction_id is not None and not PREDICTION_ID.match(prediction_id):
+    if prediction_id is not None and not PREDICTION_ID.fullmatch(prediction_id):
         raise ConfigError(f"{prediction_id[:60]!r} is not a prediction id (letters, digits, '_' or '-')")
     with database.database_dsn(settings) as dsn:
         outcomes = asyncio.run(reconcile_now(settings, dsn, prediction_id))

@@ -28,7 +28,7 @@ def mapping_in(prediction: Any) -> tuple[str, str] | None:
     version, model = prediction.get("version"), prediction.get("model")
     if not isinstance(version, str) or not isinstance(model, str):
         return None
-    if not VERSION_ID.match(version) or not MODEL_NAME.match(model):
+    if not VERSION_ID.fullmatch(version) or not MODEL_NAME.fullmatch(model):
         return None
     return version, model
 

@@ -12,6 +12,7 @@ token sees every prediction.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -30,13 +31,14 @@ from service.core.validation import (
     PREDICTION_ID_PATTERN,
     VERSION_PATTERN,
     WEBHOOK_EVENTS,
-    bare_version,
     check_prediction_id,
     create_request,
+    pinned_version,
 )
+from service.core.validation import PREDICTION_ID as AN_ID
 from service.db import owners
 from service.upstream import ratelimit, versions
-from service.upstream.client import Upstream, list_page
+from service.upstream.client import UnknownError, Upstream, list_page
 from service.upstream.ratelimit import Quota
 from service.web import auth
 from service.web.auth import route, token_of
@@ -102,9 +104,11 @@ def with_relay(request: Request, prediction: dict[str, Any]) -> dict[str, Any]:
 async def read_json(request: Request) -> Any:
     body = await read_body(request, relay_of(request).settings.api_max_body, "RELAY_API_MAX_BODY")
     try:
-        return json.loads(body, parse_constant=not_json)
+        return json.loads(body, parse_constant=not_json, parse_float=finite_float)
     except (ValueError, RecursionError):
-        raise InvalidRequest("the body is not valid JSON (RFC 8259: no NaN or Infinity)") from None
+        raise InvalidRequest(
+            "the body is not valid JSON (RFC 8259: no NaN or Infinity, no number past 1.8e308)"
+        ) from None
 
 
 def not_json(constant: str) -> Any:
@@ -112,11 +116,20 @@ def not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
+def finite_float(text: str) -> float:
+    """A JSON number as a float; `1e999` overflows to infinity, which no JSON encoder (httpx's
+    for Replicate, the cache's canonical form) can write back, so it is refused like NaN."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
 async def create_prediction(request: Request) -> JSONResponse:
     upstream, quota, caller = await admit(request)
     relay = relay_of(request)
     body = await read_json(request)
-    learned = await versions.lookup(relay.pool, bare_version(body))
+    learned = await versions.lookup(relay.pool, pinned_version(body))
     target, payload = create_request(body, relay.settings.webhook_url, learned)
     # The cache is scoped like ownership: a key sees only answers it created, the admin its own.
     key = (
@@ -129,11 +142,13 @@ async def create_prediction(request: Request) -> JSONResponse:
         return JSONResponse(await cached_answer(request, hit), headers=quota.headers())
     reply = await upstream.create(target.path, payload)
     prediction_id = reply.data.get("id")
+    # Relay records the owner of this id and mints a token for it: it must be a prediction id.
+    if not isinstance(prediction_id, str) or not AN_ID.fullmatch(prediction_id):
+        raise UnknownError("Replicate answered the create without a valid prediction id")
     bind(prediction_id=prediction_id)  # the access line names the prediction made
-    if isinstance(prediction_id, str):
-        await owners.record_owner(relay.pool, prediction_id, caller)
+    await owners.record_owner(relay.pool, prediction_id, caller)
     await versions.learn(relay.pool, reply.data)
-    if key is not None and isinstance(prediction_id, str):
+    if key is not None:
         await cache.remember(relay.pool, key, prediction_id)
     return JSONResponse(with_relay(request, reply.data), status_code=201, headers=quota.headers())
 

@@ -25,7 +25,7 @@ from service.core.auth import matches_any, mint_batch_token, require_batch_reade
 from service.core.errors import InvalidRequest, NotFound, RelayError
 from service.core.metrics import MESSAGES_SENT
 from service.core.openapi import ADMIN, API_KEY, errors, json_body, operation, path_param, query_param, ref
-from service.core.validation import MODEL_PATTERN, VERSION_PATTERN, WEBHOOK_EVENTS, bare_version
+from service.core.validation import MODEL_PATTERN, VERSION_PATTERN, WEBHOOK_EVENTS, pinned_version
 from service.db import store
 from service.db.connection import Connection
 from service.db.events import event_text, open_body
@@ -101,8 +101,9 @@ async def submit_batch(request: Request) -> JSONResponse:
     owner, quota = await caller(request)
     scheduler = scheduler_of(relay, quota)
     body = await read_batch_json(request)
-    # A bare version id Relay has learned is checked with its model's rules, as a single create is.
-    learned = await versions.lookup(relay.pool, bare_version(body))
+    # A version id Relay has learned (bare or pinned) is checked with its model's rules, as a
+    # single create's is.
+    learned = await versions.lookup(relay.pool, pinned_version(body))
     checked = batch_request(body, relay.settings.webhook_url, learned)
     async with relay.pool.acquire() as conn:
         row = await batches.insert_batch(conn, owner or ADMIN_OWNER, checked, relay.vault)

@@ -56,27 +56,18 @@ async def system_resolve(host: str, port: int) -> list[str]:
 async def require_public(url: str, label: str, resolve: Resolver = system_resolve) -> None:
     """InvalidRequest (400) unless every address `url`'s host resolves to is public: what the
     admin API may make Relay send to (replays, destinations) must not reach the services next to
-    it. RELAY_REPLAY_PRIVATE=on lifts it (the caller checks that setting)."""
+    it. RELAY_REPLAY_PRIVATE=on lifts it (the caller checks that setting). The same check as
+    each connection's (`public_only`), answered before anything is stored or sent."""
     parts = urlsplit(url)
-    host = (parts.hostname or "").strip("[]")
     try:
-        found = [host] if _is_literal(host) else await resolve(host, parts.port or 443)
-        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
-    except (OSError, ValueError):
+        await public_only(resolve)(parts.hostname or "", parts.port or 443)
+    except Unresolved:
         raise InvalidRequest(f"{label}'s host name does not resolve") from None
-    if not addresses or not all(is_public(a) for a in addresses):
+    except Refused:
         raise InvalidRequest(
             f"{label} resolves to a private, loopback or link-local address; "
             "set RELAY_REPLAY_PRIVATE=on to allow such addresses"
-        )
-
-
-def _is_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+        ) from None
 
 
 def is_public(address: IpAddress) -> bool:
@@ -95,9 +86,9 @@ async def checked_address(target: Target, resolve: Resolver) -> str:
         literal = None
     try:
         found = [str(literal)] if literal is not None else await resolve(target.host, target.port)
-    except OSError:
+        addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
+    except (OSError, ValueError):
         raise Unresolved() from None
-    addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
     if not addresses:
         raise Unresolved()
     if not target.explicit and not all(is_public(a) for a in addresses):

@@ -14,6 +14,17 @@ from moto.server import ThreadedMotoServer
 _buckets = itertools.count()
 
 
+def aws_env(endpoint: str) -> dict[str, str]:
+    """The standard AWS variables for a local S3-protocol endpoint, as an operator sets them."""
+    return {
+        "AWS_ACCESS_KEY_ID": "relay-test",
+        "AWS_SECRET_ACCESS_KEY": "relay-test-secret",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ALLOW_HTTP": "true",
+    }
+
+
 class S3:
     def __init__(self) -> None:
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -23,13 +34,7 @@ class S3:
         self.server.start()
         host, port = self.server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
-        self.env = {
-            "AWS_ACCESS_KEY_ID": "relay-test",
-            "AWS_SECRET_ACCESS_KEY": "relay-test-secret",
-            "AWS_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ALLOW_HTTP": "true",
-        }
+        self.env = aws_env(self.endpoint)
         for name, value in self.env.items():
             self.saved[name] = os.environ.get(name)
             os.environ[name] = value
@@ -95,13 +100,7 @@ class RefusingS3:
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.env = {
-            "AWS_ACCESS_KEY_ID": "relay-test",
-            "AWS_SECRET_ACCESS_KEY": "relay-test-secret",
-            "AWS_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ALLOW_HTTP": "true",
-        }
+        self.env = aws_env(self.endpoint)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -63,20 +63,27 @@ def test_export_into_a_closed_pipe_stops_quietly(relay, client):
     assert code == 141
 
 
-def test_ctrl_c_mid_export_says_where_to_resume_and_the_rest_follows_without_a_gap(relay):
-    """Ctrl-C during `relay export` leaves whole lines up to seq S and says so in one line;
-    `--after S` writes exactly the rest: together they are the uninterrupted export."""
+def many_events(relay, tag: str) -> tuple[int, str]:
+    """6,000 events of ~300 bytes after the log's head (more than a pipe holds), and the
+    uninterrupted export of them: the head before them and that export."""
     dsn = relay.env["DATABASE_URL"]
     start = query(dsn, "SELECT coalesce(max(seq), 0) AS s FROM events")[0]["s"]
     query(
         dsn,
         "INSERT INTO events (webhook_id, prediction_id, status, source, body, received_at)"
-        " SELECT 'ctrlc_' || n || '_' || $1, 'ctrlc' || (n % 5), 'processing', 'webhook',"
+        " SELECT $2 || '_' || n || '_' || $1, $2 || (n % 5), 'processing', 'webhook',"
         " convert_to('{\"n\":' || n || ',\"pad\":\"' || repeat('x', 300) || '\"}', 'UTF8'), now()"
         " FROM generate_series(1, 6000) AS n",
         new_webhook_id(),
+        tag,
     )
-    whole = relay_cli("export", "--quiet", "--after", str(start), env=relay.env).stdout
+    return start, relay_cli("export", "--quiet", "--after", str(start), env=relay.env).stdout
+
+
+def test_ctrl_c_mid_export_says_where_to_resume_and_the_rest_follows_without_a_gap(relay):
+    """Ctrl-C during `relay export` leaves whole lines up to seq S and says so in one line;
+    `--after S` writes exactly the rest: together they are the uninterrupted export."""
+    start, whole = many_events(relay, "ctrlc")
     command = [sys.executable, "-m", "service", "export", "--quiet", "--after", str(start)]
     with subprocess.Popen(
         command, env=relay.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -157,16 +164,7 @@ def test_database_lost_mid_export_is_one_line_with_where_to_resume(relay):
     """The server going away mid-export (a restart, a failover) is one line, exit 2, saying which
     `--after` writes the rest; with it, the two outputs are the whole export."""
     dsn = relay.env["DATABASE_URL"]
-    start = query(dsn, "SELECT coalesce(max(seq), 0) AS s FROM events")[0]["s"]
-    query(
-        dsn,
-        "INSERT INTO events (webhook_id, prediction_id, status, source, body, received_at)"
-        " SELECT 'lost_' || n || '_' || $1, 'lost' || (n % 5), 'processing', 'webhook',"
-        " convert_to('{\"n\":' || n || ',\"pad\":\"' || repeat('x', 300) || '\"}', 'UTF8'), now()"
-        " FROM generate_series(1, 6000) AS n",
-        new_webhook_id(),
-    )
-    whole = relay_cli("export", "--quiet", "--after", str(start), env=relay.env).stdout
+    start, whole = many_events(relay, "lost")
     command = [sys.executable, "-m", "service", "export", "--quiet", "--after", str(start)]
     with subprocess.Popen(
         command, env=relay.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -438,20 +438,29 @@ def test_batch_submit_names_the_bad_line_and_creates_nothing(
     assert fake.requests == []
 
 
-def test_batch_submit_follows_its_batch_across_a_relay_restart(postgres, fake, tmp_path):
-    """Relay restarted mid-batch (a deploy): `relay batch submit` reconnects and follows the batch
-    until every item ended, then exits 0, instead of giving up when its socket closed."""
+def submitted_then_relay_stopped(
+    postgres, fake, tmp_path, items: int
+) -> tuple[subprocess.Popen, dict[str, str], int]:
+    """`relay batch submit` of `items` held items, started against a Relay that is then stopped
+    once every item was created: the command, and the env and port to start Relay again on."""
     fake.reset()
-    fake.hold = True  # both predictions run until released
+    fake.hold = True  # the predictions run until released
     dsn, port = postgres.new_database(), free_port()
     env = relay_env(dsn, **api_env(fake, port))
-    file = jsonl(tmp_path, [json.dumps(values) for values in qwen_inputs(2)])
+    file = jsonl(tmp_path, [json.dumps(values) for values in qwen_inputs(items)])
     command = [sys.executable, "-m", "service", "batch", "submit", file, "--model", QWEN, "--quiet"]
     with RelayProcess(env, port=port):
         cli = subprocess.Popen(
             command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        wait_for(lambda: len(fake.created) == 2, what="both creates")
+        wait_for(lambda: len(fake.created) == items, what="every create")
+    return cli, env, port
+
+
+def test_batch_submit_follows_its_batch_across_a_relay_restart(postgres, fake, tmp_path):
+    """Relay restarted mid-batch (a deploy): `relay batch submit` reconnects and follows the batch
+    until every item ended, then exits 0, instead of giving up when its socket closed."""
+    cli, env, port = submitted_then_relay_stopped(postgres, fake, tmp_path, 2)
     try:
         with RelayProcess(env, port=port):
             fake.hold = False
@@ -469,17 +478,7 @@ def test_batch_submit_follows_its_batch_across_a_relay_restart(postgres, fake, t
 def test_batch_submit_stops_with_one_line_when_relay_refuses_its_stream(postgres, fake, tmp_path):
     """After a restart with another RELAY_SUBSCRIBE_KEY the batch's token is refused (403):
     asking again cannot help, so the command stops at once with one line, exit 2."""
-    fake.reset()
-    fake.hold = True
-    dsn, port = postgres.new_database(), free_port()
-    env = relay_env(dsn, **api_env(fake, port))
-    file = jsonl(tmp_path, [json.dumps(values) for values in qwen_inputs(1)])
-    command = [sys.executable, "-m", "service", "batch", "submit", file, "--model", QWEN, "--quiet"]
-    with RelayProcess(env, port=port):
-        cli = subprocess.Popen(
-            command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        wait_for(lambda: len(fake.created) == 1, what="the create")
+    cli, env, port = submitted_then_relay_stopped(postgres, fake, tmp_path, 1)
     try:
         with RelayProcess({**env, "RELAY_SUBSCRIBE_KEY": "another-subscribe-key-" + "z" * 20}, port=port):
             out, err = cli.communicate(timeout=30)
